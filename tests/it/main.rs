@@ -1,0 +1,7 @@
+//! The integration suite: one test binary (linking once is much faster than
+//! one binary per file), with the shared harness in `tests/common`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod harness;
