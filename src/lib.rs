@@ -1,1 +1,18 @@
+//! iot-agent: a device-management agent for Ubuntu Core.
+//!
+//! Module map (see `README.md` for the picture):
+//! - [`config`]: the layered configuration, one key namespace everywhere;
+//! - [`snapd`]: the REST client over snapd's unix socket;
+//! - [`bus`]: broker connections and the topic vocabulary;
+//! - [`supervisor`]: runs subsystems, restarts them, stops them on signal;
+//! - [`services`]: what the agent answers and watches;
+//! - [`agent`]: the `run` command that wires it all together.
 
+pub mod agent;
+pub mod backoff;
+pub mod bus;
+pub mod config;
+pub mod logging;
+pub mod services;
+pub mod snapd;
+pub mod supervisor;

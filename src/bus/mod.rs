@@ -1,0 +1,196 @@
+//! The message bus: broker connections and the topic vocabulary.
+//!
+//! Services receive a [`Bus`] handle, never a concrete client, and address
+//! everything by [`Topic`] (written once in [`topics`]). Today the handle is
+//! backed by the device-local NATS server; the DMS's MQTT connection joins
+//! it behind the same methods.
+
+pub mod topics;
+
+pub use topics::Topic;
+
+use crate::backoff;
+use crate::config::NatsConfig;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("cannot subscribe to {topic}: {detail}")]
+    Subscribe { topic: String, detail: String },
+    #[error("cannot publish on {topic}: {detail}")]
+    Publish { topic: String, detail: String },
+    #[error("request on {topic} failed: {detail}")]
+    Request { topic: String, detail: String },
+    #[error("the message on {topic} has no reply subject")]
+    NoReplyTo { topic: String },
+}
+
+/// First and longest delay between reconnection attempts.
+const RECONNECT_BASE: Duration = Duration::from_millis(250);
+const RECONNECT_CAP: Duration = Duration::from_secs(30);
+
+/// A cloneable handle on the agent's broker connections.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    nats: async_nats::Client,
+}
+
+/// A message received on a subscription.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: Topic,
+    pub payload: Bytes,
+    reply: Option<async_nats::Subject>,
+}
+
+impl Incoming {
+    /// True when the sender waits for an answer (a request).
+    pub fn wants_reply(&self) -> bool {
+        self.reply.is_some()
+    }
+}
+
+/// A stream of [`Incoming`] messages; unsubscribes when dropped.
+pub struct Subscription {
+    inner: async_nats::Subscriber,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Option<Incoming> {
+        let m = self.inner.next().await?;
+        Some(Incoming {
+            topic: Topic::from_nats(m.subject.as_str()),
+            payload: m.payload,
+            reply: m.reply,
+        })
+    }
+}
+
+impl Bus {
+    /// Connects to NATS as `nats.snapd.user`. Returns at once: the first
+    /// connection and every reconnection happen in the background with
+    /// back-off, each failure logged with what to check.
+    pub async fn connect_nats(cfg: &NatsConfig, client_name: &str) -> Result<Bus, BusError> {
+        let url = cfg.url.as_str().to_string();
+        let log_url = url.clone();
+        let opts = async_nats::ConnectOptions::with_user_and_password(
+            cfg.snapd.user.clone(),
+            cfg.snapd.password.clone(),
+        )
+        .name(client_name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(move |attempts| {
+            let d = backoff::delay(RECONNECT_BASE, RECONNECT_CAP, attempts as u32);
+            // One line per doubling, then one per capped delay: visible, not a flood.
+            if attempts > 0 && (attempts.is_power_of_two() || d >= RECONNECT_CAP.mul_f64(0.8)) {
+                tracing::warn!(
+                    url = %log_url,
+                    attempt = attempts,
+                    retry_in = %humantime::format_duration(Duration::from_millis(d.as_millis() as u64)),
+                    "NATS server not reachable; retrying (is nats-server running? check nats.url)"
+                );
+            }
+            d
+        })
+        .event_callback(move |event| async move {
+            use async_nats::{Event, ServerError};
+            match event {
+                Event::Connected => tracing::info!("connected to NATS"),
+                Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
+                    "NATS refused the agent's user: check nats.snapd.user and nats.snapd.password \
+                     against the server's authorization block"
+                ),
+                Event::LameDuckMode => tracing::warn!("NATS server is shutting down (lame duck)"),
+                Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS slow consumer: messages dropped"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+        let nats = opts
+            .connect(cfg.url.servers())
+            .await
+            .map_err(|e| BusError::Connect {
+                url,
+                detail: e.to_string(),
+            })?;
+        Ok(Bus { nats })
+    }
+
+    /// Wraps an existing NATS client (tests, tools).
+    pub fn from_nats(nats: async_nats::Client) -> Bus {
+        Bus { nats }
+    }
+
+    /// The underlying NATS client, for APIs the handle does not wrap
+    /// (the micro-service registration).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub async fn publish(&self, topic: &Topic, payload: Bytes) -> Result<(), BusError> {
+        self.nats
+            .publish(topic.nats(), payload)
+            .await
+            .map_err(|e| BusError::Publish {
+                topic: topic.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    pub async fn subscribe(&self, topic: &Topic) -> Result<Subscription, BusError> {
+        let inner = self
+            .nats
+            .subscribe(topic.nats())
+            .await
+            .map_err(|e| BusError::Subscribe {
+                topic: topic.to_string(),
+                detail: e.to_string(),
+            })?;
+        Ok(Subscription { inner })
+    }
+
+    /// Sends a request and waits for its answer (the client's request
+    /// timeout applies).
+    pub async fn request(&self, topic: &Topic, payload: Bytes) -> Result<Bytes, BusError> {
+        self.nats
+            .request(topic.nats(), payload)
+            .await
+            .map(|m| m.payload)
+            .map_err(|e| BusError::Request {
+                topic: topic.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Answers a request.
+    pub async fn reply(&self, to: &Incoming, payload: Bytes) -> Result<(), BusError> {
+        let subject = to.reply.clone().ok_or_else(|| BusError::NoReplyTo {
+            topic: to.topic.to_string(),
+        })?;
+        self.nats
+            .publish(subject, payload)
+            .await
+            .map_err(|e| BusError::Publish {
+                topic: to.topic.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Waits until everything published so far reached the server.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        self.nats.flush().await.map_err(|e| BusError::Publish {
+            topic: "(flush)".into(),
+            detail: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,188 @@
+//! The topic vocabulary: every topic and subject the agent uses, written
+//! once, in MQTT form (`a/b/c`). [`Topic::nats`] gives the NATS subject
+//! (`a.b.c`), mapping wildcards (`+` -> `*`, `#` -> `>`), so a service
+//! written against a [`Topic`] runs on either transport.
+
+use std::fmt;
+
+/// A topic in MQTT form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(String);
+
+/// A variable part of a topic (device id, serial, change id) was unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} cannot be part of a topic: only letters, digits, '-' and '_' are allowed")]
+pub struct BadSegment {
+    pub value: String,
+}
+
+impl Topic {
+    /// A topic from fixed text (the constants below).
+    pub fn fixed(s: &str) -> Topic {
+        Topic(s.to_string())
+    }
+
+    /// The MQTT form.
+    pub fn mqtt(&self) -> &str {
+        &self.0
+    }
+
+    /// The NATS subject.
+    pub fn nats(&self) -> String {
+        self.0
+            .split('/')
+            .map(|seg| match seg {
+                "+" => "*",
+                "#" => ">",
+                s => s,
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// The topic of a NATS subject.
+    pub fn from_nats(subject: &str) -> Topic {
+        Topic(
+            subject
+                .split('.')
+                .map(|seg| match seg {
+                    "*" => "+",
+                    ">" => "#",
+                    s => s,
+                })
+                .collect::<Vec<_>>()
+                .join("/"),
+        )
+    }
+
+    /// Appends checked segments.
+    pub fn join(&self, segments: &[&str]) -> Result<Topic, BadSegment> {
+        let mut s = self.0.clone();
+        for seg in segments {
+            s.push('/');
+            s.push_str(segment(seg)?);
+        }
+        Ok(Topic(s))
+    }
+
+    /// The segments after `prefix`, if the topic is under it.
+    pub fn strip_prefix(&self, prefix: &Topic) -> Option<Vec<&str>> {
+        let rest = self.0.strip_prefix(prefix.0.as_str())?;
+        if rest.is_empty() {
+            return Some(Vec::new());
+        }
+        Some(rest.strip_prefix('/')?.split('/').collect())
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks a variable topic segment: it must not add levels, wildcards or
+/// (in NATS form) tokens.
+pub fn segment(s: &str) -> Result<&str, BadSegment> {
+    if !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(s)
+    } else {
+        Err(BadSegment {
+            value: s.chars().take(64).collect(),
+        })
+    }
+}
+
+/// Removes every character outside `[a-zA-Z0-9_-]` (the DMS's rule for
+/// serials in per-serial action topics).
+pub fn sanitize_serial(serial: &str) -> String {
+    serial
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect()
+}
+
+// ---- The vocabulary ----------------------------------------------------
+
+/// DMS -> agent: management actions for a device id (QoS 1).
+pub fn dms_actions(device_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("devices/sub").join(&[device_id])
+}
+
+/// Agent -> DMS: action responses (QoS 1, not retained).
+pub fn dms_responses(device_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("devices/pub").join(&[device_id])
+}
+
+/// Agent -> DMS: heartbeat (QoS 0).
+pub fn dms_health(device_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("devices/health").join(&[device_id])
+}
+
+/// Agent -> DMS: metrics in InfluxDB line protocol (QoS 0).
+pub fn dms_metrics(org_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("metrics").join(&[org_id])
+}
+
+/// The per-serial action tree `devices/actions/{sanitized serial}`.
+pub fn serial_actions(serial: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("devices/actions").join(&[&sanitize_serial(serial)])
+}
+
+/// Root of the generic snapd mirror: `snapd/v2/{path..}/{method}`.
+pub const SNAPD_MIRROR: &str = "snapd/v2";
+/// Change progress events: `snapd/events/changes/{id}`.
+pub const SNAPD_CHANGE_EVENTS: &str = "snapd/events/changes";
+/// The reference agent's subjects, kept for existing clients.
+pub const COMPAT_SNAPS_GET: &str = "v1/snapd/v2/snaps/get";
+pub const COMPAT_APPS_POST: &str = "v1/snapd/v2/apps/post";
+pub const COMPAT_ASSERTIONS_GET: &str = "v1/snapd/v2/assertions/get";
+/// `v1/snapd/v2/snaps/{snap}/post`.
+pub const COMPAT_SNAPS_PREFIX: &str = "v1/snapd/v2/snaps";
+/// MQTT connection state of the DMS channel.
+pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_and_nats_forms_map_both_ways() {
+        let t = dms_actions("abc-123").unwrap();
+        assert_eq!(t.mqtt(), "devices/sub/abc-123");
+        assert_eq!(t.nats(), "devices.sub.abc-123");
+        let wild = Topic::fixed("devices/actions/+/#");
+        assert_eq!(wild.nats(), "devices.actions.*.>");
+        assert_eq!(Topic::from_nats("devices.actions.*.>"), wild);
+        assert_eq!(
+            Topic::fixed(MQTT_CONNECTION_STATUS).nats(),
+            "iot.agent.mqtt.connection.status"
+        );
+    }
+
+    #[test]
+    fn segments_cannot_add_levels_or_wildcards() {
+        for bad in ["a/b", "a.b", "+", "#", "*", ">", "", "a b"] {
+            assert!(dms_actions(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serials_are_sanitized_as_the_dms_does() {
+        assert_eq!(sanitize_serial("A1B2-c3d4/5.x y_z"), "A1B2-c3d45xy_z");
+        assert_eq!(serial_actions("A/1").unwrap().mqtt(), "devices/actions/A1");
+        assert!(serial_actions("///").is_err());
+    }
+
+    #[test]
+    fn prefixes_strip_to_segments() {
+        let t = Topic::fixed("snapd/v2/snaps/hello/post");
+        let p = Topic::fixed(SNAPD_MIRROR);
+        assert_eq!(t.strip_prefix(&p).unwrap(), vec!["snaps", "hello", "post"]);
+        assert!(Topic::fixed("snapd/v22/x").strip_prefix(&p).is_none());
+    }
+}

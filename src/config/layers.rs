@@ -1,0 +1,296 @@
+//! Layering: built-in defaults < config file < snap configuration < environment.
+//!
+//! figment keeps, for every value, the provider it came from; that is what
+//! `iot-agent config` shows and what error messages name.
+
+use super::{snapctl, values, Config, Dirs};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::PathBuf;
+
+/// Prefix of the environment layer; `__` separates key segments.
+pub const ENV_PREFIX: &str = "IOT_AGENT_";
+const DEFAULTS_NAME: &str = "built-in default";
+
+/// Keys whose values are secrets: never printed, never logged.
+pub const SECRET_KEYS: &[&str] = &["nats.snapd.password"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist (given with --config)")]
+    FileMissing(PathBuf),
+    #[error("invalid configuration value for key \"{key}\" = {value} (from {origin}): {message}")]
+    Invalid {
+        key: String,
+        value: String,
+        origin: Source,
+        message: String,
+    },
+    #[error("cannot read the configuration{}: {message}", from.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
+    Unreadable {
+        from: Option<Source>,
+        message: String,
+    },
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "kebab-case")]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Snap,
+    Env(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("built-in default"),
+            Source::File(p) => write!(f, "config file {}", p.display()),
+            Source::Snap => f.write_str("snap configuration"),
+            Source::Env(v) => write!(f, "environment variable {v}"),
+        }
+    }
+}
+
+/// A configuration with the layers it was built from.
+pub struct Loaded {
+    pub config: Config,
+    /// Problems worth a warning that do not stop the agent (unknown keys).
+    pub warnings: Vec<String>,
+    figment: Figment,
+}
+
+/// One effective value and its source, as `iot-agent config` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Effective {
+    pub key: String,
+    pub value: serde_json::Value,
+    pub source: Source,
+}
+
+/// What to layer. `file: None` means the default file, which may be absent.
+#[derive(Debug, Default, Clone)]
+pub struct LoadOptions {
+    pub file: Option<PathBuf>,
+}
+
+/// Builds the layered configuration and checks every value.
+pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
+    let figment = layered(opts)?;
+    let dirs: Dirs = figment
+        .extract_inner("dirs")
+        .map_err(|e| invalid(&figment, e))?;
+    let config: Config = values::with_dirs(dirs.data.path(), dirs.common.path(), || {
+        figment.extract().map_err(|e| invalid(&figment, e))
+    })?;
+    let warnings = unknown_keys(&figment)?;
+    Ok(Loaded {
+        config,
+        warnings,
+        figment,
+    })
+}
+
+fn layered(opts: &LoadOptions) -> Result<Figment, ConfigError> {
+    let file = match &opts.file {
+        Some(f) if !f.exists() => return Err(ConfigError::FileMissing(f.clone())),
+        Some(f) => f.clone(),
+        None => Config::default_file(),
+    };
+    let mut figment = Figment::new().merge(Named(
+        Serialized::defaults(Config::default()),
+        DEFAULTS_NAME,
+    ));
+    // The default file is optional; an explicit one was checked above.
+    if file.exists() {
+        figment = figment.merge(Toml::file_exact(&file));
+    }
+    if in_snap() {
+        figment = figment.merge(snapctl::SnapCtl {
+            keys: top_level_keys(),
+        });
+    }
+    Ok(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+}
+
+/// Running as a snap app or hook (snapctl works only there).
+pub fn in_snap() -> bool {
+    std::env::var_os("SNAP_NAME").is_some()
+}
+
+impl Loaded {
+    /// Every key with its effective value and source, sorted by key.
+    /// Secrets are replaced by a marker.
+    pub fn effective(&self) -> Vec<Effective> {
+        let value = serde_json::to_value(&self.config).unwrap_or_default();
+        let mut out = Vec::new();
+        flatten_json("", &value, &mut |key, v| {
+            let value = if SECRET_KEYS.contains(&key) {
+                serde_json::Value::String("(secret, not shown)".into())
+            } else {
+                v.clone()
+            };
+            let source = self
+                .figment
+                .find_metadata(key)
+                .map(|m| source_of(m, key))
+                .unwrap_or(Source::Default);
+            out.push(Effective {
+                key: key.to_string(),
+                value,
+                source,
+            });
+        });
+        out
+    }
+
+    /// The source of one key's value.
+    pub fn source(&self, key: &str) -> Source {
+        self.figment
+            .find_metadata(key)
+            .map(|m| source_of(m, key))
+            .unwrap_or(Source::Default)
+    }
+}
+
+fn source_of(meta: &Metadata, key: &str) -> Source {
+    if let Some(figment::Source::File(path)) = &meta.source {
+        return Source::File(path.clone());
+    }
+    match meta.name.as_ref() {
+        DEFAULTS_NAME => Source::Default,
+        snapctl::NAME => Source::Snap,
+        _ => Source::Env(env_var(key)),
+    }
+}
+
+/// The environment variable of a key: `a.b_c` -> `IOT_AGENT_A__B_C`.
+pub fn env_var(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"))
+}
+
+/// Turns figment's error into one that names key, value and source.
+fn invalid(figment: &Figment, err: figment::Error) -> ConfigError {
+    // The first error is the one to fix first; figment may chain more.
+    let err = err
+        .into_iter()
+        .next()
+        .expect("an error has at least one entry");
+    let key = err.path.join(".");
+    let from = err.metadata.as_ref().map(|m| source_of(m, &key));
+    if key.is_empty() {
+        return ConfigError::Unreadable {
+            from,
+            message: err.kind.to_string(),
+        };
+    }
+    let value = figment
+        .find_value(&key)
+        .ok()
+        .and_then(|v| serde_json::to_string(&v).ok())
+        .unwrap_or_else(|| "(missing)".into());
+    ConfigError::Invalid {
+        origin: from.unwrap_or(Source::Default),
+        key,
+        value,
+        message: err.kind.to_string(),
+    }
+}
+
+fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
+    let known: BTreeSet<String> = leaf_keys(&Config::default());
+    let data = figment.data().map_err(|e| invalid(figment, e))?;
+    let mut warnings = Vec::new();
+    if let Some(dict) = data.get(&Profile::Default) {
+        let mut seen = Vec::new();
+        flatten_dict("", dict, &mut seen);
+        for key in seen {
+            if !known.contains(&key) {
+                let source = figment
+                    .find_metadata(&key)
+                    .map(|m| source_of(m, &key))
+                    .unwrap_or(Source::Default);
+                warnings.push(format!(
+                    "unknown configuration key \"{key}\" (from {source}) is ignored; \
+                     run `iot-agent config` to list the known keys"
+                ));
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// The dotted keys of every leaf of a serializable value.
+fn leaf_keys<T: Serialize>(v: &T) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let value = serde_json::to_value(v).unwrap_or_default();
+    flatten_json("", &value, &mut |k, _| {
+        keys.insert(k.to_string());
+    });
+    keys
+}
+
+/// The top-level keys of the namespace (what `snapctl get` is asked for).
+pub fn top_level_keys() -> Vec<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every known key of the namespace, sorted.
+pub fn known_keys() -> Vec<String> {
+    leaf_keys(&Config::default()).into_iter().collect()
+}
+
+fn flatten_json(prefix: &str, v: &serde_json::Value, f: &mut dyn FnMut(&str, &serde_json::Value)) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                flatten_json(&join(prefix, k), v, f);
+            }
+        }
+        _ => f(prefix, v),
+    }
+}
+
+fn flatten_dict(prefix: &str, dict: &Dict, out: &mut Vec<String>) {
+    for (k, v) in dict {
+        let key = join(prefix, k);
+        match v {
+            Value::Dict(_, d) => flatten_dict(&key, d, out),
+            _ => out.push(key),
+        }
+    }
+}
+
+fn join(prefix: &str, k: &str) -> String {
+    if prefix.is_empty() {
+        k.to_string()
+    } else {
+        format!("{prefix}.{k}")
+    }
+}
+
+/// A provider with our own name, so sources read well in messages.
+struct Named<P>(P, &'static str);
+
+impl<P: Provider> Provider for Named<P> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.1)
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.0.data()
+    }
+}
+
+/// Convenience for tests and tools: where the file layer is read from.
+pub fn file_for(opts: &LoadOptions) -> PathBuf {
+    opts.file.clone().unwrap_or_else(Config::default_file)
+}

@@ -1,0 +1,262 @@
+//! The agent's configuration: one typed [`Config`], one key namespace.
+//!
+//! A key such as `snaplogger.maximum.changes.keep` is the same path everywhere:
+//! `snap set iot-agent snaplogger.maximum.changes.keep=5`, the TOML table
+//! `[snaplogger.maximum.changes]` / `keep = 5`, and the environment variable
+//! `IOT_AGENT_SNAPLOGGER__MAXIMUM__CHANGES__KEEP=5`. The struct nesting below
+//! *is* that namespace, so a key is declared exactly once. Layering lives in
+//! [`layers`]; value types that validate themselves live in [`values`].
+
+pub mod layers;
+mod snapctl;
+pub mod values;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub use layers::{Effective, Loaded, Source};
+pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, ServiceUrl};
+
+/// The password that the reference agent shipped for the `snapd` NATS user.
+/// Anyone who has read its source knows it, so the agent warns when it is in use.
+pub const WELL_KNOWN_NATS_PASSWORD: &str = "accept solve carbon atmosphere";
+
+/// Every setting of the agent. Field docs are the user-facing key docs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Base URL of the IoT Identity service.
+    pub url: ServiceUrl,
+    pub snapd: SnapdConfig,
+    pub nats: NatsConfig,
+    pub log: LogConfig,
+    pub dirs: Dirs,
+    pub snaplogger: SnapLogger,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapdConfig {
+    /// snapd's REST API socket.
+    pub socket: ExpandPath,
+    /// Bound on one request to snapd (connect, send and read the whole answer).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatsConfig {
+    /// Device-local NATS server(s), comma separated.
+    pub url: NatsUrl,
+    pub snapd: NatsCredentials,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatsCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    pub level: LogLevel,
+}
+
+/// Where the agent keeps state. In a snap these follow `$SNAP_DATA` (per
+/// revision, rolled back with the snap) and `$SNAP_COMMON` (kept across
+/// revisions); outside a snap they are fixed system paths, never the current
+/// directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dirs {
+    pub data: ExpandPath,
+    pub common: ExpandPath,
+}
+
+/// The change history (`snaplogger.*`, the reference agent's key names).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct SnapLogger {
+    pub database: SnapLoggerDatabase,
+    pub maximum: SnapLoggerMaximum,
+    pub duration: SnapLoggerDuration,
+    pub log: SnapLoggerLog,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapLoggerDatabase {
+    pub location: ExpandPath,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct SnapLoggerMaximum {
+    pub changes: SnapLoggerKeep,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapLoggerKeep {
+    pub keep: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct SnapLoggerDuration {
+    pub between: SnapLoggerBetween,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapLoggerBetween {
+    pub checks: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapLoggerLog {
+    pub changes: SnapLoggerStartup,
+    pub level: LogLevel,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapLoggerStartup {
+    pub startup: bool,
+}
+
+impl Default for SnapLoggerStartup {
+    fn default() -> Self {
+        SnapLoggerStartup { startup: true }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            url: ServiceUrl::new("http://localhost:8030"),
+            snapd: SnapdConfig::default(),
+            nats: NatsConfig::default(),
+            log: LogConfig::default(),
+            dirs: Dirs::default(),
+            snaplogger: SnapLogger::default(),
+        }
+    }
+}
+
+impl Default for SnapdConfig {
+    fn default() -> Self {
+        SnapdConfig {
+            socket: ExpandPath::new("/run/snapd.socket"),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: NatsUrl::new("nats://127.0.0.1:4222"),
+            snapd: NatsCredentials::default(),
+        }
+    }
+}
+
+impl Default for NatsCredentials {
+    fn default() -> Self {
+        NatsCredentials {
+            user: "snapd".into(),
+            password: WELL_KNOWN_NATS_PASSWORD.into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: LogLevel::new("info"),
+        }
+    }
+}
+
+impl Default for Dirs {
+    fn default() -> Self {
+        // `$SNAP_DATA` is expanded from the snap's environment; outside a snap
+        // `values::expand` has no such variable and the system path is used.
+        let data = if std::env::var_os("SNAP_DATA").is_some() {
+            "$SNAP_DATA"
+        } else {
+            "/var/lib/iot-agent"
+        };
+        let common = if std::env::var_os("SNAP_COMMON").is_some() {
+            "$SNAP_COMMON"
+        } else {
+            "/var/lib/iot-agent/common"
+        };
+        Dirs {
+            data: ExpandPath::new(data),
+            common: ExpandPath::new(common),
+        }
+    }
+}
+
+impl Default for SnapLoggerDatabase {
+    fn default() -> Self {
+        SnapLoggerDatabase {
+            location: ExpandPath::new("$SNAP_DATA/changes.db"),
+        }
+    }
+}
+
+impl Default for SnapLoggerKeep {
+    fn default() -> Self {
+        SnapLoggerKeep { keep: 1000 }
+    }
+}
+
+impl Default for SnapLoggerBetween {
+    fn default() -> Self {
+        SnapLoggerBetween {
+            checks: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for SnapLoggerLog {
+    fn default() -> Self {
+        SnapLoggerLog {
+            changes: SnapLoggerStartup::default(),
+            level: LogLevel::new("info"),
+        }
+    }
+}
+
+impl Config {
+    /// The data directory (`$SNAP_DATA` in a snap): credentials, history.
+    pub fn data_dir(&self) -> &Path {
+        self.dirs.data.path()
+    }
+
+    /// The common directory (`$SNAP_COMMON` in a snap): spools, device data.
+    pub fn common_dir(&self) -> &Path {
+        self.dirs.common.path()
+    }
+
+    /// The default config file: `$SNAP_DATA/config.toml` in a snap,
+    /// `/etc/iot-agent/config.toml` outside.
+    pub fn default_file() -> PathBuf {
+        match std::env::var_os("SNAP_DATA") {
+            Some(d) => Path::new(&d).join("config.toml"),
+            None => PathBuf::from("/etc/iot-agent/config.toml"),
+        }
+    }
+
+    /// True when the well-known reference password guards `snapd.>`.
+    pub fn uses_default_nats_password(&self) -> bool {
+        self.nats.snapd.password == WELL_KNOWN_NATS_PASSWORD
+    }
+}

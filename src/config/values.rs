@@ -1,0 +1,346 @@
+//! Value types that check themselves while deserializing, so a bad value is
+//! reported by figment together with its key and the source it came from.
+//! Each error message repeats the offending value: the operator sees what
+//! they typed, not only what was expected.
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use std::cell::RefCell;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A duration written the humantime way: `90s`, `15m`, `1h 30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duration(pub std::time::Duration);
+
+impl Duration {
+    pub const fn from_secs(s: u64) -> Self {
+        Duration(std::time::Duration::from_secs(s))
+    }
+    pub fn get(self) -> std::time::Duration {
+        self.0
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = text_value(d, "a duration such as \"90s\" or \"1h\"")?;
+        humantime::parse_duration(text.trim())
+            .map(Duration)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); write it like \"90s\", \"15m\" or \"1h\""
+                ))
+            })
+    }
+}
+
+/// A log filter: a level (`info`) or a tracing directive (`iot_agent=debug,info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLevel(String);
+
+impl LogLevel {
+    pub fn new(s: &str) -> Self {
+        LogLevel(s.to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// True when this filter lets `info` events of the agent through.
+    pub fn enables_info(&self) -> bool {
+        let l = self.0.to_ascii_lowercase();
+        !matches!(l.as_str(), "error" | "warn" | "off")
+    }
+}
+
+impl Serialize for LogLevel {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = text_value(d, "a log level")?;
+        let trimmed = text.trim();
+        let lower = trimmed.to_ascii_lowercase();
+        let plain = ["off", "error", "warn", "info", "debug", "trace"].contains(&lower.as_str());
+        // A bare word that is not a level would be taken by tracing as a
+        // target name and silently filter everything: refuse it.
+        let directive = trimmed.contains('=') || trimmed.contains(',');
+        if plain {
+            return Ok(LogLevel(lower));
+        }
+        if directive && tracing_subscriber::EnvFilter::try_new(trimmed).is_ok() {
+            return Ok(LogLevel(trimmed.to_string()));
+        }
+        Err(de::Error::custom(format!(
+            "invalid log level {text:?}: use error, warn, info, debug or trace"
+        )))
+    }
+}
+
+/// An `http://` or `https://` base URL (the identity service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceUrl(String);
+
+impl ServiceUrl {
+    pub fn new(s: &str) -> Self {
+        ServiceUrl(s.trim_end_matches('/').to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// Joins an absolute path such as `/v1/device/enroll` onto the base URL.
+    pub fn join(&self, path: &str) -> String {
+        format!("{}{}", self.0, path)
+    }
+}
+
+impl Serialize for ServiceUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = text_value(d, "a URL")?;
+        let bad = |why: &str| de::Error::custom(format!("invalid URL {text:?}: {why}"));
+        let uri: http::Uri = text.trim().parse().map_err(|_| bad("it does not parse"))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(bad("it must start with http:// or https://")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(bad("it has no host"));
+        }
+        Ok(ServiceUrl::new(text.trim()))
+    }
+}
+
+/// One or more NATS server URLs, comma separated (`nats://host:4222`, `tls://..`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrl(String);
+
+impl NatsUrl {
+    pub fn new(s: &str) -> Self {
+        NatsUrl(s.to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The parsed server addresses (validated at deserialization).
+    pub fn servers(&self) -> Vec<async_nats::ServerAddr> {
+        self.0
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Serialize for NatsUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NatsUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = text_value(d, "a NATS URL")?;
+        for part in text.split(',') {
+            part.trim()
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| de::Error::custom(format!("invalid NATS URL {part:?}: {e}")))?;
+        }
+        Ok(NatsUrl(text))
+    }
+}
+
+/// A path in which environment variables are expanded (`$SNAP_DATA/changes.db`).
+///
+/// Outside a snap, `$SNAP_DATA` and `$SNAP_COMMON` stand for the configured
+/// `dirs.data` and `dirs.common`, so one default works in both worlds. The
+/// expanded path must be absolute: a relative path would silently depend on
+/// the directory the agent was started from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpandPath {
+    raw: String,
+    path: PathBuf,
+}
+
+impl ExpandPath {
+    /// An unexpanded path (used for defaults; deserialization expands).
+    pub fn new(raw: &str) -> Self {
+        ExpandPath {
+            raw: raw.to_string(),
+            path: PathBuf::from(raw),
+        }
+    }
+    /// The expanded path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The value as written, before expansion.
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+}
+
+impl Serialize for ExpandPath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.path.to_string_lossy())
+    }
+}
+
+impl<'de> Deserialize<'de> for ExpandPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a path")?;
+        let expanded = expand(&raw).map_err(de::Error::custom)?;
+        if !expanded.is_absolute() {
+            return Err(de::Error::custom(format!(
+                "invalid path {raw:?}: it must be absolute (expanded to {:?})",
+                expanded
+            )));
+        }
+        Ok(ExpandPath {
+            raw,
+            path: expanded,
+        })
+    }
+}
+
+thread_local! {
+    /// `dirs.data` and `dirs.common` while the rest of the configuration is
+    /// extracted (set by [`with_dirs`]): `$SNAP_DATA`/`$SNAP_COMMON` fall
+    /// back to them outside a snap.
+    static DIRS: RefCell<Option<(PathBuf, PathBuf)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `$SNAP_DATA`/`$SNAP_COMMON` standing for `data`/`common`
+/// wherever the real variables are unset.
+pub(crate) fn with_dirs<T>(data: &Path, common: &Path, f: impl FnOnce() -> T) -> T {
+    DIRS.with(|d| *d.borrow_mut() = Some((data.to_path_buf(), common.to_path_buf())));
+    let out = f();
+    DIRS.with(|d| *d.borrow_mut() = None);
+    out
+}
+
+fn expand(raw: &str) -> Result<PathBuf, String> {
+    let lookup = |name: &str| -> Result<Option<String>, String> {
+        if let Ok(v) = std::env::var(name) {
+            return Ok(Some(v));
+        }
+        let fallback = DIRS.with(|d| {
+            d.borrow().as_ref().and_then(|(data, common)| match name {
+                "SNAP_DATA" => Some(data.to_string_lossy().into_owned()),
+                "SNAP_COMMON" => Some(common.to_string_lossy().into_owned()),
+                _ => None,
+            })
+        });
+        match fallback {
+            Some(v) => Ok(Some(v)),
+            None => Err(format!("environment variable ${name} is not set")),
+        }
+    };
+    shellexpand::env_with_context(raw, lookup)
+        .map(|s| PathBuf::from(s.as_ref()))
+        .map_err(|e| format!("cannot expand path {raw:?}: {}", e.cause))
+}
+
+/// Reads a scalar as text. Snap configuration and environment variables type
+/// values loosely (`90` arrives as a number), so numbers are accepted here
+/// and judged by the caller's parser, which names the value.
+fn text_value<'de, D: Deserializer<'de>>(d: D, what: &'static str) -> Result<String, D::Error> {
+    struct V(&'static str);
+    impl de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn de<T: for<'a> Deserialize<'a>>(v: serde_json::Value) -> Result<T, String> {
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations_are_humantime_and_errors_name_the_value() {
+        let d: Duration = de(serde_json::json!("1h 30m")).unwrap();
+        assert_eq!(d.get().as_secs(), 5400);
+        let err = de::<Duration>(serde_json::json!("soon")).unwrap_err();
+        assert!(err.contains("\"soon\""), "{err}");
+        // A bare number has no unit: refused, with the number in the message.
+        let err = de::<Duration>(serde_json::json!(90)).unwrap_err();
+        assert!(err.contains("\"90\""), "{err}");
+    }
+
+    #[test]
+    fn log_levels_accept_levels_and_directives_only() {
+        assert_eq!(
+            de::<LogLevel>(serde_json::json!("DEBUG")).unwrap().as_str(),
+            "debug"
+        );
+        assert!(de::<LogLevel>(serde_json::json!("iot_agent=trace,warn")).is_ok());
+        let err = de::<LogLevel>(serde_json::json!("loud")).unwrap_err();
+        assert!(err.contains("\"loud\""), "{err}");
+    }
+
+    #[test]
+    fn service_urls_need_http_and_a_host() {
+        assert_eq!(
+            de::<ServiceUrl>(serde_json::json!("https://id.example.com/"))
+                .unwrap()
+                .join("/v1/x"),
+            "https://id.example.com/v1/x"
+        );
+        assert!(de::<ServiceUrl>(serde_json::json!("ftp://x")).is_err());
+        assert!(de::<ServiceUrl>(serde_json::json!("not a url")).is_err());
+    }
+
+    #[test]
+    fn nats_urls_are_checked_one_by_one() {
+        assert!(de::<NatsUrl>(serde_json::json!("nats://a:4222, tls://b:4443")).is_ok());
+        let err = de::<NatsUrl>(serde_json::json!("nats://a:4222,http://b")).unwrap_err();
+        assert!(err.contains("http://b"), "{err}");
+    }
+
+    #[test]
+    fn paths_expand_snap_variables_from_the_configured_dirs() {
+        let p: ExpandPath = with_dirs(Path::new("/d"), Path::new("/c"), || {
+            de(serde_json::json!("$SNAP_DATA/changes.db"))
+        })
+        .unwrap();
+        if std::env::var_os("SNAP_DATA").is_none() {
+            assert_eq!(p.path(), Path::new("/d/changes.db"));
+        }
+        assert_eq!(p.raw(), "$SNAP_DATA/changes.db");
+        let err = de::<ExpandPath>(serde_json::json!("$NO_SUCH_VAR_X/y")).unwrap_err();
+        assert!(err.contains("NO_SUCH_VAR_X"), "{err}");
+        let err = de::<ExpandPath>(serde_json::json!("relative/path")).unwrap_err();
+        assert!(err.contains("absolute"), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! Log output through tracing, friendly to journald: when the agent runs
+//! under systemd (as a snap daemon does) journald adds timestamps and the
+//! unit name itself, so the lines carry neither time nor colour.
+
+use crate::config::LogLevel;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. Safe to call once per process.
+pub fn init(level: &LogLevel) {
+    let filter = EnvFilter::try_new(level.as_str()).unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if under_journald {
+        builder.without_time().with_ansi(false).try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -1,0 +1,3 @@
+//! One file per thing the agent answers or watches.
+
+pub mod snapd_health;
