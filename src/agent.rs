@@ -39,7 +39,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     sup.run(shutdown).await;
     signals.abort();
     // Deliver what is buffered, within the remaining shutdown budget.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bus.flush()).await;
+    if bus.is_connected() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bus.flush()).await;
+    }
     tracing::info!("iot-agent stopped");
     Ok(())
 }

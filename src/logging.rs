@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(level: &LogLevel) {
-    let filter = EnvFilter::try_new(level.as_str()).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(directives(level)).unwrap_or_else(|_| EnvFilter::new("info"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -18,4 +18,14 @@ pub fn init(level: &LogLevel) {
     } else {
         builder.try_init()
     };
+}
+
+/// A plain level applies to the agent; the NATS client's own per-event
+/// lines (it logs every failed reconnect at info) are kept to warnings
+/// unless debugging, because the agent logs connection state itself.
+fn directives(level: &LogLevel) -> String {
+    match level.as_str() {
+        l @ ("info" | "warn" | "error" | "off") => format!("{l},async_nats=warn"),
+        other => other.to_string(),
+    }
 }
