@@ -3,6 +3,7 @@
 //! unit name itself, so the lines carry neither time nor colour.
 
 use crate::config::LogLevel;
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. Safe to call once per process.
@@ -13,10 +14,11 @@ pub fn init(level: &LogLevel) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
+    let colour = std::io::stderr().is_terminal();
     let _ = if under_journald {
         builder.without_time().with_ansi(false).try_init()
     } else {
-        builder.try_init()
+        builder.with_ansi(colour).try_init()
     };
 }
 
