@@ -3,6 +3,7 @@
 //! Module map (see `README.md` for the picture):
 //! - [`config`]: the layered configuration, one key namespace everywhere;
 //! - [`snapd`]: the REST client over snapd's unix socket;
+//! - [`identity`]: enrollment with the identity service, the credential store;
 //! - [`bus`]: broker connections and the topic vocabulary;
 //! - [`supervisor`]: runs subsystems, restarts them, stops them on signal;
 //! - [`services`]: what the agent answers and watches;
@@ -12,6 +13,9 @@ pub mod agent;
 pub mod backoff;
 pub mod bus;
 pub mod config;
+pub mod errors;
+pub mod fsutil;
+pub mod identity;
 pub mod logging;
 pub mod services;
 pub mod snapd;

@@ -172,7 +172,10 @@ fn source_of(meta: &Metadata, key: &str) -> Source {
 
 /// The environment variable of a key: `a.b_c` -> `IOT_AGENT_A__B_C`.
 pub fn env_var(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"))
+    format!(
+        "{ENV_PREFIX}{}",
+        key.to_ascii_uppercase().replace('.', "__")
+    )
 }
 
 /// Turns figment's error into one that names key, value and source.

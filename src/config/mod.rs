@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
-pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, ServiceUrl};
+pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl};
 
 /// The password that the reference agent shipped for the `snapd` NATS user.
 /// Anyone who has read its source knows it, so the agent warns when it is in use.
@@ -27,11 +27,49 @@ pub const WELL_KNOWN_NATS_PASSWORD: &str = "accept solve carbon atmosphere";
 pub struct Config {
     /// Base URL of the IoT Identity service.
     pub url: ServiceUrl,
+    pub identity: IdentityConfig,
     pub snapd: SnapdConfig,
     pub nats: NatsConfig,
     pub log: LogConfig,
     pub dirs: Dirs,
     pub snaplogger: SnapLogger,
+}
+
+/// How the agent talks to the identity service at `url`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IdentityConfig {
+    /// Extra CA certificate(s) (PEM) trusted for `https://` URLs, for a
+    /// private PKI; the system's roots are trusted as well.
+    pub ca: OptPath,
+    /// Bound on one enrollment request.
+    pub timeout: Duration,
+    /// Longest wait between enrollment attempts.
+    pub retry: IdentityRetry,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IdentityRetry {
+    pub max: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            ca: OptPath::default(),
+            timeout: Duration::from_secs(30),
+            retry: IdentityRetry::default(),
+        }
+    }
+}
+
+impl Default for IdentityRetry {
+    fn default() -> Self {
+        IdentityRetry {
+            max: Duration::from_secs(600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,6 +177,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             url: ServiceUrl::new("http://localhost:8030"),
+            identity: IdentityConfig::default(),
             snapd: SnapdConfig::default(),
             nats: NatsConfig::default(),
             log: LogConfig::default(),

@@ -182,6 +182,20 @@ impl ExpandPath {
             path: PathBuf::from(raw),
         }
     }
+    /// Expands and checks a configured value.
+    fn from_raw(raw: String) -> Result<Self, String> {
+        let expanded = expand(&raw)?;
+        if !expanded.is_absolute() {
+            return Err(format!(
+                "invalid path {raw:?}: it must be absolute (expanded to {expanded:?})"
+            ));
+        }
+        Ok(ExpandPath {
+            raw,
+            path: expanded,
+        })
+    }
+
     /// The expanded path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -201,17 +215,38 @@ impl Serialize for ExpandPath {
 impl<'de> Deserialize<'de> for ExpandPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = text_value(d, "a path")?;
-        let expanded = expand(&raw).map_err(de::Error::custom)?;
-        if !expanded.is_absolute() {
-            return Err(de::Error::custom(format!(
-                "invalid path {raw:?}: it must be absolute (expanded to {:?})",
-                expanded
-            )));
+        ExpandPath::from_raw(raw).map_err(de::Error::custom)
+    }
+}
+
+/// An optional path: the empty string means "not set".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OptPath(Option<ExpandPath>);
+
+impl OptPath {
+    pub fn path(&self) -> Option<&Path> {
+        self.0.as_ref().map(ExpandPath::path)
+    }
+}
+
+impl Serialize for OptPath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(p) => p.serialize(s),
+            None => s.serialize_str(""),
         }
-        Ok(ExpandPath {
-            raw,
-            path: expanded,
-        })
+    }
+}
+
+impl<'de> Deserialize<'de> for OptPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a path")?;
+        if raw.trim().is_empty() {
+            return Ok(OptPath(None));
+        }
+        ExpandPath::from_raw(raw)
+            .map(|p| OptPath(Some(p)))
+            .map_err(de::Error::custom)
     }
 }
 

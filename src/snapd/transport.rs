@@ -165,7 +165,7 @@ impl Transport {
             if e.is_connect() {
                 Error::Unreachable {
                     socket: self.socket.clone(),
-                    detail: error_chain(&e),
+                    detail: crate::errors::chain(&e),
                 }
             } else {
                 self.broken(req, &e)
@@ -176,23 +176,7 @@ impl Transport {
     fn broken(&self, req: &Request, e: &(dyn std::error::Error + 'static)) -> Error {
         Error::Broken {
             what: req.what(),
-            detail: error_chain(e),
+            detail: crate::errors::chain(e),
         }
     }
-}
-
-/// The error and its causes on one line (hyper's top-level messages are
-/// too terse to act on).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
 }

@@ -1,0 +1,148 @@
+//! The credential store: `params` and `.secret` in the data directory,
+//! `device-data.bin` in the common directory, all written atomically with
+//! mode 0600 (the file names are what operators and the `unregister`
+//! tooling expect). Also the enrollment state record that `iot-agent
+//! status` reads while the daemon runs.
+
+use super::credentials::{device_data, Credentials};
+use super::wire::Enrollment;
+use super::EnrollState;
+use crate::fsutil::{remove_if_exists, write_atomic, SECRET_MODE};
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const SECRET_FILE: &str = ".secret";
+pub const PARAMS_FILE: &str = "params";
+pub const DEVICE_DATA_FILE: &str = "device-data.bin";
+pub const STATE_FILE: &str = "enrollment-state.json";
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    data_dir: PathBuf,
+    common_dir: PathBuf,
+}
+
+/// What the store holds.
+pub enum Stored {
+    Missing,
+    Valid {
+        credentials: Arc<Credentials>,
+        enrollment: Box<Enrollment>,
+    },
+    /// Present but unusable (half-written, edited, truncated): re-enroll.
+    Corrupt(String),
+}
+
+/// `params`: where the credentials came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Params {
+    pub url: String,
+    pub path: String,
+}
+
+/// The daemon's latest enrollment state, for `iot-agent status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StateRecord {
+    #[serde(flatten)]
+    pub state: EnrollState,
+    pub message: String,
+    pub since: String,
+}
+
+impl Store {
+    pub fn new(data_dir: &Path, common_dir: &Path) -> Self {
+        Store {
+            data_dir: data_dir.to_path_buf(),
+            common_dir: common_dir.to_path_buf(),
+        }
+    }
+
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self::new(c.data_dir(), c.common_dir())
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.data_dir.join(SECRET_FILE)
+    }
+    pub fn params_path(&self) -> PathBuf {
+        self.data_dir.join(PARAMS_FILE)
+    }
+    pub fn device_data_path(&self) -> PathBuf {
+        self.common_dir.join(DEVICE_DATA_FILE)
+    }
+    pub fn state_path(&self) -> PathBuf {
+        self.data_dir.join(STATE_FILE)
+    }
+
+    /// Reads and checks the stored enrollment.
+    pub fn load(&self) -> Stored {
+        let bytes = match std::fs::read(self.secret_path()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Stored::Missing,
+            Err(e) => return Stored::Corrupt(format!("cannot read it ({e})")),
+        };
+        let enrollment: Enrollment = match serde_json::from_slice(&bytes) {
+            Ok(e) => e,
+            Err(e) => return Stored::Corrupt(format!("it is not an enrollment ({e})")),
+        };
+        match Credentials::from_enrollment(&enrollment) {
+            Ok(credentials) => Stored::Valid {
+                credentials,
+                enrollment: Box::new(enrollment),
+            },
+            Err(e) => Stored::Corrupt(e.to_string()),
+        }
+    }
+
+    /// Stores a checked enrollment. `.secret` is written last: it is the
+    /// mark of a complete enrollment.
+    pub fn save(&self, url: &str, e: &Enrollment) -> io::Result<()> {
+        let data = device_data(e).map_err(|u| io::Error::new(io::ErrorKind::InvalidData, u))?;
+        write_atomic(&self.device_data_path(), &data, SECRET_MODE)?;
+        let params = Params {
+            url: url.to_string(),
+            path: self.data_dir.display().to_string(),
+        };
+        write_atomic(
+            &self.params_path(),
+            &serde_json::to_vec(&params).map_err(io::Error::other)?,
+            SECRET_MODE,
+        )?;
+        write_atomic(
+            &self.secret_path(),
+            &serde_json::to_vec(e).map_err(io::Error::other)?,
+            SECRET_MODE,
+        )
+    }
+
+    /// Forgets the enrollment (`.secret` and `params`), as unregister does.
+    pub fn clear(&self) -> io::Result<()> {
+        remove_if_exists(&self.secret_path())?;
+        remove_if_exists(&self.params_path())
+    }
+
+    pub fn params(&self) -> Option<Params> {
+        let bytes = std::fs::read(self.params_path()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn write_state(&self, state: &EnrollState) -> io::Result<()> {
+        let rec = StateRecord {
+            state: state.clone(),
+            message: state.to_string(),
+            since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        };
+        write_atomic(
+            &self.state_path(),
+            &serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?,
+            0o644,
+        )
+    }
+
+    pub fn read_state(&self) -> Option<StateRecord> {
+        let bytes = std::fs::read(self.state_path()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}

@@ -1,0 +1,93 @@
+//! The identity service's enrollment answer, exactly as it is on the wire.
+//!
+//! No struct here keeps unknown fields: the organization's private key that
+//! older servers send under the JSON key `"-"` is dropped while parsing, so
+//! it can never be written to disk or logged.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Enrollment status values.
+pub const STATUS_WAITING: i64 = 1;
+pub const STATUS_ENROLLED: i64 = 2;
+pub const STATUS_DISABLED: i64 = 3;
+
+/// The whole answer of `POST /v1/device/enroll`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnrollResponse {
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub enrollment: Option<Enrollment>,
+}
+
+/// The enrollment, as stored in `.secret`.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct Enrollment {
+    pub id: String,
+    pub status: i64,
+    #[serde(rename = "deviceData", default)]
+    pub device_data: String,
+    pub device: Device,
+    pub credentials: WireCredentials,
+    pub organization: Organization,
+}
+
+// The credentials are secret: Debug shows only what identifies them.
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("id", &self.id)
+            .field("status", &self.status)
+            .field("device", &self.device)
+            .field("organization", &self.organization.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Device {
+    #[serde(default)]
+    pub brand: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub serial: String,
+    #[serde(default)]
+    pub store: String,
+    #[serde(rename = "deviceKey", default)]
+    pub device_key: String,
+}
+
+/// Base64 of PEM, as sent.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct WireCredentials {
+    #[serde(rename = "privateKey")]
+    pub private_key: String,
+    pub certificate: String,
+    #[serde(rename = "mqttUrl")]
+    pub mqtt_url: String,
+    /// A string on the wire (`"8883"`); numbers are accepted too.
+    #[serde(rename = "mqttPort", deserialize_with = "string_or_number")]
+    pub mqtt_port: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Organization {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// Base64 of the PEM certificate that signs the broker's chain.
+    pub rootcert: String,
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "mqttPort must be a string or number, not {other}"
+        ))),
+    }
+}
