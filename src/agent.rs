@@ -1,12 +1,14 @@
 //! `iot-agent run`: wires configuration, snapd, the bus and the subsystems
-//! together under the supervisor, and stops on SIGTERM or SIGINT.
+//! together under the supervisor. SIGTERM or SIGINT stops it; SIGHUP makes
+//! it reload its enrollment (after `iot-agent unregister` or `enroll`).
 
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::services;
-use crate::snapd;
+use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::supervisor::{Policy, Subsystem, Supervisor};
+use crate::{control, services, snapd};
 use std::sync::Arc;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// The name the agent gives itself on brokers.
@@ -23,31 +25,53 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     prepare_dirs(&config);
+    if let Err(e) = control::write_pid(config.data_dir()) {
+        tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
+    }
 
     let snapd = snapd::Client::from_config(&config);
+    let identity = IdentityService::new(&config)?;
     let bus = Bus::connect_nats(&config.nats, CLIENT_NAME).await?;
     tracing::info!(url = %config.nats.url.as_str(), user = %config.nats.snapd.user, "NATS connection started");
+
+    let reload = Arc::new(Notify::new());
+    let (creds_tx, _creds_rx): (_, CredentialsRx) = watch::channel(None);
+    let enroller = Arc::new(Enroller {
+        snapd: snapd.clone(),
+        service: identity,
+        store: Store::from_config(&config),
+        identity_url: config.url.as_str().to_string(),
+        retry_cap: config.identity.retry.max.get(),
+        credentials: creds_tx,
+        reload: reload.clone(),
+    });
 
     let mut sup = Supervisor::new(Policy::default());
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));
+    sup.add(Subsystem::new("enrollment", move |t| {
+        let e = enroller.clone();
+        async move { e.run(t).await }
+    }));
 
     let shutdown = CancellationToken::new();
-    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let signals = tokio::spawn(handle_signals(shutdown.clone(), reload));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "iot-agent running");
     sup.run(shutdown).await;
     signals.abort();
-    // Deliver what is buffered, within the remaining shutdown budget.
     if bus.is_connected() {
+        // Deliver what is buffered, within the remaining shutdown budget.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bus.flush()).await;
     }
+    control::remove_pid(config.data_dir());
     tracing::info!("iot-agent stopped");
     Ok(())
 }
 
-/// Creates the data and common directories (0700 for data: it will hold
-/// credentials). A failure is logged, not fatal: nothing may need them yet.
+/// Creates the data and common directories (0700 for data: it holds
+/// credentials). A failure is logged, not fatal: each user of a directory
+/// reports its own error with the path.
 fn prepare_dirs(config: &Config) {
     for (dir, mode) in [(config.data_dir(), 0o700), (config.common_dir(), 0o755)] {
         if dir.is_dir() {
@@ -67,22 +91,28 @@ fn prepare_dirs(config: &Config) {
     }
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+async fn handle_signals(shutdown: CancellationToken, reload: Arc<Notify>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
-            return;
-        }
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return;
     };
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = which, "stopping");
-    shutdown.cancel();
+    loop {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!(signal = "SIGHUP", "reloading the enrollment");
+                reload.notify_one();
+                continue;
+            }
+        };
+        tracing::info!(signal = which, "stopping");
+        shutdown.cancel();
+        return;
+    }
 }

@@ -12,7 +12,9 @@
 pub mod agent;
 pub mod backoff;
 pub mod bus;
+pub mod commands;
 pub mod config;
+pub mod control;
 pub mod errors;
 pub mod fsutil;
 pub mod identity;

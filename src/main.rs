@@ -1,7 +1,8 @@
-//! The `iot-agent` command line.
+//! The `iot-agent` command line: parsing and dispatch only; the commands
+//! live in the library (`commands`, `agent`).
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
+use iot_agent::commands;
 use iot_agent::config::{self, layers::LoadOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent daemon until SIGTERM or SIGINT (what the snap's `agent` app runs).
+    /// SIGHUP makes it reload its enrollment.
     Run,
     /// Print the effective configuration, each value with the source it came from.
     Config {
@@ -38,6 +40,16 @@ enum Command {
         /// Only check the configuration: exit 0 when valid, 1 with the reason.
         #[arg(long)]
         check: bool,
+    },
+    /// Enroll with the identity service once: exit 0 when enrolled, 1 with the reason.
+    Enroll,
+    /// Forget the DMS registration: delete the credentials and make the agent enroll again.
+    Unregister,
+    /// Show whether the daemon runs and where enrollment stands.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the agent's version.
     Version,
@@ -55,84 +67,39 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let opts = LoadOptions { file: cli.config };
+    if let Command::Version = cli.command {
+        commands::write_stdout(&format!("iot-agent {}\n", env!("CARGO_PKG_VERSION")))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let loaded = config::layers::load(&LoadOptions { file: cli.config })?;
+    let warn = |w: &String| eprintln!("warning: {w}");
     match cli.command {
-        Command::Version => {
-            write_stdout(&format!("iot-agent {}\n", env!("CARGO_PKG_VERSION")))?;
+        Command::Version => unreachable!("handled above"),
+        Command::Config { json, check } => {
+            loaded.warnings.iter().for_each(warn);
+            if !check {
+                commands::config::print(&loaded, json)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { json, check } => {
-            let loaded = config::layers::load(&opts)?;
-            for w in &loaded.warnings {
-                eprintln!("warning: {w}");
-            }
-            if check {
-                return Ok(ExitCode::SUCCESS);
-            }
-            print_config(&loaded, json)?;
+        Command::Enroll => commands::enroll::run(&loaded.config),
+        Command::Unregister => commands::unregister::run(&loaded.config),
+        Command::Status { json } => {
+            commands::status::run(&loaded.config, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
-            let loaded = config::layers::load(&opts)?;
             iot_agent::logging::init(&loaded.config.log.level);
             for w in &loaded.warnings {
                 tracing::warn!("{w}");
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+                .build()?;
             rt.block_on(iot_agent::agent::run(loaded.config))?;
             // Tasks still blocked on I/O must not hold the exit.
             rt.shutdown_timeout(std::time::Duration::from_millis(500));
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn print_config(loaded: &config::Loaded, json: bool) -> anyhow::Result<()> {
-    let text = render_config(loaded, json)?;
-    write_stdout(&text)
-}
-
-/// Writes to stdout; a closed pipe (`iot-agent config | head`) is not an error.
-fn write_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
-}
-
-fn render_config(loaded: &config::Loaded, json: bool) -> anyhow::Result<String> {
-    use std::fmt::Write;
-    let values = loaded.effective();
-    if json {
-        let map: serde_json::Map<String, serde_json::Value> = values
-            .into_iter()
-            .map(|e| {
-                let v = serde_json::json!({"value": e.value, "source": e.source});
-                (e.key, v)
-            })
-            .collect();
-        return Ok(serde_json::to_string_pretty(&map)? + "\n");
-    }
-    let width = values.iter().map(|e| e.key.len()).max().unwrap_or(0);
-    let shown: Vec<(String, String, String)> = values
-        .iter()
-        .map(|e| {
-            let v = match &e.value {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (e.key.clone(), v, e.source.to_string())
-        })
-        .collect();
-    let vwidth = shown.iter().map(|s| s.1.len()).max().unwrap_or(0);
-    let mut out = String::new();
-    writeln!(out, "{:width$}  {:vwidth$}  SOURCE", "KEY", "VALUE")?;
-    for (k, v, s) in shown {
-        writeln!(out, "{k:width$}  {v:vwidth$}  {s}")?;
-    }
-    Ok(out)
 }
