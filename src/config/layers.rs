@@ -83,9 +83,12 @@ pub struct LoadOptions {
 /// Builds the layered configuration and checks every value.
 pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
     let figment = layered(opts)?;
-    let dirs: Dirs = figment
-        .extract_inner("dirs")
-        .map_err(|e| invalid(&figment, e))?;
+    // `dirs` first: the other paths expand `$SNAP_DATA`/`$SNAP_COMMON` to
+    // them outside a snap.
+    let dirs = figment
+        .extract::<DirsOnly>()
+        .map_err(|e| invalid(&figment, e))?
+        .dirs;
     let config: Config = values::with_dirs(dirs.data.path(), dirs.common.path(), || {
         figment.extract().map_err(|e| invalid(&figment, e))
     })?;
@@ -95,6 +98,13 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
         warnings,
         figment,
     })
+}
+
+/// The `dirs` table alone (the rest of the keys are ignored here).
+#[derive(serde::Deserialize)]
+struct DirsOnly {
+    #[serde(default)]
+    dirs: Dirs,
 }
 
 fn layered(opts: &LoadOptions) -> Result<Figment, ConfigError> {

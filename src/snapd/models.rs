@@ -251,6 +251,16 @@ pub struct SnapAction {
     pub channel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// `hold`: until when (RFC 3339, or `forever`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// `hold`: `general` or `auto-refresh`.
+    #[serde(
+        rename = "hold-level",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hold_level: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub classic: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -5,6 +5,8 @@
 //! the blanket `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod agent_proc;
+pub mod identity_double;
 pub mod servers;
 pub mod snapd_double;
 pub mod tls;

@@ -106,6 +106,9 @@ pub enum Fault {
     Slow(Duration),
     /// A snapd-shaped 500 error for every request.
     Status500,
+    /// The next N non-GET requests get 409 `snap-change-conflict` (another
+    /// change is running for the snap); then the fault clears itself.
+    Conflict(u32),
 }
 
 /// One request as the double received it.
@@ -1202,7 +1205,13 @@ async fn handle(
             headers: headers.clone(),
             body: body.clone(),
         });
-        st.fault.clone()
+        let fault = st.fault.clone();
+        if let Some(Fault::Conflict(n)) = fault {
+            if method != "GET" {
+                st.fault = (n > 1).then(|| Fault::Conflict(n - 1));
+            }
+        }
+        fault
     };
     match fault {
         Some(Fault::Garbage) => {
@@ -1217,7 +1226,15 @@ async fn handle(
             return into_response(error(500, "simulated internal error", None, None))
         }
         Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
-        None => {}
+        Some(Fault::Conflict(_)) if method != "GET" => {
+            return into_response(error(
+                409,
+                "snap \"hello-world\" has \"refresh-snap\" change in progress",
+                Some("snap-change-conflict"),
+                None,
+            ))
+        }
+        Some(Fault::Conflict(_)) | None => {}
     }
     let req = Req {
         method,

@@ -4,4 +4,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent_run;
+mod bus;
+mod config_cli;
 mod harness;
+mod identity;
+mod readme;
+mod snapd_client;

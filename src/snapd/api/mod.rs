@@ -10,4 +10,5 @@ mod system;
 mod users;
 
 pub use changes::{ChangeSelect, Notices};
+pub use snapshots::SnapshotStarted;
 pub use users::CreateUser;

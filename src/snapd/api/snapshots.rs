@@ -5,6 +5,13 @@ use crate::snapd::{Client, Error, Request, SnapName};
 use http::Method;
 use serde_json::{json, Value};
 
+/// A snapshot being taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotStarted {
+    pub change: String,
+    pub set_id: Option<u64>,
+}
+
 impl Client {
     /// Snapshot sets; one set when `set` is given.
     pub async fn snapshots(&self, set: Option<u64>) -> Result<Value, Error> {
@@ -14,12 +21,22 @@ impl Client {
             .await
     }
 
-    /// Takes a snapshot of the snaps (all when empty): change id. The set id
-    /// is in the change's `data` (`set-id`) once it is ready.
-    pub async fn snapshot(&self, snaps: &[SnapName]) -> Result<String, Error> {
+    /// Takes a snapshot of the snaps (all when empty). snapd does this with
+    /// `POST /v2/snaps` action `snapshot` (not `/v2/snapshots`), and tells
+    /// the set id at once, in the async answer's `result`.
+    pub async fn snapshot(&self, snaps: &[SnapName]) -> Result<SnapshotStarted, Error> {
         let body = json!({"action": "snapshot", "snaps": snaps.iter().map(SnapName::as_str).collect::<Vec<_>>()});
-        self.start_change(&Request::with_json(Method::POST, "/v2/snapshots", &body))
-            .await
+        let req = Request::with_json(Method::POST, "/v2/snaps", &body);
+        let env = self.call(&req).await?;
+        let change = env.change.ok_or_else(|| Error::Malformed {
+            what: req.what(),
+            status: env.status_code,
+            detail: "expected an async answer with a change id".into(),
+        })?;
+        Ok(SnapshotStarted {
+            change,
+            set_id: env.result.get("set-id").and_then(Value::as_u64),
+        })
     }
 
     /// Streams a snapshot set as snapd exports it (a tar archive).
