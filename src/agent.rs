@@ -2,9 +2,10 @@
 //! together under the supervisor. SIGTERM or SIGINT stops it; SIGHUP makes
 //! it reload its enrollment (after `iot-agent unregister` or `enroll`).
 
-use crate::bus::Bus;
+use crate::bus::{Bus, ConnectionStatus};
 use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
+use crate::services::dms::{self, Dms};
 use crate::supervisor::{Policy, Subsystem, Supervisor};
 use crate::{control, services, snapd};
 use std::sync::Arc;
@@ -35,11 +36,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(url = %config.nats.url.as_str(), user = %config.nats.snapd.user, "NATS connection started");
 
     let reload = Arc::new(Notify::new());
-    let (creds_tx, _creds_rx): (_, CredentialsRx) = watch::channel(None);
+    let store = Store::from_config(&config);
+    let (creds_tx, creds_rx): (_, CredentialsRx) = watch::channel(None);
+    let (mqtt_status, _mqtt_status_rx) = watch::channel(ConnectionStatus::default());
     let enroller = Arc::new(Enroller {
         snapd: snapd.clone(),
         service: identity,
-        store: Store::from_config(&config),
+        store: store.clone(),
         identity_url: config.url.as_str().to_string(),
         retry_cap: config.identity.retry.max.get(),
         credentials: creds_tx,
@@ -47,6 +50,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let mut sup = Supervisor::new(Policy::default());
+    if config.dms.enabled {
+        let dms = Arc::new(Dms {
+            snapd: snapd.clone(),
+            credentials: creds_rx,
+            status: mqtt_status,
+            store,
+            reload: reload.clone(),
+            settings: dms::Settings {
+                heartbeat: config.dms.heartbeat.interval.get(),
+                metrics: config.dms.metrics.interval.get(),
+                change_timeout: config.dms.change.timeout.get(),
+                upload_timeout: config.dms.upload.timeout.get(),
+                upload_limit: config.dms.upload.limit,
+                scratch_dir: config.common_dir().join("tmp"),
+            },
+        });
+        sup.add(Subsystem::new("dms", move |t| {
+            let d = dms.clone();
+            async move { d.run(t).await }
+        }));
+    }
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));

@@ -1,12 +1,15 @@
 //! The message bus: broker connections and the topic vocabulary.
 //!
 //! Services receive a [`Bus`] handle, never a concrete client, and address
-//! everything by [`Topic`] (written once in [`topics`]). Today the handle is
-//! backed by the device-local NATS server; the DMS's MQTT connection joins
-//! it behind the same methods.
+//! everything by [`Topic`] (written once in [`topics`]). [`Bus`] is the
+//! device-local NATS connection; [`mqtt`] is the DMS broker connection,
+//! which exists only while the device has credentials.
 
+pub mod mqtt;
+pub mod status;
 pub mod topics;
 
+pub use status::ConnectionStatus;
 pub use topics::Topic;
 
 use crate::backoff;

@@ -33,6 +33,7 @@ pub struct Config {
     pub log: LogConfig,
     pub dirs: Dirs,
     pub snaplogger: SnapLogger,
+    pub dms: DmsConfig,
 }
 
 /// How the agent talks to the identity service at `url`.
@@ -114,6 +115,76 @@ pub struct Dirs {
     pub common: ExpandPath,
 }
 
+/// The DMS management channel (MQTT with the enrollment's credentials).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsConfig {
+    pub enabled: bool,
+    pub heartbeat: Every,
+    pub metrics: Every,
+    pub change: DmsChange,
+    pub upload: DmsUpload,
+}
+
+/// `*.interval`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Every {
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsChange {
+    /// How long a change started by an action is followed for its report.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsUpload {
+    pub timeout: Duration,
+    /// Bytes; larger log or snapshot uploads are refused.
+    pub limit: u64,
+}
+
+impl Default for Every {
+    fn default() -> Self {
+        Every {
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for DmsConfig {
+    fn default() -> Self {
+        DmsConfig {
+            enabled: true,
+            heartbeat: Every::default(),
+            metrics: Every::default(),
+            change: DmsChange::default(),
+            upload: DmsUpload::default(),
+        }
+    }
+}
+
+impl Default for DmsChange {
+    fn default() -> Self {
+        DmsChange {
+            timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for DmsUpload {
+    fn default() -> Self {
+        DmsUpload {
+            timeout: Duration::from_secs(300),
+            limit: 512 * 1024 * 1024,
+        }
+    }
+}
+
 /// The change history (`snaplogger.*`, the reference agent's key names).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -183,6 +254,7 @@ impl Default for Config {
             log: LogConfig::default(),
             dirs: Dirs::default(),
             snaplogger: SnapLogger::default(),
+            dms: DmsConfig::default(),
         }
     }
 }

@@ -49,6 +49,7 @@ pub struct Call {
 struct Shared {
     behaviour: Behaviour,
     calls: Vec<Call>,
+    mqtt_port: u16,
 }
 
 pub struct IdentityDouble {
@@ -68,12 +69,19 @@ impl IdentityDouble {
     /// Starts on a free loopback port; `tls` serves HTTPS with the PKI's
     /// server certificate (for `localhost`).
     pub async fn start(tls: bool) -> IdentityDouble {
-        let pki = Arc::new(TestPki::new("identity-double"));
+        Self::start_with(tls, Arc::new(TestPki::new("identity-double")), 8883).await
+    }
+
+    /// Hands out credentials from `pki` (whose CA is the organization
+    /// root) for a broker on `localhost:mqtt_port`: the PKI of a test
+    /// mosquitto makes an enrolled agent able to connect to it.
+    pub async fn start_with(tls: bool, pki: Arc<TestPki>, mqtt_port: u16) -> IdentityDouble {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Mutex::new(Shared {
             behaviour: Behaviour::Enroll,
             calls: Vec::new(),
+            mqtt_port,
         }));
         let acceptor = tls.then(|| tls_acceptor(&pki));
         let (s, p) = (shared.clone(), pki.clone());
@@ -189,13 +197,13 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let body = String::from_utf8_lossy(&body).into_owned();
-    let behaviour = {
+    let (behaviour, mqtt_port) = {
         let mut s = shared.lock().unwrap();
         s.calls.push(Call {
             content_type: content_type.clone(),
             body: body.clone(),
         });
-        s.behaviour.clone()
+        (s.behaviour.clone(), s.mqtt_port)
     };
     if content_type != "application/x.ubuntu.assertion" {
         return refuse("invalid content type");
@@ -257,7 +265,7 @@ async fn handle(
                     "privateKey": b64(&key),
                     "certificate": b64(&cert),
                     "mqttUrl": "localhost",
-                    "mqttPort": "8883",
+                    "mqttPort": mqtt_port.to_string(),
                 },
                 "organization": {
                     "id": ORG_ID,

@@ -10,6 +10,7 @@ pub mod identity_double;
 pub mod servers;
 pub mod snapd_double;
 pub mod tls;
+pub mod upload_sink;
 
 use std::io::{Read, Write};
 use std::path::Path;

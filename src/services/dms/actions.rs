@@ -1,0 +1,470 @@
+//! The 21 actions of the DMS contract, each mapped onto the snapd client.
+
+use super::request::{Request, Response};
+use super::upload::Uploader;
+use crate::identity::Credentials;
+use crate::snapd::{self, Assertion, CreateUser, SnapAction, SnapName, Status};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What to do after the response is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Nothing,
+    /// Report the change's final status in a second message.
+    FollowChange(String),
+    /// Wait for the broker to take the reply, then forget the credentials.
+    Unregister,
+}
+
+/// What the actions need.
+#[derive(Clone)]
+pub struct Ctx {
+    pub snapd: snapd::Client,
+    pub creds: Arc<Credentials>,
+    pub uploader: Uploader,
+    /// Longest wait for a change (snapshots, completion reports).
+    pub change_timeout: Duration,
+    /// Where snapshot exports are staged before upload.
+    pub scratch_dir: std::path::PathBuf,
+}
+
+type ActionResult = Result<(Value, Next), String>;
+
+/// Runs one request; failures become a `success:false` response.
+pub async fn execute(ctx: &Ctx, req: &Request) -> (Response, Next) {
+    let outcome = match req.action.as_str() {
+        "install" | "remove" | "refresh" | "revert" | "enable" | "disable" => {
+            snap_action(ctx, req).await
+        }
+        "switch" => switch(ctx, req).await,
+        "start" | "stop" | "restart" => services(ctx, req).await,
+        "setconf" => setconf(ctx, req).await,
+        "conf" => conf(ctx, req).await,
+        "info" => info(ctx, req).await,
+        "ack" => ack(ctx, req).await,
+        "device" => device(ctx).await.map(|v| (v, Next::Nothing)),
+        "list" => list(ctx).await.map(|v| (v, Next::Nothing)),
+        "server" => server(ctx).await,
+        "logs" => logs(ctx, req).await,
+        "snapshot" => snapshot(ctx, req).await,
+        "unregister" => device(ctx).await.map(|v| (v, Next::Unregister)),
+        "user" => user(ctx, req).await,
+        other => Err(format!("unknown action {other:?}")),
+    };
+    match outcome {
+        Ok((result, next)) => (Response::ok(req, result), next),
+        Err(message) => (Response::fail(&req.id, &req.action, message), Next::Nothing),
+    }
+}
+
+fn snap_name(req: &Request) -> Result<SnapName, String> {
+    if req.snap.is_empty() {
+        return Err(format!(
+            "action {} needs a snap name in the snap field",
+            req.action
+        ));
+    }
+    SnapName::parse(&req.snap).map_err(|e| e.to_string())
+}
+
+/// Reads `data` as the JSON an action needs; `example` shows the shape.
+fn data_json<T: for<'de> Deserialize<'de>>(req: &Request, example: &str) -> Result<T, String> {
+    serde_json::from_str(&req.data).map_err(|e| {
+        format!(
+            "data of action {} must be JSON like {example}: {e}",
+            req.action
+        )
+    })
+}
+
+fn snapd_err(e: snapd::Error) -> String {
+    e.to_string()
+}
+
+async fn snap_action(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let change = ctx
+        .snapd
+        .snap_action(&name, &SnapAction::new(&req.action))
+        .await
+        .map_err(snapd_err)?;
+    Ok((json!(change), Next::FollowChange(change)))
+}
+
+async fn switch(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let channel = req.data.trim();
+    let valid = !channel.is_empty()
+        && channel.len() <= 128
+        && channel
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"./-_".contains(&b));
+    if !valid {
+        return Err(format!(
+            "data of action switch must be a channel such as latest/stable, not {:?}",
+            req.data
+        ));
+    }
+    let action = SnapAction::new("switch").channel(Some(channel.to_string()));
+    let change = ctx
+        .snapd
+        .snap_action(&name, &action)
+        .await
+        .map_err(snapd_err)?;
+    Ok((json!(change), Next::FollowChange(change)))
+}
+
+#[derive(Deserialize)]
+struct ServicesData {
+    #[serde(default)]
+    services: Vec<String>,
+}
+
+async fn services(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let services = if req.data.trim().is_empty() {
+        Vec::new()
+    } else {
+        data_json::<ServicesData>(req, r#"{"services":["daemon"]}"#)?.services
+    };
+    let mut names = Vec::new();
+    for s in &services {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(format!("service name {s:?} is not valid"));
+        }
+        names.push(format!("{name}.{s}"));
+    }
+    if names.is_empty() {
+        names.push(name.to_string());
+    }
+    let change = ctx
+        .snapd
+        .app_action(&req.action, &names)
+        .await
+        .map_err(snapd_err)?;
+    Ok((json!(change), Next::FollowChange(change)))
+}
+
+async fn setconf(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let values: Map<String, Value> = data_json(req, r#"{"key":"value"}"#)?;
+    let change = ctx
+        .snapd
+        .set_conf(&name, &values)
+        .await
+        .map_err(snapd_err)?;
+    Ok((json!(change), Next::FollowChange(change)))
+}
+
+async fn conf(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let conf = ctx.snapd.conf(&name, &[]).await.map_err(snapd_err)?;
+    Ok((Value::Object(conf), Next::Nothing))
+}
+
+async fn info(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let snap = ctx.snapd.snap(&name).await.map_err(snapd_err)?;
+    Ok((
+        serde_json::to_value(snap).unwrap_or_default(),
+        Next::Nothing,
+    ))
+}
+
+async fn ack(ctx: &Ctx, req: &Request) -> ActionResult {
+    if req.data.trim().is_empty() {
+        return Err("data of action ack must be assertion text".into());
+    }
+    Assertion::parse_all(&req.data).map_err(|e| format!("data of action ack: {e}"))?;
+    ctx.snapd
+        .add_assertion(&req.data)
+        .await
+        .map_err(snapd_err)?;
+    Ok((Value::Null, Next::Nothing))
+}
+
+/// `{orgId, deviceId, brand, model, serial, store, deviceKey, version:{...}}`.
+pub async fn device(ctx: &Ctx) -> Result<Value, String> {
+    let first = |text: String| {
+        Assertion::parse_all(&text)
+            .ok()
+            .and_then(|mut v| (!v.is_empty()).then(|| v.remove(0)))
+    };
+    let model = ctx
+        .snapd
+        .assertions_text("model", &[])
+        .await
+        .map_err(snapd_err)?;
+    let serial = ctx
+        .snapd
+        .assertions_text("serial", &[])
+        .await
+        .map_err(snapd_err)?;
+    let (model, serial) = (first(model), first(serial));
+    let h = |a: &Option<Assertion>, k: &str| {
+        a.as_ref()
+            .and_then(|a| a.header(k))
+            .unwrap_or("")
+            .to_string()
+    };
+    let info = ctx.snapd.system_info().await.map_err(snapd_err)?;
+    let c = &ctx.creds;
+    Ok(json!({
+        "orgId": c.org_id,
+        "deviceId": c.device_id,
+        "brand": h(&model, "brand-id"),
+        "model": h(&model, "model"),
+        "serial": h(&serial, "serial"),
+        "store": h(&model, "store"),
+        "deviceKey": h(&serial, "device-key"),
+        "version": version(&info),
+    }))
+}
+
+fn version(info: &snapd::SystemInfo) -> Value {
+    json!({
+        "version": info.version,
+        "series": info.series,
+        "osId": info.os_release.id,
+        "osVersionId": info.os_release.version_id,
+        "onClassic": info.on_classic,
+        "kernelVersion": info.kernel_version,
+    })
+}
+
+async fn server(ctx: &Ctx) -> ActionResult {
+    let info = ctx.snapd.system_info().await.map_err(snapd_err)?;
+    let mut v = version(&info);
+    v["deviceId"] = json!(ctx.creds.device_id);
+    Ok((v, Next::Nothing))
+}
+
+/// The snap list in the DMS's shape, sorted by name (the heartbeat hashes it).
+pub async fn list(ctx: &Ctx) -> Result<Value, String> {
+    let mut snaps = ctx.snapd.snaps().await.map_err(snapd_err)?;
+    snaps.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::with_capacity(snaps.len());
+    for s in snaps {
+        // A snap without configuration (or one snapd will not tell) is `{}`.
+        let config = match SnapName::parse(&s.name) {
+            Ok(n) => ctx.snapd.conf(&n, &[]).await.unwrap_or_default(),
+            Err(_) => Map::new(),
+        };
+        let services: Vec<Value> = s
+            .apps
+            .iter()
+            .filter(|a| a.daemon.is_some())
+            .map(|a| json!({"name": a.name, "enabled": a.enabled, "active": a.active}))
+            .collect();
+        out.push(json!({
+            "deviceId": ctx.creds.device_id,
+            "name": s.name,
+            "installedSize": s.installed_size,
+            "installedDate": s.install_date,
+            "status": s.status,
+            "channel": s.channel,
+            "confinement": s.confinement,
+            "version": s.version,
+            "revision": s.revision,
+            "devmode": s.devmode,
+            "config": Value::Object(config).to_string(),
+            "services": services,
+        }));
+    }
+    Ok(Value::Array(out))
+}
+
+#[derive(Deserialize)]
+struct LogsData {
+    url: String,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// At most this many journal lines per upload.
+const MAX_LOG_LINES: u32 = 100_000;
+
+async fn logs(ctx: &Ctx, req: &Request) -> ActionResult {
+    let d: LogsData = data_json(req, r#"{"url":"https://...","limit":100}"#)?;
+    super::upload::check_url(&d.url)?;
+    let limit = d.limit.unwrap_or(100).clamp(1, MAX_LOG_LINES);
+    let entries = ctx.snapd.logs(limit, &[]).await.map_err(snapd_err)?;
+    let mut text = String::new();
+    for e in &entries {
+        text.push_str(&format!(
+            "[{}] {} {} {}\n",
+            e.timestamp, e.pid, e.sid, e.message
+        ));
+    }
+    let bytes = ctx.uploader.put_bytes(&d.url, text.into()).await?;
+    Ok((
+        json!({"lines": entries.len(), "bytes": bytes}),
+        Next::Nothing,
+    ))
+}
+
+#[derive(Deserialize)]
+struct SnapshotData {
+    url: String,
+}
+
+async fn snapshot(ctx: &Ctx, req: &Request) -> ActionResult {
+    let name = snap_name(req)?;
+    let d: SnapshotData = data_json(req, r#"{"url":"https://..."}"#)?;
+    // Check the URL before snapd does any work.
+    super::upload::check_url(&d.url)?;
+    let started = ctx.snapd.snapshot(&[name]).await.map_err(snapd_err)?;
+    let change = wait_ready(ctx, &started.change).await?;
+    if change.status != Status::Done {
+        return Err(format!(
+            "snapshot change {} ended {:?}: {}",
+            change.id,
+            change.status,
+            change.err.unwrap_or_default()
+        ));
+    }
+    let set = started
+        .set_id
+        .or_else(|| change.data.as_ref().and_then(|d| d["set-id"].as_u64()))
+        .ok_or("snapd did not say which snapshot set it made")?;
+    let staged = stage_export(ctx, set).await?;
+    let result = ctx.uploader.put_file(&d.url, staged.path()).await;
+    let bytes = result?;
+    Ok((json!({"setId": set, "bytes": bytes}), Next::Nothing))
+}
+
+/// Writes snapd's export of a set into a temporary file, within the limit.
+async fn stage_export(ctx: &Ctx, set: u64) -> Result<tempfile::NamedTempFile, String> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    std::fs::create_dir_all(&ctx.scratch_dir).map_err(|e| {
+        format!(
+            "cannot stage the export in {}: {e}",
+            ctx.scratch_dir.display()
+        )
+    })?;
+    let staged = tempfile::NamedTempFile::new_in(&ctx.scratch_dir).map_err(|e| {
+        format!(
+            "cannot stage the export in {}: {e}",
+            ctx.scratch_dir.display()
+        )
+    })?;
+    let resp = ctx.snapd.export_snapshot(set).await.map_err(snapd_err)?;
+    let mut body = http_body_util::BodyStream::new(resp.into_body());
+    let mut file = tokio::fs::File::from_std(staged.reopen().map_err(|e| e.to_string())?);
+    let mut total = 0u64;
+    while let Some(frame) = body.next().await {
+        let frame = frame.map_err(|e| format!("snapshot export broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > ctx.uploader.limit {
+                return Err(format!(
+                    "the snapshot is larger than the upload limit of {} bytes (dms.upload.limit)",
+                    ctx.uploader.limit
+                ));
+            }
+            file.write_all(&data).await.map_err(|e| e.to_string())?;
+        }
+    }
+    file.flush().await.map_err(|e| e.to_string())?;
+    Ok(staged)
+}
+
+#[derive(Deserialize)]
+struct UserData {
+    action: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    sudoer: bool,
+    #[serde(rename = "force-managed", default)]
+    force_managed: bool,
+    #[serde(default)]
+    username: String,
+}
+
+async fn user(ctx: &Ctx, req: &Request) -> ActionResult {
+    let d: UserData = data_json(
+        req,
+        r#"{"action":"create","email":"a@b.c","sudoer":false,"force-managed":false,"username":""}"#,
+    )?;
+    let users = match d.action.as_str() {
+        "create" => {
+            if d.email.is_empty() && d.username.is_empty() {
+                return Err("user create needs an email or a username".into());
+            }
+            let u = CreateUser {
+                email: d.email,
+                username: d.username,
+                sudoer: d.sudoer,
+                force_managed: d.force_managed,
+            };
+            ctx.snapd.create_user(&u).await.map_err(snapd_err)?
+        }
+        "remove" => {
+            if d.username.is_empty() {
+                return Err("user remove needs a username".into());
+            }
+            ctx.snapd
+                .remove_user(&d.username)
+                .await
+                .map_err(snapd_err)?
+        }
+        other => {
+            return Err(format!(
+                "user action must be create or remove, not {other:?}"
+            ))
+        }
+    };
+    Ok((
+        serde_json::to_value(users).unwrap_or_default(),
+        Next::Nothing,
+    ))
+}
+
+/// Polls a change until it is ready, within the change timeout.
+pub async fn wait_ready(ctx: &Ctx, id: &str) -> Result<snapd::Change, String> {
+    let deadline = tokio::time::Instant::now() + ctx.change_timeout;
+    let mut every = Duration::from_millis(200);
+    loop {
+        let change = ctx.snapd.change(id).await.map_err(snapd_err)?;
+        if change.ready {
+            return Ok(change);
+        }
+        if tokio::time::Instant::now() + every > deadline {
+            return Err(format!(
+                "change {id} is still {:?} after {} (dms.change.timeout)",
+                change.status,
+                humantime::format_duration(ctx.change_timeout)
+            ));
+        }
+        tokio::time::sleep(every).await;
+        every = (every * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The second message: the final status of a change an action started.
+pub async fn completion(ctx: &Ctx, req: &Request, change_id: &str) -> Response {
+    match wait_ready(ctx, change_id).await {
+        Ok(ch) => Response {
+            id: req.id.clone(),
+            action: req.action.clone(),
+            success: ch.status == Status::Done,
+            message: ch.err.clone().unwrap_or_default(),
+            result: json!({
+                "change": ch.id,
+                "kind": ch.kind,
+                "summary": ch.summary,
+                "status": ch.status,
+                "ready-time": ch.ready_time,
+            }),
+        },
+        Err(message) => Response::fail(&req.id, &req.action, message),
+    }
+}

@@ -1,0 +1,276 @@
+//! The DMS management channel: actions in on `devices/sub/{deviceId}`,
+//! responses out on `devices/pub/{deviceId}`, heartbeat and metrics.
+//!
+//! The session lives while the device has credentials: it starts when the
+//! enrollment hands them over and ends when they are withdrawn
+//! (unregister). Every request is handled in its own task, so a slow action
+//! (an upload, a change that takes minutes) never holds up the MQTT event
+//! loop or other requests.
+
+pub mod actions;
+pub mod dedupe;
+pub mod heartbeat;
+pub mod metrics;
+pub mod request;
+pub mod upload;
+
+use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
+use crate::bus::{topics, ConnectionStatus, Topic};
+use crate::identity::{Credentials, CredentialsRx, Store};
+use crate::snapd;
+use crate::supervisor::RunResult;
+use actions::{Ctx, Next};
+use dedupe::{Dedupe, Seen};
+use request::Response;
+use rumqttc::QoS;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// How long unregister waits for the broker to take its reply.
+const REPLY_ACK_BOUND: Duration = Duration::from_secs(10);
+
+/// Settings of the channel (`dms.*`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub heartbeat: Duration,
+    pub metrics: Duration,
+    pub change_timeout: Duration,
+    pub upload_timeout: Duration,
+    pub upload_limit: u64,
+    pub scratch_dir: std::path::PathBuf,
+}
+
+pub struct Dms {
+    pub snapd: snapd::Client,
+    pub credentials: CredentialsRx,
+    pub status: watch::Sender<ConnectionStatus>,
+    pub store: Store,
+    pub reload: Arc<Notify>,
+    pub settings: Settings,
+}
+
+impl Dms {
+    /// Runs sessions for as long as the agent runs.
+    pub async fn run(&self, shutdown: CancellationToken) -> RunResult {
+        let mut creds_rx = self.credentials.clone();
+        loop {
+            let creds = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                c = creds_rx.wait_for(Option::is_some) => match c {
+                    Ok(c) => c.clone().expect("waited for Some"),
+                    Err(_) => return Ok(()),
+                },
+            };
+            let session = shutdown.child_token();
+            let task = tokio::spawn(self.session(creds.clone(), session.clone()));
+            // Credentials withdrawn or replaced: end this session.
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = creds_rx.wait_for(|c| c.as_ref().map(|c| !Arc::ptr_eq(c, &creds)).unwrap_or(true)) => {
+                    tracing::info!("device credentials changed; closing the DMS session");
+                }
+            }
+            session.cancel();
+            match task.await {
+                Ok(Err(e)) => return Err(e),
+                Err(e) if e.is_panic() => anyhow::bail!("the DMS session panicked"),
+                _ => {}
+            }
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn session(
+        &self,
+        creds: Arc<Credentials>,
+        token: CancellationToken,
+    ) -> impl std::future::Future<Output = RunResult> + Send + 'static {
+        let snapd = self.snapd.clone();
+        let status = self.status.clone();
+        let store = self.store.clone();
+        let reload = self.reload.clone();
+        let s = self.settings.clone();
+        async move {
+            let inbox = topics::dms_actions(&creds.device_id)?;
+            let outbox = topics::dms_responses(&creds.device_id)?;
+            let health = topics::dms_health(&creds.device_id)?;
+            let metrics_topic = topics::dms_metrics(&creds.org_id)?;
+            let uploader = upload::Uploader::new(s.upload_timeout, s.upload_limit)
+                .map_err(|e| anyhow::anyhow!("cannot build the upload client: {e}"))?;
+            let ctx = Arc::new(Ctx {
+                snapd,
+                creds: creds.clone(),
+                uploader,
+                change_timeout: s.change_timeout,
+                scratch_dir: s.scratch_dir.clone(),
+            });
+            let mut link = mqtt::connect(&creds, vec![inbox], status, token.clone())?;
+            let out = Outbox {
+                mqtt: link.handle.clone(),
+                topic: outbox,
+            };
+            tokio::spawn(periodic_heartbeat(
+                ctx.clone(),
+                link.handle.clone(),
+                health,
+                s.heartbeat,
+                token.clone(),
+            ));
+            tokio::spawn(periodic_metrics(
+                ctx.clone(),
+                link.handle.clone(),
+                metrics_topic,
+                s.metrics,
+                token.clone(),
+            ));
+            let dedupe = Arc::new(Dedupe::default());
+            loop {
+                let msg: MqttMessage = tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    m = link.messages.recv() => match m {
+                        Some(m) => m,
+                        None => return Ok(()),
+                    },
+                };
+                let (ctx, out, dedupe) = (ctx.clone(), out.clone(), dedupe.clone());
+                let (store, reload) = (store.clone(), reload.clone());
+                tokio::spawn(async move {
+                    handle(&ctx, &out, &dedupe, &msg.payload, &store, &reload).await;
+                });
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Outbox {
+    mqtt: MqttHandle,
+    topic: Topic,
+}
+
+impl Outbox {
+    async fn send(&self, resp: &Response) {
+        if let Err(e) = self
+            .mqtt
+            .publish(&self.topic, QoS::AtLeastOnce, resp.to_bytes())
+            .await
+        {
+            tracing::error!(id = %resp.id, error = %e, "cannot send a DMS response");
+        }
+    }
+}
+
+/// One request, start to finish: exactly one response (two when it starts
+/// a change: the second reports the change's end).
+async fn handle(
+    ctx: &Ctx,
+    out: &Outbox,
+    dedupe: &Dedupe,
+    payload: &[u8],
+    store: &Store,
+    reload: &Notify,
+) {
+    let req = match request::parse(payload) {
+        Ok(r) => r,
+        Err(resp) => {
+            tracing::warn!(id = %resp.id, "refused a DMS request: {}", resp.message);
+            return out.send(&resp).await;
+        }
+    };
+    let first = match dedupe.check(&req.id) {
+        Seen::First(f) => f,
+        Seen::Again(rx) => {
+            tracing::info!(id = %req.id, action = %req.action, "repeated DMS request; answering again");
+            if let Some(bytes) = dedupe::response_of(rx).await {
+                if let Err(e) = out.mqtt.publish(&out.topic, QoS::AtLeastOnce, bytes).await {
+                    tracing::error!(id = %req.id, error = %e, "cannot send a DMS response");
+                }
+            }
+            return;
+        }
+    };
+    tracing::info!(id = %req.id, action = %req.action, snap = %req.snap, "DMS action");
+    let (resp, next) = actions::execute(ctx, &req).await;
+    if !resp.success {
+        tracing::warn!(id = %req.id, action = %req.action, "DMS action failed: {}", resp.message);
+    }
+    first.done(resp.to_bytes());
+    match next {
+        Next::Nothing => out.send(&resp).await,
+        Next::FollowChange(change) => {
+            out.send(&resp).await;
+            let done = actions::completion(ctx, &req, &change).await;
+            tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
+            out.send(&done).await;
+        }
+        Next::Unregister => {
+            match out
+                .mqtt
+                .publish_confirmed(&out.topic, resp.to_bytes(), REPLY_ACK_BOUND)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "the broker did not confirm the unregister reply in time; unregistering anyway"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot send the unregister reply; unregistering anyway")
+                }
+            }
+            match store.clear() {
+                Ok(()) => {
+                    tracing::info!("unregistered by the DMS: credentials deleted; enrolling again")
+                }
+                Err(e) => tracing::error!(error = %e, "cannot delete the credentials"),
+            }
+            reload.notify_one();
+        }
+    }
+}
+
+async fn periodic_heartbeat(
+    ctx: Arc<Ctx>,
+    mqtt: MqttHandle,
+    topic: Topic,
+    every: Duration,
+    token: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match heartbeat::heartbeat(&ctx).await {
+            Ok(doc) => {
+                let _ = mqtt
+                    .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
+                    .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot build the heartbeat"),
+        }
+    }
+}
+
+async fn periodic_metrics(
+    ctx: Arc<Ctx>,
+    mqtt: MqttHandle,
+    topic: Topic,
+    every: Duration,
+    token: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut prev = metrics::cpu_sample();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let text = metrics::lines(&ctx.creds.device_id, &mut prev);
+        let _ = mqtt.publish(&topic, QoS::AtMostOnce, text.into()).await;
+    }
+}

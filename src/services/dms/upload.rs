@@ -1,0 +1,118 @@
+//! Uploads for the `logs` and `snapshot` actions: HTTP PUT to the URL the
+//! DMS gives (usually a presigned object-store URL), with a size limit and
+//! a timeout. Presigned URLs carry credentials in their query, so only the
+//! scheme and host ever appear in messages.
+
+use bytes::Bytes;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct Uploader {
+    http: reqwest::Client,
+    pub limit: u64,
+}
+
+impl Uploader {
+    pub fn new(timeout: Duration, limit: u64) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(15)))
+            .user_agent(concat!("iot-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Uploader { http, limit })
+    }
+
+    /// Uploads bytes held in memory.
+    pub async fn put_bytes(&self, url: &str, body: Bytes) -> Result<u64, String> {
+        let target = check_url(url)?;
+        let len = body.len() as u64;
+        if len > self.limit {
+            return Err(format!(
+                "{len} bytes is more than the upload limit of {} (dms.upload.limit)",
+                self.limit
+            ));
+        }
+        self.send(url, &target, reqwest::Body::from(body), len)
+            .await
+    }
+
+    /// Uploads a file with its length (object stores refuse chunked PUTs).
+    pub async fn put_file(&self, url: &str, path: &Path) -> Result<u64, String> {
+        let target = check_url(url)?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let len = file.metadata().await.map_err(|e| e.to_string())?.len();
+        let stream = tokio_util::io::ReaderStream::new(file);
+        self.send(url, &target, reqwest::Body::wrap_stream(stream), len)
+            .await
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        target: &str,
+        body: reqwest::Body,
+        len: u64,
+    ) -> Result<u64, String> {
+        let resp = self
+            .http
+            .put(url)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "failed"
+                };
+                format!(
+                    "upload to {target} {what}: {}",
+                    scrub(&crate::errors::chain(&e), url)
+                )
+            })?;
+        if !resp.status().is_success() {
+            return Err(format!(
+                "upload to {target} refused: HTTP {}",
+                resp.status()
+            ));
+        }
+        Ok(len)
+    }
+}
+
+/// Checks the URL and returns `scheme://host` for messages.
+pub fn check_url(url: &str) -> Result<String, String> {
+    let uri: Option<http::Uri> = url.parse().ok();
+    match uri.as_ref().map(|u| (u.scheme_str(), u.host())) {
+        Some((Some(s @ ("http" | "https")), Some(h))) if !h.is_empty() => Ok(format!("{s}://{h}")),
+        _ => Err("the upload URL must be an http:// or https:// URL with a host".into()),
+    }
+}
+
+/// Removes the URL (with its signature) from an error text.
+fn scrub(text: &str, url: &str) -> String {
+    text.replace(url, "<url>")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_checked_and_never_echoed() {
+        assert_eq!(
+            super::check_url("https://s3.example/b?X-Sig=1").unwrap(),
+            "https://s3.example"
+        );
+        assert!(super::check_url("file:///etc/passwd").is_err());
+        assert!(super::check_url("not a url").is_err());
+        assert_eq!(
+            super::scrub("error for https://h/p?sig=1 here", "https://h/p?sig=1"),
+            "error for <url> here"
+        );
+    }
+}
