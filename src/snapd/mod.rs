@@ -14,7 +14,7 @@ pub mod models;
 pub mod names;
 mod transport;
 
-pub use api::{ChangeSelect, CreateUser, Notices, SnapshotStarted};
+pub use api::{parse_json_seq, ChangeSelect, CreateUser, Notices, SnapshotStarted};
 pub use assertion::Assertion;
 pub use error::{ApiError, Error, ErrorKind};
 pub use models::*;

@@ -8,6 +8,7 @@ mod agent_run;
 mod bus;
 mod config_cli;
 mod dms;
+mod fuzz_smoke;
 mod harness;
 mod identity;
 mod readme;

@@ -11,4 +11,5 @@ mod users;
 
 pub use changes::{ChangeSelect, Notices};
 pub use snapshots::SnapshotStarted;
+pub use system::parse_json_seq;
 pub use users::CreateUser;

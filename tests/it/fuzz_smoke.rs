@@ -1,0 +1,72 @@
+//! A quick, seeded stand-in for the fuzzers in `fuzz/` (run those with
+//! `cargo fuzz run <target>`): every parser of remote input gets valid
+//! samples, mutated thousands of times, and must answer without panicking.
+
+use iot_agent::services::dms::request;
+use iot_agent::snapd::{self, Assertion};
+use rand::{Rng, SeedableRng};
+
+const SAMPLES: &[&str] = &[
+    r#"{"id":"1","action":"install","snap":"hello","data":""}"#,
+    r#"{"id":"2","action":"setconf","snap":"x","data":"{\"a\":1}"}"#,
+    r#"{"type":"sync","status-code":200,"status":"OK","result":[{"id":"1","kind":"seed","summary":"s","status":"Done","ready":true,"spawn-time":"2026-01-01T00:00:00Z","tasks":[{"id":"1","kind":"k","summary":"","status":"Done","progress":{"label":"","done":1,"total":1},"spawn-time":"x"}]}]}"#,
+    r#"{"type":"error","status-code":409,"status":"Conflict","result":{"message":"m","kind":"snap-change-conflict","value":"x"}}"#,
+    "type: model\nauthority-id: generic\nbrand-id: generic\nmodel: m\nbody-length: 3\n\nabc\n\nSIG",
+    "\u{1e}{\"timestamp\":\"t\",\"message\":\"m\",\"sid\":\"s\",\"pid\":\"1\"}\n",
+    r#"{"code":"","message":"","enrollment":{"id":"d","status":2,"deviceData":"","device":{},"credentials":{"privateKey":"eA==","certificate":"eA==","mqttUrl":"h","mqttPort":"1"},"organization":{"id":"o","rootcert":"eA=="}}}"#,
+];
+
+fn mutate(rng: &mut impl Rng, input: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..rng.random_range(1..8) {
+        match rng.random_range(0..4) {
+            0 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                v[i] = rng.random();
+            }
+            1 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                v.truncate(i);
+            }
+            2 => {
+                let i = rng.random_range(0..=v.len());
+                let b = *b"{}[]\":,\n \\0-x"
+                    .get(rng.random_range(0..14))
+                    .unwrap_or(&b'x');
+                v.insert(i, b);
+            }
+            _ if v.len() > 1 => {
+                let (a, b) = (rng.random_range(0..v.len()), rng.random_range(0..v.len()));
+                v.swap(a, b);
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+#[test]
+fn parsers_of_remote_input_never_panic() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x10_7a6e);
+    for round in 0..20_000 {
+        let sample = SAMPLES[round % SAMPLES.len()].as_bytes();
+        let input = mutate(&mut rng, sample);
+        let _ = request::parse(&input);
+        let text = String::from_utf8_lossy(&input);
+        let _ = Assertion::parse_all(&text);
+        let resp = snapd::RawResponse {
+            status: 200,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from(input.clone()),
+        };
+        if let Ok(env) = snapd::envelope("GET /v2/x", &resp) {
+            let _ = serde_json::from_value::<Vec<snapd::Change>>(env.result.clone());
+        }
+        let _ = snapd::parse_json_seq(&input);
+        if let Ok(r) = serde_json::from_slice::<iot_agent::identity::wire::EnrollResponse>(&input) {
+            if let Some(e) = r.enrollment {
+                let _ = iot_agent::identity::Credentials::from_enrollment(&e);
+            }
+        }
+    }
+}
