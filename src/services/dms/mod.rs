@@ -113,20 +113,29 @@ impl Dms {
                 mqtt: link.handle.clone(),
                 topic: outbox,
             };
-            tokio::spawn(periodic_heartbeat(
-                ctx.clone(),
-                link.handle.clone(),
-                health,
-                s.heartbeat,
-                token.clone(),
-            ));
-            tokio::spawn(periodic_metrics(
-                ctx.clone(),
-                link.handle.clone(),
-                metrics_topic,
-                s.metrics,
-                token.clone(),
-            ));
+            let (c, mqtt) = (ctx.clone(), link.handle.clone());
+            tokio::spawn(periodically(s.heartbeat, token.clone(), move || {
+                let (c, mqtt, topic) = (c.clone(), mqtt.clone(), health.clone());
+                async move {
+                    match heartbeat::heartbeat(&c).await {
+                        Ok(doc) => {
+                            let _ = mqtt
+                                .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
+                                .await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot build the heartbeat"),
+                    }
+                }
+            }));
+            let (device, mqtt) = (creds.device_id.clone(), link.handle.clone());
+            let mut prev = metrics::cpu_sample();
+            tokio::spawn(periodically(s.metrics, token.clone(), move || {
+                let text = metrics::lines(&device, &mut prev);
+                let (mqtt, topic) = (mqtt.clone(), metrics_topic.clone());
+                async move {
+                    let _ = mqtt.publish(&topic, QoS::AtMostOnce, text.into()).await;
+                }
+            }));
             let dedupe = Arc::new(Dedupe::default());
             loop {
                 let msg: MqttMessage = tokio::select! {
@@ -232,45 +241,17 @@ async fn handle(
     }
 }
 
-async fn periodic_heartbeat(
-    ctx: Arc<Ctx>,
-    mqtt: MqttHandle,
-    topic: Topic,
-    every: Duration,
-    token: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
+/// Runs `tick` now and then every `every`, until the session ends.
+async fn periodically<F, Fut>(every: Duration, token: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = interval.tick() => tick().await,
         }
-        match heartbeat::heartbeat(&ctx).await {
-            Ok(doc) => {
-                let _ = mqtt
-                    .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
-                    .await;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot build the heartbeat"),
-        }
-    }
-}
-
-async fn periodic_metrics(
-    ctx: Arc<Ctx>,
-    mqtt: MqttHandle,
-    topic: Topic,
-    every: Duration,
-    token: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    let mut prev = metrics::cpu_sample();
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let text = metrics::lines(&ctx.creds.device_id, &mut prev);
-        let _ = mqtt.publish(&topic, QoS::AtMostOnce, text.into()).await;
     }
 }
