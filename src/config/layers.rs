@@ -30,6 +30,8 @@ pub enum ConfigError {
         origin: Source,
         message: String,
     },
+    #[error("unknown configuration key \"{key}\" (from {origin}); run `iot-agent config` to list the known keys")]
+    Unknown { key: String, origin: Source },
     #[error("cannot read the configuration{}: {message}", from.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
     Unreadable {
         from: Option<Source>,
@@ -61,8 +63,12 @@ impl fmt::Display for Source {
 /// A configuration with the layers it was built from.
 pub struct Loaded {
     pub config: Config,
-    /// Problems worth a warning that do not stop the agent (unknown keys).
-    pub warnings: Vec<String>,
+    /// Keys that some source sets but the agent does not know, with their
+    /// source. The daemon only warns about them (a key written for a newer
+    /// version must not stop an older one); `config --strict`, which the
+    /// snap's configure hook runs, refuses them so a typo in `snap set` is
+    /// caught while the operator is still looking.
+    pub unknown: Vec<(String, Source)>,
     figment: Figment,
 }
 
@@ -92,10 +98,10 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
     let config: Config = values::with_dirs(dirs.data.path(), dirs.common.path(), || {
         figment.extract().map_err(|e| invalid(&figment, e))
     })?;
-    let warnings = unknown_keys(&figment)?;
+    let unknown = unknown_keys(&figment)?;
     Ok(Loaded {
         config,
-        warnings,
+        unknown,
         figment,
     })
 }
@@ -135,6 +141,42 @@ pub fn in_snap() -> bool {
 }
 
 impl Loaded {
+    /// Warnings that do not stop the agent: one per unknown key.
+    pub fn warnings(&self) -> Vec<String> {
+        self.unknown
+            .iter()
+            .map(|(key, source)| {
+                format!(
+                    "unknown configuration key \"{key}\" (from {source}) is ignored; \
+                     run `iot-agent config` to list the known keys"
+                )
+            })
+            .collect()
+    }
+
+    /// Refuses unknown keys (`config --strict`): the first one is the error.
+    pub fn deny_unknown(&self) -> Result<(), ConfigError> {
+        match self.unknown.first() {
+            Some((key, origin)) => Err(ConfigError::Unknown {
+                key: key.clone(),
+                origin: origin.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A stable hash (SHA-256, hex) of the effective configuration: every
+    /// value the agent reads, after layering and path expansion, and nothing
+    /// about where it came from. The configure hook compares it with the last
+    /// one to restart the daemon only when something it reads changed.
+    pub fn fingerprint(&self) -> String {
+        // serde_json writes struct fields in declaration order and maps
+        // sorted: the same configuration always gives the same bytes.
+        let bytes = serde_json::to_vec(&self.config).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Every key with its effective value and source, sorted by key.
     /// Secrets are replaced by a marker.
     pub fn effective(&self) -> Vec<Effective> {
@@ -216,10 +258,10 @@ fn invalid(figment: &Figment, err: figment::Error) -> ConfigError {
     }
 }
 
-fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
+fn unknown_keys(figment: &Figment) -> Result<Vec<(String, Source)>, ConfigError> {
     let known: BTreeSet<String> = leaf_keys(&Config::default());
     let data = figment.data().map_err(|e| invalid(figment, e))?;
-    let mut warnings = Vec::new();
+    let mut unknown = Vec::new();
     if let Some(dict) = data.get(&Profile::Default) {
         let mut seen = Vec::new();
         flatten_dict("", dict, &mut seen);
@@ -229,14 +271,11 @@ fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
                     .find_metadata(&key)
                     .map(|m| source_of(m, &key))
                     .unwrap_or(Source::Default);
-                warnings.push(format!(
-                    "unknown configuration key \"{key}\" (from {source}) is ignored; \
-                     run `iot-agent config` to list the known keys"
-                ));
+                unknown.push((key, source));
             }
         }
     }
-    Ok(warnings)
+    Ok(unknown)
 }
 
 /// The dotted keys of every leaf of a serializable value.
