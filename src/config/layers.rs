@@ -30,8 +30,14 @@ pub enum ConfigError {
         origin: Source,
         message: String,
     },
-    #[error("unknown configuration key \"{key}\" (from {origin}); run `iot-agent config` to list the known keys")]
-    Unknown { key: String, origin: Source },
+    #[error("unknown configuration key \"{key}\" (from {origin}); {hint}")]
+    Unknown {
+        key: String,
+        origin: Source,
+        /// The known keys of the same section, so a typo is easy to fix
+        /// (inside a snap there is no `iot-agent config` at hand).
+        hint: String,
+    },
     #[error("cannot read the configuration{}: {message}", from.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
     Unreadable {
         from: Option<Source>,
@@ -160,6 +166,7 @@ impl Loaded {
             Some((key, origin)) => Err(ConfigError::Unknown {
                 key: key.clone(),
                 origin: origin.clone(),
+                hint: known_near(key),
             }),
             None => Ok(()),
         }
@@ -293,6 +300,21 @@ pub fn top_level_keys() -> Vec<String> {
     match serde_json::to_value(Config::default()) {
         Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
         _ => Vec::new(),
+    }
+}
+
+/// The known keys in the top-level section of `key`, as a hint.
+fn known_near(key: &str) -> String {
+    let section = key.split('.').next().unwrap_or_default();
+    let prefix = format!("{section}.");
+    let near: Vec<String> = known_keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&prefix))
+        .collect();
+    if near.is_empty() {
+        "run `iot-agent config` to list the known keys".into()
+    } else {
+        format!("the known keys under \"{section}\" are {}", near.join(", "))
     }
 }
 

@@ -10,4 +10,11 @@ mod config_cli;
 mod harness;
 mod identity;
 mod readme;
+mod snap_hook;
+mod snap_pack;
 mod snapd_client;
+
+/// The snap-pack tool's code (layout, meta/snap.yaml, checks), shared with
+/// `scripts/snap-pack`.
+#[path = "../../tools/snap-pack/snap.rs"]
+mod snap_tool;
