@@ -40,6 +40,14 @@ enum Command {
         /// Only check the configuration: exit 0 when valid, 1 with the reason.
         #[arg(long)]
         check: bool,
+        /// Refuse unknown keys instead of warning about them (the snap's
+        /// configure hook uses this, so `snap set` with a typo fails).
+        #[arg(long)]
+        strict: bool,
+        /// Check, then print only a stable hash of the effective configuration
+        /// (it changes exactly when a value the agent reads changes).
+        #[arg(long, conflicts_with = "json")]
+        fingerprint: bool,
     },
     /// Enroll with the identity service once: exit 0 when enrolled, 1 with the reason.
     Enroll,
@@ -75,9 +83,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let warn = |w: &String| eprintln!("warning: {w}");
     match cli.command {
         Command::Version => unreachable!("handled above"),
-        Command::Config { json, check } => {
-            loaded.warnings.iter().for_each(warn);
-            if !check {
+        Command::Config {
+            json,
+            check,
+            strict,
+            fingerprint,
+        } => {
+            if strict {
+                loaded.deny_unknown()?;
+            }
+            loaded.warnings().iter().for_each(warn);
+            if fingerprint {
+                commands::write_stdout(&format!("{}\n", loaded.fingerprint()))?;
+            } else if !check {
                 commands::config::print(&loaded, json)?;
             }
             Ok(ExitCode::SUCCESS)
@@ -90,7 +108,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run => {
             iot_agent::logging::init(&loaded.config.log.level);
-            for w in &loaded.warnings {
+            for w in &loaded.warnings() {
                 tracing::warn!("{w}");
             }
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -30,6 +30,14 @@ pub enum ConfigError {
         origin: Source,
         message: String,
     },
+    #[error("unknown configuration key \"{key}\" (from {origin}); {hint}")]
+    Unknown {
+        key: String,
+        origin: Source,
+        /// The known keys of the same section, so a typo is easy to fix
+        /// (inside a snap there is no `iot-agent config` at hand).
+        hint: String,
+    },
     #[error("cannot read the configuration{}: {message}", from.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
     Unreadable {
         from: Option<Source>,
@@ -61,8 +69,12 @@ impl fmt::Display for Source {
 /// A configuration with the layers it was built from.
 pub struct Loaded {
     pub config: Config,
-    /// Problems worth a warning that do not stop the agent (unknown keys).
-    pub warnings: Vec<String>,
+    /// Keys that some source sets but the agent does not know, with their
+    /// source. The daemon only warns about them (a key written for a newer
+    /// version must not stop an older one); `config --strict`, which the
+    /// snap's configure hook runs, refuses them so a typo in `snap set` is
+    /// caught while the operator is still looking.
+    pub unknown: Vec<(String, Source)>,
     figment: Figment,
 }
 
@@ -92,10 +104,10 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
     let config: Config = values::with_dirs(dirs.data.path(), dirs.common.path(), || {
         figment.extract().map_err(|e| invalid(&figment, e))
     })?;
-    let warnings = unknown_keys(&figment)?;
+    let unknown = unknown_keys(&figment)?;
     Ok(Loaded {
         config,
-        warnings,
+        unknown,
         figment,
     })
 }
@@ -135,6 +147,43 @@ pub fn in_snap() -> bool {
 }
 
 impl Loaded {
+    /// Warnings that do not stop the agent: one per unknown key.
+    pub fn warnings(&self) -> Vec<String> {
+        self.unknown
+            .iter()
+            .map(|(key, source)| {
+                format!(
+                    "unknown configuration key \"{key}\" (from {source}) is ignored; \
+                     run `iot-agent config` to list the known keys"
+                )
+            })
+            .collect()
+    }
+
+    /// Refuses unknown keys (`config --strict`): the first one is the error.
+    pub fn deny_unknown(&self) -> Result<(), ConfigError> {
+        match self.unknown.first() {
+            Some((key, origin)) => Err(ConfigError::Unknown {
+                key: key.clone(),
+                origin: origin.clone(),
+                hint: known_near(key),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A stable hash (SHA-256, hex) of the effective configuration: every
+    /// value the agent reads, after layering and path expansion, and nothing
+    /// about where it came from. The configure hook compares it with the last
+    /// one to restart the daemon only when something it reads changed.
+    pub fn fingerprint(&self) -> String {
+        // serde_json writes struct fields in declaration order and maps
+        // sorted: the same configuration always gives the same bytes.
+        let bytes = serde_json::to_vec(&self.config).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Every key with its effective value and source, sorted by key.
     /// Secrets are replaced by a marker.
     pub fn effective(&self) -> Vec<Effective> {
@@ -216,10 +265,10 @@ fn invalid(figment: &Figment, err: figment::Error) -> ConfigError {
     }
 }
 
-fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
+fn unknown_keys(figment: &Figment) -> Result<Vec<(String, Source)>, ConfigError> {
     let known: BTreeSet<String> = leaf_keys(&Config::default());
     let data = figment.data().map_err(|e| invalid(figment, e))?;
-    let mut warnings = Vec::new();
+    let mut unknown = Vec::new();
     if let Some(dict) = data.get(&Profile::Default) {
         let mut seen = Vec::new();
         flatten_dict("", dict, &mut seen);
@@ -229,14 +278,11 @@ fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
                     .find_metadata(&key)
                     .map(|m| source_of(m, &key))
                     .unwrap_or(Source::Default);
-                warnings.push(format!(
-                    "unknown configuration key \"{key}\" (from {source}) is ignored; \
-                     run `iot-agent config` to list the known keys"
-                ));
+                unknown.push((key, source));
             }
         }
     }
-    Ok(warnings)
+    Ok(unknown)
 }
 
 /// The dotted keys of every leaf of a serializable value.
@@ -254,6 +300,21 @@ pub fn top_level_keys() -> Vec<String> {
     match serde_json::to_value(Config::default()) {
         Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
         _ => Vec::new(),
+    }
+}
+
+/// The known keys in the top-level section of `key`, as a hint.
+fn known_near(key: &str) -> String {
+    let section = key.split('.').next().unwrap_or_default();
+    let prefix = format!("{section}.");
+    let near: Vec<String> = known_keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&prefix))
+        .collect();
+    if near.is_empty() {
+        "run `iot-agent config` to list the known keys".into()
+    } else {
+        format!("the known keys under \"{section}\" are {}", near.join(", "))
     }
 }
 

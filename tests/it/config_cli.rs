@@ -255,6 +255,23 @@ fn bad_files_and_unknown_keys_are_reported_clearly() {
         err.contains("warning") && err.contains("snapd.sockett"),
         "{err}"
     );
+    // --strict (the snap's configure hook) refuses it, naming it.
+    let out = agent(&[
+        "config",
+        "--check",
+        "--strict",
+        "-c",
+        unknown.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unknown configuration key \"snapd.sockett\"")
+            && err.contains("snapd.socket, snapd.timeout"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -12,4 +12,11 @@ mod fuzz_smoke;
 mod harness;
 mod identity;
 mod readme;
+mod snap_hook;
+mod snap_pack;
 mod snapd_client;
+
+/// The snap-pack tool's code (layout, meta/snap.yaml, checks), shared with
+/// `scripts/snap-pack`.
+#[path = "../../tools/snap-pack/snap.rs"]
+mod snap_tool;
