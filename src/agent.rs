@@ -46,7 +46,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reload: reload.clone(),
     });
 
+    // The DMS's MQTT connection will own the sender; until it exists the
+    // status reads "not established".
+    let (_mqtt_status_tx, mqtt_status) = crate::bus::status::mqtt_status_channel();
+    let mirror = services::mirror::Mirror::new(
+        bus.clone(),
+        services::mirror::snapd_client(&config),
+        services::mirror::Settings::from_config(&config),
+        mqtt_status,
+    );
+
     let mut sup = Supervisor::new(Policy::default());
+    sup.add(Subsystem::new("snapd-mirror", move |t| {
+        mirror.clone().run(t)
+    }));
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));

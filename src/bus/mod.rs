@@ -5,8 +5,10 @@
 //! backed by the device-local NATS server; the DMS's MQTT connection joins
 //! it behind the same methods.
 
+pub mod status;
 pub mod topics;
 
+pub use status::{ConnectionStatus, StatusRx, StatusTx};
 pub use topics::Topic;
 
 use crate::backoff;

@@ -1,3 +1,4 @@
 //! One file per thing the agent answers or watches.
 
+pub mod mirror;
 pub mod snapd_health;
