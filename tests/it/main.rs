@@ -5,9 +5,11 @@
 mod common;
 
 mod agent_run;
+mod asyncapi;
 mod bus;
 mod config_cli;
 mod harness;
 mod identity;
+mod mirror;
 mod readme;
 mod snapd_client;

@@ -371,8 +371,11 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let mut refs: Vec<&str> = segs.iter().map(String::as_str).collect();
-            refs.push("get");
+            let refs: Vec<&str> = segs
+                .iter()
+                .map(String::as_str)
+                .chain(std::iter::once("get"))
+                .collect();
             if let Ok(r) = parse(&refs, b"") {
                 let p = r.request.path;
                 assert!(p.starts_with("/v2/"), "{p}");
