@@ -348,6 +348,47 @@ mod tests {
         }
     }
 
+    /// Corpus-style property test of the payload parser: mutations of valid
+    /// payloads and random bytes never panic and only ever fail with
+    /// `agent-bad-request`.
+    #[test]
+    fn arbitrary_payloads_never_panic() {
+        let corpus: [&[u8]; 5] = [
+            br#"{"query":{"a":"b","n":[1,true,"x"]},"body":{"action":"install"}}"#,
+            br#"{"assertion":"type: x\n\nsig","reply-to":"snapd/reply/t"}"#,
+            br#"{"body":null}"#,
+            b"",
+            br#"{"query":{}}"#,
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..20_000 {
+            let mut p = corpus[i % corpus.len()].to_vec();
+            for _ in 0..(next() % 4) {
+                let r = next() as usize;
+                match r % 3 {
+                    0 if !p.is_empty() => {
+                        let at = r / 3 % p.len();
+                        p[at] = (next() % 256) as u8;
+                    }
+                    1 if !p.is_empty() => {
+                        p.truncate(r / 3 % p.len());
+                    }
+                    _ => p.push((next() % 256) as u8),
+                }
+            }
+            if let Err(e) = parse(&["snaps", "post"], &p) {
+                assert_eq!(e.kind(), "agent-bad-request");
+            }
+            let _ = reply_to_of(&p);
+        }
+    }
+
     /// Property test over generated subjects: whatever the segments, the
     /// path stays under /v2, has exactly one `/` per segment and no query
     /// unless one was given.
