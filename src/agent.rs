@@ -2,7 +2,7 @@
 //! together under the supervisor. SIGTERM or SIGINT stops it; SIGHUP makes
 //! it reload its enrollment (after `iot-agent unregister` or `enroll`).
 
-use crate::bus::{Bus, ConnectionStatus};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
@@ -38,7 +38,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let reload = Arc::new(Notify::new());
     let store = Store::from_config(&config);
     let (creds_tx, creds_rx): (_, CredentialsRx) = watch::channel(None);
-    let (mqtt_status, _mqtt_status_rx) = watch::channel(ConnectionStatus::default());
     let enroller = Arc::new(Enroller {
         snapd: snapd.clone(),
         service: identity,
@@ -49,12 +48,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reload: reload.clone(),
     });
 
+    // The DMS session owns the sender; the mirror reports what it says.
+    let (mqtt_status_tx, mqtt_status) = crate::bus::status::mqtt_status_channel();
+    let mirror = services::mirror::Mirror::new(
+        bus.clone(),
+        services::mirror::snapd_client(&config),
+        services::mirror::Settings::from_config(&config),
+        mqtt_status,
+    );
+
     let mut sup = Supervisor::new(Policy::default());
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
             credentials: creds_rx,
-            status: mqtt_status,
+            status: mqtt_status_tx,
             store,
             reload: reload.clone(),
             settings: dms::Settings {
@@ -71,6 +79,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
+    sup.add(Subsystem::new("snapd-mirror", move |t| {
+        mirror.clone().run(t)
+    }));
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));
