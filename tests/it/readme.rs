@@ -2,7 +2,8 @@
 
 #[test]
 fn readme_documents_every_key_and_only_those() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     // The table under the header `| key | default | meaning |`, to its end.
     let documented: std::collections::BTreeSet<String> = readme
         .lines()
@@ -13,7 +14,11 @@ fn readme_documents_every_key_and_only_those() {
         .filter_map(|l| l.split_once('`'))
         .map(|(k, _)| k.to_string())
         .collect();
-    let known: std::collections::BTreeSet<String> =
-        iot_agent::config::layers::known_keys().into_iter().collect();
-    assert_eq!(documented, known, "README configuration table vs config keys");
+    let known: std::collections::BTreeSet<String> = iot_agent::config::layers::known_keys()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        documented, known,
+        "README configuration table vs config keys"
+    );
 }
