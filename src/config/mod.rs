@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
-pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl};
+pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl, StringList};
 
 /// The password that the reference agent shipped for the `snapd` NATS user.
 /// Anyone who has read its source knows it, so the agent warns when it is in use.
@@ -33,6 +33,7 @@ pub struct Config {
     pub log: LogConfig,
     pub dirs: Dirs,
     pub snaplogger: SnapLogger,
+    pub watchdog: Watchdog,
 }
 
 /// How the agent talks to the identity service at `url`.
@@ -173,6 +174,38 @@ impl Default for SnapLoggerStartup {
     }
 }
 
+/// The snap-change watchdog: reboots the device when a change is stuck.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Watchdog {
+    pub enabled: bool,
+    /// A change not ready this long after its spawn time is stuck.
+    pub threshold: Duration,
+    /// Change kinds that are never stuck (they legitimately retry forever).
+    pub ignore: StringList,
+    pub reboot: WatchdogReboot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct WatchdogReboot {
+    /// A shell command that reboots; empty means through snapd.
+    pub command: String,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog {
+            enabled: true,
+            threshold: Duration::from_secs(3600),
+            // `become-operational` retries the device registration for as
+            // long as there is no serial (no network, a classic machine).
+            ignore: StringList::new(&["become-operational"]),
+            reboot: WatchdogReboot::default(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -183,6 +216,7 @@ impl Default for Config {
             log: LogConfig::default(),
             dirs: Dirs::default(),
             snaplogger: SnapLogger::default(),
+            watchdog: Watchdog::default(),
         }
     }
 }
