@@ -152,6 +152,14 @@ impl History {
             }
             self.log(c, "snap change ready");
         }
+        if first {
+            tracing::info!(
+                snapd = snapshot.changes.len(),
+                new = applied.new.len(),
+                became_ready = applied.became_ready.len(),
+                "change history in step with snapd"
+            );
+        }
         if applied.pruned > 0 {
             tracing::debug!(
                 removed = applied.pruned,

@@ -252,7 +252,10 @@ mod tests {
         let t0 = times::parse_ns(T0).unwrap();
         let sec = 1_000_000_000i64;
         let done = change("1", "Done", true, T0);
-        assert_eq!(next_wait(&[done.clone()], every, t0, false), every);
+        assert_eq!(
+            next_wait(std::slice::from_ref(&done), every, t0, false),
+            every
+        );
         let busy = change("2", "Doing", false, T0);
         let w = |age_s: i64| {
             next_wait(
@@ -268,7 +271,7 @@ mod tests {
         // Never slower than the configured interval.
         assert_eq!(
             next_wait(
-                &[busy.clone()],
+                std::slice::from_ref(&busy),
                 Duration::from_millis(500),
                 t0 + 100 * sec,
                 false

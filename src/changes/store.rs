@@ -245,7 +245,7 @@ impl Store {
                     .statuses
                     .iter()
                     .any(|f| f.eq_ignore_ascii_case(&s.status));
-            let kind_ok = filter.kinds.is_empty() || filter.kinds.iter().any(|k| *k == s.kind);
+            let kind_ok = filter.kinds.is_empty() || filter.kinds.contains(&s.kind);
             if status_ok && kind_ok {
                 out.push(s);
             }

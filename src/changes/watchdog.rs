@@ -58,6 +58,8 @@ struct State {
     told: HashSet<String>,
     /// This process asked for a reboot: the device is going down.
     rebooting: bool,
+    /// The database fault was logged (once, not on every look).
+    db_warned: bool,
 }
 
 /// Why a change is stuck.
@@ -101,7 +103,7 @@ impl Watchdog {
             threshold = %humantime::format_duration(self.threshold),
             ignore = ?self.ignore,
             reboot = %match &self.reboot { Reboot::Snapd => "through snapd".to_string(), Reboot::Command(c) => format!("command {c:?}") },
-            "snap change watchdog on"
+            "change watchdog on"
         );
         loop {
             let snapshot = rx.borrow_and_update().clone();
@@ -127,7 +129,7 @@ impl Watchdog {
         snapshot
             .changes
             .iter()
-            .filter(|c| !c.ready && !self.ignore.iter().any(|k| *k == c.kind))
+            .filter(|c| !c.ready && !self.ignore.contains(&c.kind))
             .filter_map(|c| Some((c, times::parse_ns(&c.spawn_time)?)))
     }
 
@@ -242,10 +244,15 @@ impl Watchdog {
         }
         if st.store.is_none() {
             match Store::open(&self.db_path) {
-                Ok(s) => st.store = Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "watchdog: cannot open the history database; relying on the report files to remember reboots")
+                Ok(s) => {
+                    st.store = Some(s);
+                    st.db_warned = false;
                 }
+                Err(e) if !st.db_warned => {
+                    st.db_warned = true;
+                    tracing::warn!(error = %e, "watchdog: cannot open the history database; relying on the report files to remember reboots");
+                }
+                Err(_) => {}
             }
         }
         let in_db = match st.store.as_ref().map(|s| s.rebooted_for(id)) {
@@ -253,6 +260,7 @@ impl Watchdog {
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "watchdog: cannot read the history database; relying on the report files");
                 st.store = None;
+                st.db_warned = true;
                 false
             }
             None => false,

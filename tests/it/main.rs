@@ -6,6 +6,7 @@ mod common;
 
 mod agent_run;
 mod bus;
+mod changes;
 mod config_cli;
 mod harness;
 mod identity;
