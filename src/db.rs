@@ -13,7 +13,7 @@
 //! do: a corrupt file, a file locked by someone else, a read-only or full
 //! disk each get their own advice.
 
-use rusqlite::{ffi, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -209,13 +209,6 @@ pub fn migrate(conn: &Connection, path: &Path, migrations: &[Migration]) -> Resu
         tracing::info!(database = %path.display(), migration = m.name, version = m.version, "database schema upgraded");
     }
     Ok(())
-}
-
-/// True when the error is SQLite's "no such table/column": an old schema
-/// read by a newer reader.
-pub fn is_schema_mismatch(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, Some(msg))
-        if f.extended_code == ffi::SQLITE_ERROR && (msg.contains("no such table") || msg.contains("no such column")))
 }
 
 #[cfg(test)]

@@ -55,4 +55,39 @@ mod tests {
         assert!(parse_ns("").is_none());
         assert!(parse_ns("0001-01-01T00:00:00Z").is_none());
     }
+
+    /// Corpus and random mutations of snapd timestamps (remote input):
+    /// never a panic, and whatever parses formats back to the same instant.
+    #[test]
+    fn mutated_timestamps_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let corpus = [
+            "2026-11-21T05:33:55.867330386Z",
+            "2026-11-21T07:33:55+02:00",
+            "1970-01-01T00:00:00Z",
+            "2262-04-11T23:47:16.854775807Z",
+            "9999-12-31T23:59:59.999999999-23:59",
+        ];
+        let bytes = b"0123456789-:.TZz+ \xff";
+        for _ in 0..20_000 {
+            let mut s = corpus[rng.random_range(0..corpus.len())]
+                .as_bytes()
+                .to_vec();
+            for _ in 0..rng.random_range(0..4) {
+                let i = rng.random_range(0..=s.len());
+                match rng.random_range(0..3) {
+                    0 if i < s.len() => s[i] = bytes[rng.random_range(0..bytes.len())],
+                    1 if i < s.len() => {
+                        s.remove(i);
+                    }
+                    _ => s.insert(i, bytes[rng.random_range(0..bytes.len())]),
+                }
+            }
+            let text = String::from_utf8_lossy(&s);
+            if let Some(ns) = parse_ns(&text) {
+                assert_eq!(parse_ns(&format_ns(ns)), Some(ns), "{text}");
+            }
+        }
+    }
 }

@@ -421,6 +421,29 @@ mod tests {
         );
     }
 
+    /// Property test over random ids (remote input: snapd's change ids):
+    /// the report always lands directly inside the data directory.
+    #[test]
+    fn any_change_id_names_a_file_inside_the_directory() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet: Vec<char> = "0123456789abc./\\-_ \0\n%\u{e9}\u{202e}".chars().collect();
+        let dir = Path::new("/data");
+        for _ in 0..5000 {
+            let len = rng.random_range(0..24);
+            let id: String = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            let p = report_path(dir, &id);
+            assert_eq!(p.parent(), Some(dir), "{id:?} -> {p:?}");
+            let name = p.file_name().unwrap().to_str().unwrap();
+            assert!(
+                name.starts_with("snap_changes_") && name.ends_with(".json"),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn report_names_stay_inside_the_directory() {
         let dir = Path::new("/data");

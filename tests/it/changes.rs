@@ -641,3 +641,52 @@ fn watchdog_ignore_is_a_list_from_toml_env_or_comma_separated_text() {
         serde_json::json!(["a", "b"])
     );
 }
+
+/// The default reboot goes to snapd (`POST /v2/systems {"action":"reboot"}`):
+/// checked against the double only, which counts reboots and does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_watchdog_asks_snapd_to_reboot() {
+    let d = SnapdDouble::start().await;
+    let stuck = d.add_change(
+        "install-snap",
+        "Install \"x\" snap",
+        "Doing",
+        &ago(Duration::from_secs(7200)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = iot_agent::config::Config::default();
+    config.dirs.data = iot_agent::config::ExpandPath::new(&dir.path().display().to_string());
+    config.snaplogger.database.location =
+        iot_agent::config::ExpandPath::new(&dir.path().join("changes.db").display().to_string());
+    assert!(config.watchdog.reboot.command.is_empty());
+    let snapd = iot_agent::snapd::Client::new(d.socket(), Duration::from_secs(5));
+    let poller = std::sync::Arc::new(iot_agent::changes::Poller::new(
+        snapd.clone(),
+        Duration::from_secs(3600),
+    ));
+    let watchdog = std::sync::Arc::new(iot_agent::changes::Watchdog::from_config(&config, snapd));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let p = poller.clone();
+    let t = stop.clone();
+    let polling = tokio::spawn(async move { p.run(t).await });
+    let watching = tokio::spawn(watchdog.clone().run(poller.subscribe(), stop.clone()));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while d.reboots() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no reboot asked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(dir
+        .path()
+        .join(format!("snap_changes_{stuck}.json"))
+        .exists());
+    stop.cancel();
+    polling.await.unwrap().unwrap();
+    watching.await.unwrap().unwrap();
+    assert_eq!(d.reboots(), 1);
+    // Remembered in the database too.
+    assert!(Store::open(&dir.path().join("changes.db"))
+        .unwrap()
+        .rebooted_for(&stuck)
+        .unwrap());
+}
