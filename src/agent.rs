@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
 use crate::supervisor::{Policy, Subsystem, Supervisor};
-use crate::{control, services, snapd};
+use crate::{changes, control, services, snapd};
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -82,6 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
+    add_change_subsystems(&mut sup, &config, &snapd);
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));
@@ -102,6 +103,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     control::remove_pid(config.data_dir());
     tracing::info!("iot-agent stopped");
     Ok(())
+}
+
+/// The change poller, the history fed by it, and the watchdog when enabled.
+fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client) {
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
+    let history = Arc::new(changes::History::from_config(config));
+    let rx = poller.subscribe();
+    sup.add(Subsystem::new("change-history", move |t| {
+        history.clone().run(rx.clone(), t)
+    }));
+    if config.watchdog.enabled {
+        let watchdog = Arc::new(changes::Watchdog::from_config(config, snapd.clone()));
+        let rx = poller.subscribe();
+        sup.add(Subsystem::new("watchdog", move |t| {
+            watchdog.clone().run(rx.clone(), t)
+        }));
+    } else {
+        tracing::info!("snap change watchdog off (watchdog.enabled=false)");
+    }
+    sup.add(Subsystem::new("change-poller", move |t| {
+        let p = poller.clone();
+        async move { p.run(t).await }
+    }));
 }
 
 /// Creates the data and common directories (0700 for data: it holds

@@ -59,8 +59,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the snap change history the agent keeps (oldest first), or show one change.
+    /// Reads the database read-only: works while the daemon runs.
+    Changes {
+        #[command(subcommand)]
+        show: Option<ChangesCommand>,
+        /// Print JSON: the changes as snapd rendered them, tasks included.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Only changes with this status (Done, Error, Doing...); repeat or comma-separate.
+        #[arg(long, value_name = "STATUS")]
+        status: Vec<String>,
+        /// Only changes of this kind (install-snap, refresh-snap...); repeat or comma-separate.
+        #[arg(long, value_name = "KIND")]
+        kind: Vec<String>,
+        /// Only changes spawned since then: a duration back from now (2h, 3d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+    },
     /// Print the agent's version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum ChangesCommand {
+    /// One change with its tasks (and the logs of its tasks).
+    Show {
+        /// The change id.
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +131,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unregister => commands::unregister::run(&loaded.config),
         Command::Status { json } => {
             commands::status::run(&loaded.config, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Changes {
+            show,
+            json,
+            status,
+            kind,
+            since,
+        } => {
+            match show {
+                Some(ChangesCommand::Show { id }) => {
+                    commands::changes::show(&loaded.config, &id, json)?
+                }
+                None => {
+                    let filter = iot_agent::changes::store::Filter {
+                        statuses: commands::changes::split_list(&status),
+                        kinds: commands::changes::split_list(&kind),
+                        since_ns: since
+                            .as_deref()
+                            .map(commands::changes::parse_since)
+                            .transpose()?,
+                    };
+                    commands::changes::list(&loaded.config, &filter, json)?
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {

@@ -1,6 +1,7 @@
 //! The one-shot subcommands of `iot-agent` (the daemon is [`crate::agent`]).
 //! Each returns the process exit code; errors are printed by `main`.
 
+pub mod changes;
 pub mod config;
 pub mod enroll;
 pub mod status;

@@ -61,7 +61,13 @@ impl AgentProcess {
     /// Waits for the next log line containing `text` (bounded, so a broken
     /// agent fails the test instead of hanging it).
     pub fn wait_for(&mut self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_for_within(text, Duration::from_secs(60))
+    }
+
+    /// [`AgentProcess::wait_for`] with another bound, for events that take
+    /// long by nature (a real snapd giving up on its dead store).
+    pub fn wait_for_within(&mut self, text: &str, bound: Duration) -> String {
+        let deadline = Instant::now() + bound;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {

@@ -7,6 +7,7 @@ mod common;
 mod agent_run;
 mod asyncapi;
 mod bus;
+mod changes;
 mod config_cli;
 mod dms;
 mod fuzz_smoke;
