@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
 use crate::supervisor::{Policy, Subsystem, Supervisor};
-use crate::{control, services, snapd};
+use crate::{changes, control, services, snapd};
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let mut sup = Supervisor::new(Policy::default());
+<<<<<<< HEAD
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
@@ -71,6 +72,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
+=======
+    add_change_subsystems(&mut sup, &config, &snapd);
+>>>>>>> d9541db
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));
@@ -91,6 +95,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     control::remove_pid(config.data_dir());
     tracing::info!("iot-agent stopped");
     Ok(())
+}
+
+/// The change poller, the history fed by it, and the watchdog when enabled.
+fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client) {
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
+    let history = Arc::new(changes::History::from_config(config));
+    let rx = poller.subscribe();
+    sup.add(Subsystem::new("change-history", move |t| {
+        history.clone().run(rx.clone(), t)
+    }));
+    if config.watchdog.enabled {
+        let watchdog = Arc::new(changes::Watchdog::from_config(config, snapd.clone()));
+        let rx = poller.subscribe();
+        sup.add(Subsystem::new("watchdog", move |t| {
+            watchdog.clone().run(rx.clone(), t)
+        }));
+    } else {
+        tracing::info!("snap change watchdog off (watchdog.enabled=false)");
+    }
+    sup.add(Subsystem::new("change-poller", move |t| {
+        let p = poller.clone();
+        async move { p.run(t).await }
+    }));
 }
 
 /// Creates the data and common directories (0700 for data: it holds

@@ -7,14 +7,18 @@
 //! - [`bus`]: broker connections and the topic vocabulary;
 //! - [`supervisor`]: runs subsystems, restarts them, stops them on signal;
 //! - [`services`]: what the agent answers and watches;
+//! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
+//! - [`db`]: SQLite databases and their schema migrations;
 //! - [`agent`]: the `run` command that wires it all together.
 
 pub mod agent;
 pub mod backoff;
 pub mod bus;
+pub mod changes;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod db;
 pub mod errors;
 pub mod fsutil;
 pub mod identity;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
-pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl};
+pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl, StringList};
 
 /// The password that the reference agent shipped for the `snapd` NATS user.
 /// Anyone who has read its source knows it, so the agent warns when it is in use.
@@ -34,6 +34,7 @@ pub struct Config {
     pub dirs: Dirs,
     pub snaplogger: SnapLogger,
     pub dms: DmsConfig,
+    pub watchdog: Watchdog,
 }
 
 /// How the agent talks to the identity service at `url`.
@@ -244,6 +245,38 @@ impl Default for SnapLoggerStartup {
     }
 }
 
+/// The snap-change watchdog: reboots the device when a change is stuck.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Watchdog {
+    pub enabled: bool,
+    /// A change not ready this long after its spawn time is stuck.
+    pub threshold: Duration,
+    /// Change kinds that are never stuck (they legitimately retry forever).
+    pub ignore: StringList,
+    pub reboot: WatchdogReboot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct WatchdogReboot {
+    /// A shell command that reboots; empty means through snapd.
+    pub command: String,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog {
+            enabled: true,
+            threshold: Duration::from_secs(3600),
+            // `become-operational` retries the device registration for as
+            // long as there is no serial (no network, a classic machine).
+            ignore: StringList::new(&["become-operational"]),
+            reboot: WatchdogReboot::default(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -255,6 +288,7 @@ impl Default for Config {
             dirs: Dirs::default(),
             snaplogger: SnapLogger::default(),
             dms: DmsConfig::default(),
+            watchdog: Watchdog::default(),
         }
     }
 }

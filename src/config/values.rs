@@ -85,6 +85,61 @@ impl<'de> Deserialize<'de> for LogLevel {
     }
 }
 
+/// A list of words: a TOML/JSON array, or one comma-separated string (what
+/// an environment variable or a plain `snap set key=a,b` gives).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StringList(Vec<String>);
+
+impl StringList {
+    pub fn new(items: &[&str]) -> Self {
+        StringList(items.iter().map(|s| s.to_string()).collect())
+    }
+    pub fn items(&self) -> &[String] {
+        &self.0
+    }
+    pub fn contains(&self, item: &str) -> bool {
+        self.0.iter().any(|s| s == item)
+    }
+}
+
+impl Serialize for StringList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = StringList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of words, or one comma-separated string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringList, E> {
+                Ok(StringList(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                ))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<StringList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    let item = item.trim();
+                    if !item.is_empty() {
+                        out.push(item.to_string());
+                    }
+                }
+                Ok(StringList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// An `http://` or `https://` base URL (the identity service).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceUrl(String);
@@ -354,6 +409,17 @@ mod tests {
         );
         assert!(de::<ServiceUrl>(serde_json::json!("ftp://x")).is_err());
         assert!(de::<ServiceUrl>(serde_json::json!("not a url")).is_err());
+    }
+
+    #[test]
+    fn string_lists_come_as_arrays_or_comma_separated_text() {
+        let l: StringList = de(serde_json::json!(["a", " b "])).unwrap();
+        assert_eq!(l.items(), ["a", "b"]);
+        let l: StringList = de(serde_json::json!("a, b,,c")).unwrap();
+        assert_eq!(l.items(), ["a", "b", "c"]);
+        let l: StringList = de(serde_json::json!("")).unwrap();
+        assert!(l.items().is_empty());
+        assert!(de::<StringList>(serde_json::json!([1])).is_err());
     }
 
     #[test]

@@ -1,0 +1,20 @@
+//! snapd's changes: read once by the [`poller`], stored and logged by the
+//! [`history`] (snaplogger), watched by the [`watchdog`] that reboots a
+//! device whose change is stuck.
+//!
+//! ```text
+//! snapd --GET /v2/changes--> Poller --watch<Snapshot>--> History  -> SQLite (store)
+//!        (/v2/notices wakes it)    |                 \-> Watchdog -> report + reboot
+//!                                  \--broadcast<ChangeEvent>--> mirror (NATS)
+//! ```
+
+pub mod history;
+pub mod poller;
+pub mod store;
+pub mod times;
+pub mod watchdog;
+
+pub use history::History;
+pub use poller::{ChangeEvent, Poller, Snapshot, SnapshotRx};
+pub use store::Store;
+pub use watchdog::Watchdog;
