@@ -50,7 +50,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let mut sup = Supervisor::new(Policy::default());
-<<<<<<< HEAD
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
@@ -72,9 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-=======
     add_change_subsystems(&mut sup, &config, &snapd);
->>>>>>> d9541db
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));
