@@ -1,4 +1,5 @@
 //! One file per thing the agent answers or watches.
 
 pub mod dms;
+pub mod required;
 pub mod snapd_health;

@@ -12,6 +12,7 @@ mod fuzz_smoke;
 mod harness;
 mod identity;
 mod readme;
+mod required;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;
