@@ -2,7 +2,7 @@
 //! together under the supervisor. SIGTERM or SIGINT stops it; SIGHUP makes
 //! it reload its enrollment (after `iot-agent unregister` or `enroll`).
 
-use crate::bus::{Bus, ConnectionStatus};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
@@ -39,7 +39,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let reload = Arc::new(Notify::new());
     let store = Store::from_config(&config);
     let (creds_tx, creds_rx): (_, CredentialsRx) = watch::channel(None);
-    let (mqtt_status, _mqtt_status_rx) = watch::channel(ConnectionStatus::default());
     let enroller = Arc::new(Enroller {
         snapd: snapd.clone(),
         service: identity,
@@ -50,6 +49,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reload: reload.clone(),
     });
 
+    // The DMS session owns the sender; the mirror reports what it says.
+    let (mqtt_status_tx, mqtt_status) = crate::bus::status::mqtt_status_channel();
+    let mirror = services::mirror::Mirror::new(
+        bus.clone(),
+        services::mirror::snapd_client(&config),
+        services::mirror::Settings::from_config(&config),
+        mqtt_status,
+    );
+
     let mut sup = Supervisor::new(Policy::default());
     let required = add_required(&mut sup, &config, &snapd, &bus);
     if config.dms.enabled {
@@ -57,7 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             snapd: snapd.clone(),
             required,
             credentials: creds_rx,
-            status: mqtt_status,
+            status: mqtt_status_tx,
             store,
             reload: reload.clone(),
             settings: dms::Settings {
@@ -75,6 +83,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }));
     }
     add_change_subsystems(&mut sup, &config, &snapd);
+    sup.add(Subsystem::new("snapd-mirror", move |t| {
+        mirror.clone().run(t)
+    }));
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));

@@ -9,7 +9,7 @@ pub mod mqtt;
 pub mod status;
 pub mod topics;
 
-pub use status::ConnectionStatus;
+pub use status::{ConnectionStatus, StatusRx, StatusTx};
 pub use topics::Topic;
 
 use crate::backoff;

@@ -1,40 +1,48 @@
-//! The DMS connection state, shared with whoever reports it (the
-//! `iot.agent.mqtt.connection.status` subject, `iot-agent status`).
+//! The state of the DMS's MQTT connection, shared between the side that
+//! owns the connection (it sends) and the services that report it (the
+//! `iot.agent.mqtt.connection.status` subject reads).
+//!
+//! A `watch` channel rather than a shared lock: readers always see the
+//! latest value without waiting on the writer, and the writer never learns
+//! (or cares) how many readers there are.
 
-use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-/// The reference agent's shape: `{"connected":bool,"errorInfo":{"message":".."}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What is known about a connection right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionStatus {
     pub connected: bool,
-    #[serde(rename = "errorInfo")]
-    pub error_info: ErrorInfo,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct ErrorInfo {
-    pub message: String,
+    /// Why it is not connected (the last error), when known.
+    pub error: Option<String>,
 }
 
 impl ConnectionStatus {
     pub fn connected() -> Self {
         ConnectionStatus {
             connected: true,
-            error_info: ErrorInfo::default(),
+            error: None,
         }
     }
-    pub fn disconnected(why: &str) -> Self {
+
+    pub fn disconnected(why: impl Into<String>) -> Self {
         ConnectionStatus {
             connected: false,
-            error_info: ErrorInfo {
-                message: why.to_string(),
-            },
+            error: Some(why.into()),
         }
+    }
+
+    /// The state before anything tried to connect.
+    pub fn not_established() -> Self {
+        Self::disconnected("the DMS MQTT connection is not established")
     }
 }
 
-impl Default for ConnectionStatus {
-    fn default() -> Self {
-        Self::disconnected("the DMS connection is not established (the device is not enrolled yet)")
-    }
+/// The sending half, held by whoever owns the MQTT connection.
+pub type StatusTx = watch::Sender<ConnectionStatus>;
+/// The reading half, cloned into every service that reports the state.
+pub type StatusRx = watch::Receiver<ConnectionStatus>;
+
+/// A new channel in the [`ConnectionStatus::not_established`] state.
+pub fn mqtt_status_channel() -> (StatusTx, StatusRx) {
+    watch::channel(ConnectionStatus::not_established())
 }

@@ -128,15 +128,22 @@ pub fn dms_metrics(org_id: &str) -> Result<Topic, BadSegment> {
     Topic::fixed("metrics").join(&[org_id])
 }
 
+/// Root of the per-serial action trees.
+pub const SERIAL_ACTIONS: &str = "devices/actions";
+
 /// The per-serial action tree `devices/actions/{sanitized serial}`.
 pub fn serial_actions(serial: &str) -> Result<Topic, BadSegment> {
-    Topic::fixed("devices/actions").join(&[&sanitize_serial(serial)])
+    Topic::fixed(SERIAL_ACTIONS).join(&[&sanitize_serial(serial)])
 }
 
 /// Root of the generic snapd mirror: `snapd/v2/{path..}/{method}`.
 pub const SNAPD_MIRROR: &str = "snapd/v2";
 /// Change progress events: `snapd/events/changes/{id}`.
 pub const SNAPD_CHANGE_EVENTS: &str = "snapd/events/changes";
+/// Answers to mirror requests that arrived without a NATS reply subject
+/// (MQTT clients): `snapd/reply/{token}`, named by the request's `reply-to`.
+/// Inside `snapd/#`, so only users allowed there can read them.
+pub const SNAPD_REPLY: &str = "snapd/reply";
 /// The reference agent's subjects, kept for existing clients.
 pub const COMPAT_SNAPS_GET: &str = "v1/snapd/v2/snaps/get";
 pub const COMPAT_APPS_POST: &str = "v1/snapd/v2/apps/post";
@@ -145,6 +152,21 @@ pub const COMPAT_ASSERTIONS_GET: &str = "v1/snapd/v2/assertions/get";
 pub const COMPAT_SNAPS_PREFIX: &str = "v1/snapd/v2/snaps";
 /// MQTT connection state of the DMS channel.
 pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
+/// The NATS micro-service protocol's discovery subjects, answered by
+/// async-nats's service API (each also with `.{name}` and `.{name}.{id}`).
+pub const SERVICE_PING: &str = "$SRV/PING";
+pub const SERVICE_INFO: &str = "$SRV/INFO";
+pub const SERVICE_STATS: &str = "$SRV/STATS";
+
+/// `snapd/events/changes/{id}`.
+pub fn change_events(change_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed(SNAPD_CHANGE_EVENTS).join(&[change_id])
+}
+
+/// `snapd/reply/{token}`.
+pub fn snapd_reply(token: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed(SNAPD_REPLY).join(&[token])
+}
 
 #[cfg(test)]
 mod tests {

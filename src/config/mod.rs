@@ -90,6 +90,12 @@ pub struct NatsConfig {
     /// Device-local NATS server(s), comma separated.
     pub url: NatsUrl,
     pub snapd: NatsCredentials,
+    /// Refuse every mirrored snapd request but GET (`agent-read-only`).
+    pub readonly: bool,
+    /// Bound on one mirrored snapd request: the requester gets an
+    /// `agent-timeout` answer after it, so it must stay below the request
+    /// timeout of the NATS clients (commonly 5 to 10 s).
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -364,6 +370,8 @@ impl Default for NatsConfig {
         NatsConfig {
             url: NatsUrl::new("nats://127.0.0.1:4222"),
             snapd: NatsCredentials::default(),
+            readonly: false,
+            timeout: Duration::from_secs(4),
         }
     }
 }

@@ -214,6 +214,11 @@ pub struct NatsConfig {
     /// layer keeps its sessions in JetStream and needs a `server_name`).
     pub mqtt: bool,
     pub jetstream: bool,
+    /// A complete configuration file (e.g. the shipped example) to start
+    /// from: it is copied into the server's dir and included first; the
+    /// harness then overrides `server_name`, `listen`, the JetStream store
+    /// and the MQTT port, keeping its users and permissions.
+    pub include: Option<PathBuf>,
 }
 
 /// A `nats-server` child process with its own config, ports and JetStream
@@ -246,7 +251,9 @@ impl NatsServer {
             name: format!("test-{}-{n}", std::process::id()),
             port: 0,
             mqtt_port: None,
-            jetstream: cfg.jetstream || cfg.mqtt,
+            // An included file may enable them with its own ports and paths:
+            // always override those.
+            jetstream: cfg.jetstream || cfg.mqtt || cfg.include.is_some(),
             conf: dir.path().join("nats.conf"),
             log: dir.path().join("nats.log"),
             child: None,
@@ -254,7 +261,7 @@ impl NatsServer {
         };
         for attempt in 1..=PORT_ATTEMPTS {
             server.port = free_port();
-            server.mqtt_port = cfg.mqtt.then(free_port);
+            server.mqtt_port = (cfg.mqtt || cfg.include.is_some()).then(free_port);
             let text = server.render_config(&cfg);
             fs::write(&server.conf, text).expect("cannot write nats.conf");
             match server.spawn_and_wait(attempt) {
@@ -289,6 +296,12 @@ impl NatsServer {
 
     fn render_config(&self, cfg: &NatsConfig) -> String {
         let mut c = String::from("# Written by tests/common/servers.rs for one test.\n");
+        if let Some(base) = &cfg.include {
+            let copy = self.dir.path().join("base.conf");
+            fs::copy(base, &copy).unwrap_or_else(|e| panic!("cannot copy {}: {e}", base.display()));
+            // Later keys override the included ones.
+            c += "include \"base.conf\"\n";
+        }
         c += &format!("server_name: {}\n", quote(&self.name));
         c += &format!("listen: {}\n", quote(&format!("127.0.0.1:{}", self.port)));
         if self.jetstream {

@@ -13,6 +13,7 @@ fn nats_config(url: &str, password: &str) -> config::NatsConfig {
             password: password.into(),
             ..Default::default()
         },
+        ..Default::default()
     }
 }
 

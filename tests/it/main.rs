@@ -5,12 +5,14 @@
 mod common;
 
 mod agent_run;
+mod asyncapi;
 mod bus;
 mod config_cli;
 mod dms;
 mod fuzz_smoke;
 mod harness;
 mod identity;
+mod mirror;
 mod readme;
 mod required;
 mod snap_hook;

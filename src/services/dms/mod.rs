@@ -123,7 +123,11 @@ impl Dms {
             }
             let mut link = mqtt::connect(&creds, subscriptions, status, token.clone())?;
             if let (Some(r), Some(_)) = (&required, &serial_base) {
-                tokio::spawn(forward_results(r.clone(), link.handle.clone(), token.clone()));
+                tokio::spawn(forward_results(
+                    r.clone(),
+                    link.handle.clone(),
+                    token.clone(),
+                ));
             }
             let out = Outbox {
                 mqtt: link.handle.clone(),

@@ -30,6 +30,15 @@ pub const REQUIRED_INSTALL: &str = "required-install";
 /// Results go to `{request topic}/result`; messages there are ours.
 pub const RESULT: &str = "result";
 
+/// The NATS subjects of this tree, as the AsyncAPI document names them.
+pub fn documented_addresses() -> Vec<String> {
+    let base = format!("{}.{{serial}}", Topic::fixed(topics::SERIAL_ACTIONS).nats());
+    vec![
+        format!("{base}.{REQUIRED_INSTALL}"),
+        format!("{base}.{REQUIRED_INSTALL}.{RESULT}"),
+    ]
+}
+
 /// Settings (`required.*`).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -128,7 +137,10 @@ impl Required {
                 tracing::error!(id = %req.id, error = %e, "cannot queue a required-install");
                 Some((
                     result_topic(topic),
-                    failure(&req.id, &format!("the device cannot store the request: {e}")),
+                    failure(
+                        &req.id,
+                        &format!("the device cannot store the request: {e}"),
+                    ),
                 ))
             }
         }
@@ -166,7 +178,10 @@ impl Required {
         };
         let mut pending_left = false;
         for row in p.snaps.iter_mut() {
-            if matches!(row.status.as_str(), "installed" | "already-installed" | "switched") {
+            if matches!(
+                row.status.as_str(),
+                "installed" | "already-installed" | "switched"
+            ) {
                 continue;
             }
             self.ensure(&p.id, row, installed.get(&row.name)).await?;
@@ -215,12 +230,22 @@ impl Required {
     }
 
     /// Brings one snap to its required state and records every step.
-    async fn ensure(&self, req: &str, row: &mut SnapRow, installed: Option<&snapd::Snap>) -> RunResult {
+    async fn ensure(
+        &self,
+        req: &str,
+        row: &mut SnapRow,
+        installed: Option<&snapd::Snap>,
+    ) -> RunResult {
         // A change started before a restart: see it through first.
         if let Some(change) = row.change.clone().filter(|_| row.status == "pending") {
             match self.wait(&change).await {
                 Ok(()) => {
-                    row.status = if installed.is_some() { "switched" } else { "installed" }.into();
+                    row.status = if installed.is_some() {
+                        "switched"
+                    } else {
+                        "installed"
+                    }
+                    .into();
                     row.error = None;
                     return Ok(self.store.set_snap(req, row)?);
                 }
@@ -239,7 +264,10 @@ impl Required {
         };
         let started = self
             .snapd
-            .snap_action(&name, &SnapAction::new(action).channel(Some(row.channel.clone())))
+            .snap_action(
+                &name,
+                &SnapAction::new(action).channel(Some(row.channel.clone())),
+            )
             .await;
         let change = match started {
             Ok(c) => c,
@@ -254,7 +282,12 @@ impl Required {
         self.store.set_snap(req, row)?;
         match self.wait(&change).await {
             Ok(()) => {
-                row.status = if action == "switch" { "switched" } else { "installed" }.into();
+                row.status = if action == "switch" {
+                    "switched"
+                } else {
+                    "installed"
+                }
+                .into();
                 row.error = None;
             }
             Err(e) => {
@@ -274,11 +307,16 @@ impl Required {
                 return if ch.status == Status::Done {
                     Ok(())
                 } else {
-                    Err(ch.err.unwrap_or_else(|| format!("change {id} ended {:?}", ch.status)))
+                    Err(ch
+                        .err
+                        .unwrap_or_else(|| format!("change {id} ended {:?}", ch.status)))
                 };
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!("change {id} still {:?} after the timeout", ch.status));
+                return Err(format!(
+                    "change {id} still {:?} after the timeout",
+                    ch.status
+                ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -287,7 +325,11 @@ impl Required {
 
 /// The channel a snap tracks, in `track/risk` form.
 fn tracking(s: &snapd::Snap) -> String {
-    let t = if s.tracking_channel.is_empty() { &s.channel } else { &s.tracking_channel };
+    let t = if s.tracking_channel.is_empty() {
+        &s.channel
+    } else {
+        &s.tracking_channel
+    };
     if t.contains('/') {
         t.clone()
     } else {
@@ -306,7 +348,12 @@ pub async fn serve_nats(
     let serial = wait_for_serial(&snapd, &shutdown).await;
     let Some(serial) = serial else { return Ok(()) };
     let base = topics::serial_actions(&serial)?;
-    let mut sub = bus.subscribe(&Topic::fixed(&format!("{}/#", base.mqtt()))).await?;
+    let mut sub = bus
+        .subscribe(&Topic::fixed(&format!("{}/#", base.mqtt())))
+        .await?;
+    // The subscription is in force once the server answered the flush:
+    // only then is "serving" true (core NATS keeps nothing for latecomers).
+    bus.flush().await?;
     tracing::info!(subject = %base.nats(), "serving per-serial actions on NATS");
     let mut results = required.results();
     loop {

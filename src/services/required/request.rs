@@ -35,7 +35,10 @@ pub fn parse(payload: &[u8]) -> Result<RequiredInstall, Refusal> {
         message: m,
     };
     if payload.len() > MAX_PAYLOAD {
-        return Err(refuse("", format!("payload larger than {MAX_PAYLOAD} bytes")));
+        return Err(refuse(
+            "",
+            format!("payload larger than {MAX_PAYLOAD} bytes"),
+        ));
     }
     let v: Value = serde_json::from_slice(payload)
         .map_err(|e| refuse("", format!("payload is not valid JSON: {e}")))?;
@@ -54,7 +57,10 @@ pub fn parse(payload: &[u8]) -> Result<RequiredInstall, Refusal> {
         }
     };
     if list.is_empty() || list.len() > MAX_SNAPS {
-        return Err(refuse(&id, format!("\"snaps\" must list 1 to {MAX_SNAPS} snaps")));
+        return Err(refuse(
+            &id,
+            format!("\"snaps\" must list 1 to {MAX_SNAPS} snaps"),
+        ));
     }
     let mut snaps: Vec<RequiredSnap> = Vec::with_capacity(list.len());
     for s in list {
@@ -66,7 +72,8 @@ pub fn parse(payload: &[u8]) -> Result<RequiredInstall, Refusal> {
                 Some(_) => Err(refuse(&id, format!("snap field \"{k}\" must be a string"))),
             }
         };
-        let name = text("name")?.ok_or_else(|| refuse(&id, "every snap needs a \"name\"".into()))?;
+        let name =
+            text("name")?.ok_or_else(|| refuse(&id, "every snap needs a \"name\"".into()))?;
         let name = SnapName::parse(&name).map_err(|e| refuse(&id, e.to_string()))?;
         let channel = channel(text("track")?, text("channel")?).map_err(|m| refuse(&id, m))?;
         if snaps.iter().any(|r| r.name == name) {
@@ -82,7 +89,8 @@ fn channel(track: Option<String>, channel: Option<String>) -> Result<String, Str
     let ok = |s: &str| {
         !s.is_empty()
             && s.len() <= 128
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
             && !s.contains("//")
             && !s.starts_with('/')
             && !s.ends_with('/')
@@ -99,7 +107,9 @@ fn channel(track: Option<String>, channel: Option<String>) -> Result<String, Str
     if ok(&full) && full.split('/').count() <= 3 {
         Ok(full)
     } else {
-        Err(format!("channel {full:?} is not a valid track/risk channel"))
+        Err(format!(
+            "channel {full:?} is not a valid track/risk channel"
+        ))
     }
 }
 
@@ -127,15 +137,40 @@ mod tests {
             (br#"{"snaps":[]}"#, "", "\"id\""),
             (br#"{"id":"x"}"#, "x", "\"snaps\""),
             (br#"{"id":"x","snaps":[]}"#, "x", "1 to"),
-            (br#"{"id":"x","snaps":[{"channel":"edge"}]}"#, "x", "\"name\""),
-            (br#"{"id":"x","snaps":[{"name":"../etc"}]}"#, "x", "snap name"),
-            (br#"{"id":"x","snaps":[{"name":"a","channel":"x y"}]}"#, "x", "channel"),
-            (br#"{"id":"x","snaps":[{"name":"a","channel":5}]}"#, "x", "must be a string"),
-            (br#"{"id":"x","snaps":[{"name":"a"},{"name":"a"}]}"#, "x", "twice"),
+            (
+                br#"{"id":"x","snaps":[{"channel":"edge"}]}"#,
+                "x",
+                "\"name\"",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"../etc"}]}"#,
+                "x",
+                "snap name",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"a","channel":"x y"}]}"#,
+                "x",
+                "channel",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"a","channel":5}]}"#,
+                "x",
+                "must be a string",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"a"},{"name":"a"}]}"#,
+                "x",
+                "twice",
+            ),
         ] {
             let r = parse(p).unwrap_err();
             assert_eq!(r.id, id, "{}", String::from_utf8_lossy(p));
-            assert!(r.message.contains(m), "{} -> {}", String::from_utf8_lossy(p), r.message);
+            assert!(
+                r.message.contains(m),
+                "{} -> {}",
+                String::from_utf8_lossy(p),
+                r.message
+            );
         }
     }
 }

@@ -1,0 +1,128 @@
+//! Change events: after the mirror starts a change (an async answer with a
+//! `change` id), follow that change and publish it on
+//! `snapd.events.changes.{id}` each time its status moves, so the client
+//! that started an install can watch it instead of polling.
+//!
+//! Deliberately small and on its own: when the shared change poller
+//! exists, [`Follower::follow`] becomes a subscription to it and nothing
+//! else in the mirror changes.
+
+use crate::bus::{topics, Bus};
+use crate::snapd::{self, Status};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// How often and for how long a change is followed, and how many at once.
+#[derive(Debug, Clone)]
+pub struct FollowPolicy {
+    /// Delay between two looks at the change.
+    pub interval: Duration,
+    /// A change still not ready after this is no longer followed (snapd
+    /// itself may keep it for hours: `become-operational` on an unregistered
+    /// device).
+    pub max_age: Duration,
+    /// Changes followed at once; beyond it new changes are not followed
+    /// (logged), so a burst of requests cannot pile up pollers.
+    pub max_followed: usize,
+}
+
+impl Default for FollowPolicy {
+    fn default() -> Self {
+        FollowPolicy {
+            interval: Duration::from_millis(500),
+            max_age: Duration::from_secs(3600),
+            max_followed: 32,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Follower {
+    bus: Bus,
+    snapd: snapd::Client,
+    policy: FollowPolicy,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl Follower {
+    pub fn new(
+        bus: Bus,
+        snapd: snapd::Client,
+        policy: FollowPolicy,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(policy.max_followed));
+        Follower {
+            bus,
+            snapd,
+            policy,
+            slots,
+            shutdown,
+        }
+    }
+
+    /// Starts following change `id` in the background.
+    pub fn follow(&self, id: &str) {
+        let Ok(topic) = topics::change_events(id) else {
+            tracing::debug!(change = id, "change id unusable as a subject; not followed");
+            return;
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                change = id,
+                max = self.policy.max_followed,
+                "too many changes followed at once; no events for this one"
+            );
+            return;
+        };
+        let me = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = me.shutdown.cancelled() => {}
+                _ = me.run(&id, &topic) => {}
+            }
+        });
+    }
+
+    async fn run(&self, id: &str, topic: &topics::Topic) {
+        let started = Instant::now();
+        let mut last: Option<(Status, bool)> = None;
+        while started.elapsed() < self.policy.max_age {
+            // First wait, then look: the requester subscribes to the events
+            // after it got the change id, so the first event must not race it.
+            tokio::time::sleep(self.policy.interval).await;
+            match self.snapd.change(id).await {
+                Ok(change) => {
+                    let now = (change.status, change.ready);
+                    if last != Some(now) {
+                        last = Some(now);
+                        let payload = serde_json::to_vec(&change).unwrap_or_default();
+                        if let Err(e) = self.bus.publish(topic, payload.into()).await {
+                            tracing::debug!(change = id, error = %e, "cannot publish change event");
+                        }
+                    }
+                    if change.ready {
+                        return;
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(change = id, error = %e, "cannot look at change; trying again");
+                }
+                Err(e) => {
+                    tracing::debug!(change = id, error = %e, "change no longer followed");
+                    return;
+                }
+            }
+        }
+        tracing::info!(
+            change = id,
+            "change still not ready after {}; no more events for it",
+            humantime::format_duration(self.policy.max_age)
+        );
+    }
+}
