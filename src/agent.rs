@@ -6,6 +6,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
+use crate::services::required::{self, store::Store as RequiredStore, Required};
 use crate::supervisor::{Policy, Subsystem, Supervisor};
 use crate::{changes, control, services, snapd};
 use std::sync::Arc;
@@ -58,9 +59,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut sup = Supervisor::new(Policy::default());
+    let required = add_required(&mut sup, &config, &snapd, &bus);
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
+            required,
             credentials: creds_rx,
             status: mqtt_status_tx,
             store,
@@ -79,10 +82,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
+    add_change_subsystems(&mut sup, &config, &snapd);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
-    add_change_subsystems(&mut sup, &config, &snapd);
     sup.add(Subsystem::new("snapd-health", move |t| {
         services::snapd_health::run(snapd.clone(), t)
     }));
@@ -103,6 +106,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     control::remove_pid(config.data_dir());
     tracing::info!("iot-agent stopped");
     Ok(())
+}
+
+/// The per-serial action tree: its queue worker and its NATS side (the DMS
+/// session serves the MQTT side with the returned handler).
+fn add_required(
+    sup: &mut Supervisor,
+    config: &Config,
+    snapd: &snapd::Client,
+    bus: &Bus,
+) -> Option<Arc<Required>> {
+    if !config.required.enabled {
+        return None;
+    }
+    let path = config.required.database.location.path();
+    let store = match RequiredStore::open(path) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "per-serial actions are off: their queue cannot be opened");
+            return None;
+        }
+    };
+    let required = Required::new(
+        snapd.clone(),
+        store,
+        required::Settings {
+            switch_channel: config.required.switch,
+            attempts: config.required.attempts.max(1),
+            retry_max: config.required.retry.max.get(),
+            change_timeout: config.dms.change.timeout.get(),
+        },
+    );
+    let worker = required.clone();
+    sup.add(Subsystem::new("required-install", move |t| {
+        worker.clone().run_worker(t)
+    }));
+    let (r, b, s) = (required.clone(), bus.clone(), snapd.clone());
+    sup.add(Subsystem::new("per-serial-nats", move |t| {
+        required::serve_nats(r.clone(), b.clone(), s.clone(), t)
+    }));
+    Some(required)
 }
 
 /// The change poller, the history fed by it, and the watchdog when enabled.

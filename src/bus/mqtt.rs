@@ -31,11 +31,13 @@ pub enum MqttError {
     Publish { topic: String, detail: String },
 }
 
-/// A message received from the broker.
+/// A message received from the broker. QoS 1 messages are acknowledged
+/// only by [`MqttHandle::ack`], once their receiver has made them safe.
 #[derive(Debug, Clone)]
 pub struct MqttMessage {
     pub topic: Topic,
     pub payload: Bytes,
+    publish: rumqttc::Publish,
 }
 
 /// Publishing side of the connection; cheap to clone.
@@ -77,6 +79,13 @@ impl Inflight {
 }
 
 impl MqttHandle {
+    /// Acknowledges a received message to the broker (PUBACK for QoS 1).
+    pub async fn ack(&self, msg: &MqttMessage) {
+        if let Err(e) = self.client.ack(&msg.publish).await {
+            tracing::warn!(topic = %msg.topic, error = %e, "cannot acknowledge an MQTT message");
+        }
+    }
+
     pub async fn publish(&self, topic: &Topic, qos: QoS, payload: Bytes) -> Result<(), MqttError> {
         self.client
             .publish_bytes(topic.mqtt(), qos, false, payload)
@@ -161,6 +170,8 @@ pub fn connect(
     // A persistent session: the broker keeps QoS 1 actions sent while the
     // device was offline.
     .set_clean_session(false)
+    // Receivers acknowledge what they have made safe (persisted, answered).
+    .set_manual_acks(true)
     .set_max_packet_size(1024 * 1024, 1024 * 1024);
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (tx, messages) = mpsc::channel(256);
@@ -218,7 +229,8 @@ async fn drive(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let msg = MqttMessage {
                     topic: Topic::fixed(&p.topic),
-                    payload: p.payload,
+                    payload: p.payload.clone(),
+                    publish: p,
                 };
                 if tx.send(msg).await.is_err() {
                     break;

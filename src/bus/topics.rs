@@ -128,9 +128,12 @@ pub fn dms_metrics(org_id: &str) -> Result<Topic, BadSegment> {
     Topic::fixed("metrics").join(&[org_id])
 }
 
+/// Root of the per-serial action trees.
+pub const SERIAL_ACTIONS: &str = "devices/actions";
+
 /// The per-serial action tree `devices/actions/{sanitized serial}`.
 pub fn serial_actions(serial: &str) -> Result<Topic, BadSegment> {
-    Topic::fixed("devices/actions").join(&[&sanitize_serial(serial)])
+    Topic::fixed(SERIAL_ACTIONS).join(&[&sanitize_serial(serial)])
 }
 
 /// Root of the generic snapd mirror: `snapd/v2/{path..}/{method}`.

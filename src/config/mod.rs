@@ -34,6 +34,7 @@ pub struct Config {
     pub dirs: Dirs,
     pub snaplogger: SnapLogger,
     pub dms: DmsConfig,
+    pub required: RequiredConfig,
     pub watchdog: Watchdog,
 }
 
@@ -120,6 +121,61 @@ pub struct LogConfig {
 pub struct Dirs {
     pub data: ExpandPath,
     pub common: ExpandPath,
+}
+
+/// Per-serial action topics (`devices/actions/{serial}/...`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RequiredConfig {
+    pub enabled: bool,
+    /// Switch a required snap that is installed but tracks another channel.
+    pub switch: bool,
+    pub database: Location,
+    /// Attempts before a required-install is reported as failed.
+    pub attempts: u32,
+    pub retry: RetryCap,
+}
+
+/// `*.location` of a file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Location {
+    pub location: ExpandPath,
+}
+
+impl Default for Location {
+    fn default() -> Self {
+        Location {
+            location: ExpandPath::new("$SNAP_DATA/required.db"),
+        }
+    }
+}
+
+/// `*.retry.max`: the longest wait between attempts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryCap {
+    pub max: Duration,
+}
+
+impl Default for RetryCap {
+    fn default() -> Self {
+        RetryCap {
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for RequiredConfig {
+    fn default() -> Self {
+        RequiredConfig {
+            enabled: true,
+            switch: true,
+            database: Location::default(),
+            attempts: 10,
+            retry: RetryCap::default(),
+        }
+    }
 }
 
 /// The DMS management channel (MQTT with the enrollment's credentials).
@@ -294,6 +350,7 @@ impl Default for Config {
             dirs: Dirs::default(),
             snaplogger: SnapLogger::default(),
             dms: DmsConfig::default(),
+            required: RequiredConfig::default(),
             watchdog: Watchdog::default(),
         }
     }

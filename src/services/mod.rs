@@ -2,4 +2,5 @@
 
 pub mod dms;
 pub mod mirror;
+pub mod required;
 pub mod snapd_health;

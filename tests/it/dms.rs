@@ -63,10 +63,16 @@ impl DmsClient {
                 }
             }
         });
-        for t in ["devices/pub/#", "devices/health/#", "metrics/#"] {
+        let topics = [
+            "devices/pub/#",
+            "devices/health/#",
+            "metrics/#",
+            "devices/actions/#",
+        ];
+        for t in topics {
             client.subscribe(t, QoS::AtLeastOnce).await.unwrap();
         }
-        for _ in 0..3 {
+        for _ in topics {
             tokio::time::timeout(Duration::from_secs(20), ready_rx.recv())
                 .await
                 .unwrap();
@@ -566,4 +572,35 @@ async fn a_broker_restart_restores_the_subscription() {
     let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
     let v = dms.call("after-restart", "device", "", "").await;
     assert_eq!(v["success"], true, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_serial_actions_arrive_on_the_dms_connection_too() {
+    let s = setup(&[]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    // The serial `A1B2-c3d4/5`, sanitized.
+    let base = "devices/actions/A1B2-c3d45";
+    let req = json!({"id": "rq", "snaps": {"name": "other", "channel": "candidate"}});
+    dms.client
+        .publish(
+            format!("{base}/required-install"),
+            QoS::AtLeastOnce,
+            false,
+            req.to_string(),
+        )
+        .await
+        .unwrap();
+    let raw = dms
+        .wait(&format!("{base}/required-install/result"), |_| true)
+        .await;
+    let v: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["success"].as_bool()),
+        (Some("rq"), Some(true)),
+        "{v}"
+    );
+    assert_eq!(
+        s.snapd.snap("other").unwrap()["channel"],
+        "latest/candidate"
+    );
 }

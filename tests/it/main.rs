@@ -15,6 +15,7 @@ mod harness;
 mod identity;
 mod mirror;
 mod readme;
+mod required;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;

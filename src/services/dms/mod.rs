@@ -17,6 +17,7 @@ pub mod upload;
 use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
 use crate::bus::{topics, ConnectionStatus, Topic};
 use crate::identity::{Credentials, CredentialsRx, Store};
+use crate::services::required::Required;
 use crate::snapd;
 use crate::supervisor::RunResult;
 use actions::{Ctx, Next};
@@ -44,6 +45,8 @@ pub struct Settings {
 
 pub struct Dms {
     pub snapd: snapd::Client,
+    /// The per-serial action tree, served on this connection too.
+    pub required: Option<Arc<Required>>,
     pub credentials: CredentialsRx,
     pub status: watch::Sender<ConnectionStatus>,
     pub store: Store,
@@ -94,6 +97,7 @@ impl Dms {
         let store = self.store.clone();
         let reload = self.reload.clone();
         let s = self.settings.clone();
+        let required = self.required.clone();
         async move {
             let inbox = topics::dms_actions(&creds.device_id)?;
             let outbox = topics::dms_responses(&creds.device_id)?;
@@ -108,7 +112,23 @@ impl Dms {
                 change_timeout: s.change_timeout,
                 scratch_dir: s.scratch_dir.clone(),
             });
-            let mut link = mqtt::connect(&creds, vec![inbox], status, token.clone())?;
+            // The per-serial tree, when the enrollment names the serial.
+            let serial_base = match (&required, creds.device.serial.as_str()) {
+                (Some(_), serial) if !serial.is_empty() => topics::serial_actions(serial).ok(),
+                _ => None,
+            };
+            let mut subscriptions = vec![inbox];
+            if let Some(base) = &serial_base {
+                subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
+            }
+            let mut link = mqtt::connect(&creds, subscriptions, status, token.clone())?;
+            if let (Some(r), Some(_)) = (&required, &serial_base) {
+                tokio::spawn(forward_results(
+                    r.clone(),
+                    link.handle.clone(),
+                    token.clone(),
+                ));
+            }
             let out = Outbox {
                 mqtt: link.handle.clone(),
                 topic: outbox,
@@ -145,6 +165,18 @@ impl Dms {
                         None => return Ok(()),
                     },
                 };
+                if let (Some(r), Some(base)) = (&required, &serial_base) {
+                    if msg.topic.strip_prefix(base).is_some() {
+                        // Stored (or refused) before the broker hears PUBACK.
+                        if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload) {
+                            let _ = link.handle.publish(&topic, QoS::AtLeastOnce, payload).await;
+                        }
+                        link.handle.ack(&msg).await;
+                        continue;
+                    }
+                }
+                // Actions are remembered by id from here on (dedupe).
+                link.handle.ack(&msg).await;
                 let (ctx, out, dedupe) = (ctx.clone(), out.clone(), dedupe.clone());
                 let (store, reload) = (store.clone(), reload.clone());
                 tokio::spawn(async move {
@@ -237,6 +269,23 @@ async fn handle(
                 Err(e) => tracing::error!(error = %e, "cannot delete the credentials"),
             }
             reload.notify_one();
+        }
+    }
+}
+
+/// Publishes the per-serial results on the DMS connection.
+async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: CancellationToken) {
+    let mut results = required.results();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            r = results.recv() => match r {
+                Ok((topic, payload)) => {
+                    let _ = mqtt.publish(&topic, QoS::AtLeastOnce, payload).await;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            },
         }
     }
 }

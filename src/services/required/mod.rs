@@ -1,0 +1,407 @@
+//! Per-serial action topics: `devices/actions/{sanitized serial}/#`.
+//!
+//! One handler serves the tree from both transports: the DMS broker (MQTT)
+//! and the device-local NATS (`devices.actions.{serial}.>`, also what MQTT
+//! clients of a nats-server with its MQTT listener reach). Today the tree
+//! has one action, `required-install`: the listed snaps must be installed
+//! (idempotently, on the channel given). A request is stored in SQLite
+//! before it is acknowledged; a worker installs what is missing, retries
+//! failures with back-off, and publishes the outcome on
+//! `.../required-install/result` on every transport the agent has.
+
+pub mod request;
+pub mod store;
+
+use crate::backoff;
+use crate::bus::{topics, Bus, Topic};
+use crate::snapd::{self, SnapAction, SnapName, Status};
+use crate::supervisor::RunResult;
+use bytes::Bytes;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use store::{Added, Pending, SnapRow, Store};
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// The one action of the tree today.
+pub const REQUIRED_INSTALL: &str = "required-install";
+/// Results go to `{request topic}/result`; messages there are ours.
+pub const RESULT: &str = "result";
+
+/// The NATS subjects of this tree, as the AsyncAPI document names them.
+pub fn documented_addresses() -> Vec<String> {
+    let base = format!("{}.{{serial}}", Topic::fixed(topics::SERIAL_ACTIONS).nats());
+    vec![
+        format!("{base}.{REQUIRED_INSTALL}"),
+        format!("{base}.{REQUIRED_INSTALL}.{RESULT}"),
+    ]
+}
+
+/// Settings (`required.*`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Switch a required snap that tracks another channel.
+    pub switch_channel: bool,
+    /// Attempts before a request is reported as failed.
+    pub attempts: u32,
+    /// Longest wait between attempts.
+    pub retry_max: Duration,
+    /// Longest wait for one install.
+    pub change_timeout: Duration,
+}
+
+pub struct Required {
+    snapd: snapd::Client,
+    store: Store,
+    settings: Settings,
+    wake: Notify,
+    results: broadcast::Sender<(Topic, Bytes)>,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn result_topic(request_topic: &Topic) -> Topic {
+    Topic::fixed(&format!("{}/{RESULT}", request_topic.mqtt()))
+}
+
+fn failure(id: &str, message: &str) -> Bytes {
+    Bytes::from(json!({"id": id, "success": false, "message": message, "snaps": []}).to_string())
+}
+
+impl Required {
+    pub fn new(snapd: snapd::Client, store: Store, settings: Settings) -> Arc<Required> {
+        let (results, _) = broadcast::channel(64);
+        Arc::new(Required {
+            snapd,
+            store,
+            settings,
+            wake: Notify::new(),
+            results,
+        })
+    }
+
+    /// Results to publish, for a transport to forward.
+    pub fn results(&self) -> broadcast::Receiver<(Topic, Bytes)> {
+        self.results.subscribe()
+    }
+
+    /// Takes a message under `base` (the serial's tree). Returns a message
+    /// to publish at once (a refusal, or a finished request's result again);
+    /// `None` when the request was queued (or the message was a result).
+    /// When this returns, a queued request is on disk: acknowledge then.
+    pub fn receive(&self, base: &Topic, topic: &Topic, payload: &[u8]) -> Option<(Topic, Bytes)> {
+        let sub = topic.strip_prefix(base)?;
+        if sub.last() == Some(&RESULT) || sub.is_empty() {
+            return None;
+        }
+        if sub != [REQUIRED_INSTALL] {
+            let id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            let msg = format!(
+                "unknown action topic {:?}; this device knows {REQUIRED_INSTALL}",
+                sub.join("/")
+            );
+            tracing::warn!(%topic, "{msg}");
+            return Some((result_topic(topic), failure(&id, &msg)));
+        }
+        let req = match request::parse(payload) {
+            Ok(r) => r,
+            Err(refusal) => {
+                tracing::warn!(%topic, id = %refusal.id, "refused a required-install: {}", refusal.message);
+                return Some((result_topic(topic), failure(&refusal.id, &refusal.message)));
+            }
+        };
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        match self.store.add(&req, topic.mqtt(), &now) {
+            Ok(Added::New) => {
+                let names: Vec<&str> = req.snaps.iter().map(|s| s.name.as_str()).collect();
+                tracing::info!(id = %req.id, snaps = ?names, "required-install queued");
+                self.wake.notify_one();
+                None
+            }
+            Ok(Added::Pending) => {
+                tracing::info!(id = %req.id, "required-install already queued");
+                None
+            }
+            Ok(Added::Done(result)) => Some((result_topic(topic), Bytes::from(result))),
+            Err(e) => {
+                tracing::error!(id = %req.id, error = %e, "cannot queue a required-install");
+                Some((
+                    result_topic(topic),
+                    failure(
+                        &req.id,
+                        &format!("the device cannot store the request: {e}"),
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Works through the queue until shutdown.
+    pub async fn run_worker(self: Arc<Self>, shutdown: CancellationToken) -> RunResult {
+        loop {
+            let due = self.store.due(unix_now())?;
+            for p in due {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                self.process(p).await?;
+            }
+            let wait = match self.store.next_due()? {
+                Some(at) => Duration::from_secs((at - unix_now()).clamp(0, 3600) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
+            }
+        }
+    }
+
+    async fn process(&self, mut p: Pending) -> RunResult {
+        let installed: HashMap<String, snapd::Snap> = match self.snapd.snaps().await {
+            Ok(list) => list.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            Err(e) => {
+                tracing::warn!(id = %p.id, error = %e, "cannot list snaps; retrying the required-install later");
+                return self.later(&p, &e.to_string());
+            }
+        };
+        let mut pending_left = false;
+        for row in p.snaps.iter_mut() {
+            if matches!(
+                row.status.as_str(),
+                "installed" | "already-installed" | "switched"
+            ) {
+                continue;
+            }
+            self.ensure(&p.id, row, installed.get(&row.name)).await?;
+            pending_left |= row.status == "failed";
+        }
+        if pending_left && p.attempts + 1 < self.settings.attempts {
+            let why = p
+                .snaps
+                .iter()
+                .filter_map(|s| s.error.clone())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return self.later(&p, &why);
+        }
+        let success = !pending_left;
+        let message = if success {
+            String::new()
+        } else {
+            p.snaps
+                .iter()
+                .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.name)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let result = json!({
+            "id": p.id,
+            "success": success,
+            "message": message,
+            "snaps": p.snaps.iter().map(|s| json!({"name": s.name, "status": s.status, "change": s.change})).collect::<Vec<_>>(),
+        })
+        .to_string();
+        self.store.finish(&p.id, &result)?;
+        tracing::info!(id = %p.id, success, "required-install done");
+        let _ = self
+            .results
+            .send((result_topic(&Topic::fixed(&p.topic)), Bytes::from(result)));
+        Ok(())
+    }
+
+    fn later(&self, p: &Pending, why: &str) -> RunResult {
+        let delay = backoff::delay(Duration::from_secs(5), self.settings.retry_max, p.attempts);
+        tracing::warn!(id = %p.id, attempt = p.attempts + 1, retry_in = ?delay, "required-install not complete ({why}); retrying");
+        self.store
+            .retry_later(&p.id, p.attempts + 1, unix_now() + delay.as_secs() as i64)?;
+        Ok(())
+    }
+
+    /// Brings one snap to its required state and records every step.
+    async fn ensure(
+        &self,
+        req: &str,
+        row: &mut SnapRow,
+        installed: Option<&snapd::Snap>,
+    ) -> RunResult {
+        // A change started before a restart: see it through first.
+        if let Some(change) = row.change.clone().filter(|_| row.status == "pending") {
+            match self.wait(&change).await {
+                Ok(()) => {
+                    row.status = if installed.is_some() {
+                        "switched"
+                    } else {
+                        "installed"
+                    }
+                    .into();
+                    row.error = None;
+                    return Ok(self.store.set_snap(req, row)?);
+                }
+                Err(e) => row.error = Some(e),
+            }
+        }
+        let name = SnapName::parse(&row.name)?;
+        let action = match installed {
+            Some(s) if !self.settings.switch_channel || tracking(s) == row.channel => {
+                row.status = "already-installed".into();
+                row.error = None;
+                return Ok(self.store.set_snap(req, row)?);
+            }
+            Some(_) => "switch",
+            None => "install",
+        };
+        let started = self
+            .snapd
+            .snap_action(
+                &name,
+                &SnapAction::new(action).channel(Some(row.channel.clone())),
+            )
+            .await;
+        let change = match started {
+            Ok(c) => c,
+            Err(e) => {
+                row.status = "failed".into();
+                row.error = Some(e.to_string());
+                return Ok(self.store.set_snap(req, row)?);
+            }
+        };
+        row.change = Some(change.clone());
+        row.status = "pending".into();
+        self.store.set_snap(req, row)?;
+        match self.wait(&change).await {
+            Ok(()) => {
+                row.status = if action == "switch" {
+                    "switched"
+                } else {
+                    "installed"
+                }
+                .into();
+                row.error = None;
+            }
+            Err(e) => {
+                row.status = "failed".into();
+                row.error = Some(e);
+            }
+        }
+        Ok(self.store.set_snap(req, row)?)
+    }
+
+    /// Waits for a change to be ready; Ok when it is Done.
+    async fn wait(&self, id: &str) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.settings.change_timeout;
+        loop {
+            let ch = self.snapd.change(id).await.map_err(|e| e.to_string())?;
+            if ch.ready {
+                return if ch.status == Status::Done {
+                    Ok(())
+                } else {
+                    Err(ch
+                        .err
+                        .unwrap_or_else(|| format!("change {id} ended {:?}", ch.status)))
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "change {id} still {:?} after the timeout",
+                    ch.status
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The channel a snap tracks, in `track/risk` form.
+fn tracking(s: &snapd::Snap) -> String {
+    let t = if s.tracking_channel.is_empty() {
+        &s.channel
+    } else {
+        &s.tracking_channel
+    };
+    if t.contains('/') {
+        t.clone()
+    } else {
+        format!("latest/{t}")
+    }
+}
+
+/// Serves the tree on the device-local NATS: subscribes once the device has
+/// a serial, answers refusals at once, and forwards the worker's results.
+pub async fn serve_nats(
+    required: Arc<Required>,
+    bus: Bus,
+    snapd: snapd::Client,
+    shutdown: CancellationToken,
+) -> RunResult {
+    let serial = wait_for_serial(&snapd, &shutdown).await;
+    let Some(serial) = serial else { return Ok(()) };
+    let base = topics::serial_actions(&serial)?;
+    let mut sub = bus
+        .subscribe(&Topic::fixed(&format!("{}/#", base.mqtt())))
+        .await?;
+    // The subscription is in force once the server answered the flush:
+    // only then is "serving" true (core NATS keeps nothing for latecomers).
+    bus.flush().await?;
+    tracing::info!(subject = %base.nats(), "serving per-serial actions on NATS");
+    let mut results = required.results();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = results.recv() => match r {
+                Ok((topic, payload)) => bus.publish(&topic, payload).await?,
+                Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(n, "per-serial results dropped for NATS"),
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            m = sub.next() => {
+                let Some(m) = m else { anyhow::bail!("the NATS subscription ended") };
+                let immediate = required.receive(&base, &m.topic, &m.payload);
+                if let Some((topic, payload)) = &immediate {
+                    bus.publish(topic, payload.clone()).await?;
+                }
+                if m.wants_reply() {
+                    let ack = immediate.map(|(_, p)| p).unwrap_or_else(|| Bytes::from_static(br#"{"accepted":true}"#));
+                    let _ = bus.reply(&m, ack).await;
+                }
+            }
+        }
+    }
+}
+
+/// The device's serial from snapd, waiting (logged once) while it has none.
+async fn wait_for_serial(snapd: &snapd::Client, shutdown: &CancellationToken) -> Option<String> {
+    let mut logged = false;
+    let mut backoff = backoff::Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+    loop {
+        match snapd.serial().await {
+            Ok(Some(text)) => {
+                if let Some(s) = snapd::Assertion::parse(&text)
+                    .ok()
+                    .and_then(|a| a.header("serial").map(str::to_string))
+                {
+                    return Some(s);
+                }
+            }
+            Ok(None) | Err(_) if !logged => {
+                tracing::info!("the device has no serial yet: per-serial actions wait for it");
+                logged = true;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The `required-install` payload:
+//! `{"id":"..","snaps":[{"name":"x","channel":"stable","track":"latest"}]}`,
+//! where `snaps` may also be one object. Names are checked by snapd's rules
+//! and channels by their shape, so nothing odd reaches snapd.
+
+use crate::snapd::SnapName;
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequiredInstall {
+    pub id: String,
+    pub snaps: Vec<RequiredSnap>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequiredSnap {
+    pub name: SnapName,
+    /// `track/risk` (`latest/stable` when neither is given).
+    pub channel: String,
+}
+
+/// A refusal: the id when it could be read, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub id: String,
+    pub message: String,
+}
+
+const MAX_PAYLOAD: usize = 64 * 1024;
+const MAX_SNAPS: usize = 256;
+
+pub fn parse(payload: &[u8]) -> Result<RequiredInstall, Refusal> {
+    let refuse = |id: &str, m: String| Refusal {
+        id: id.to_string(),
+        message: m,
+    };
+    if payload.len() > MAX_PAYLOAD {
+        return Err(refuse(
+            "",
+            format!("payload larger than {MAX_PAYLOAD} bytes"),
+        ));
+    }
+    let v: Value = serde_json::from_slice(payload)
+        .map_err(|e| refuse("", format!("payload is not valid JSON: {e}")))?;
+    let id = match v.get("id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        _ => return Err(refuse("", "payload needs an \"id\" string".into())),
+    };
+    let list: Vec<&Value> = match v.get("snaps") {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(o @ Value::Object(_)) => vec![o],
+        _ => {
+            return Err(refuse(
+                &id,
+                "payload needs \"snaps\": a snap object or an array of them".into(),
+            ))
+        }
+    };
+    if list.is_empty() || list.len() > MAX_SNAPS {
+        return Err(refuse(
+            &id,
+            format!("\"snaps\" must list 1 to {MAX_SNAPS} snaps"),
+        ));
+    }
+    let mut snaps: Vec<RequiredSnap> = Vec::with_capacity(list.len());
+    for s in list {
+        let text = |k: &str| -> Result<Option<String>, Refusal> {
+            match s.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(t)) if t.trim().is_empty() => Ok(None),
+                Some(Value::String(t)) => Ok(Some(t.trim().to_string())),
+                Some(_) => Err(refuse(&id, format!("snap field \"{k}\" must be a string"))),
+            }
+        };
+        let name =
+            text("name")?.ok_or_else(|| refuse(&id, "every snap needs a \"name\"".into()))?;
+        let name = SnapName::parse(&name).map_err(|e| refuse(&id, e.to_string()))?;
+        let channel = channel(text("track")?, text("channel")?).map_err(|m| refuse(&id, m))?;
+        if snaps.iter().any(|r| r.name == name) {
+            return Err(refuse(&id, format!("snap {name} is listed twice")));
+        }
+        snaps.push(RequiredSnap { name, channel });
+    }
+    Ok(RequiredInstall { id, snaps })
+}
+
+/// `track/risk[/branch]` from the payload's track and channel.
+fn channel(track: Option<String>, channel: Option<String>) -> Result<String, String> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+            && !s.contains("//")
+            && !s.starts_with('/')
+            && !s.ends_with('/')
+    };
+    let full = match (track, channel) {
+        // A channel with a track in it is complete.
+        (None, Some(c)) if c.contains('/') => c,
+        (t, c) => format!(
+            "{}/{}",
+            t.unwrap_or_else(|| "latest".into()),
+            c.unwrap_or_else(|| "stable".into())
+        ),
+    };
+    if ok(&full) && full.split('/').count() <= 3 {
+        Ok(full)
+    } else {
+        Err(format!(
+            "channel {full:?} is not a valid track/risk channel"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_object_or_an_array() {
+        let one = parse(br#"{"id":"a","snaps":{"name":"x"}}"#).unwrap();
+        assert_eq!(one.snaps.len(), 1);
+        assert_eq!(one.snaps[0].channel, "latest/stable");
+        let many = parse(
+            br#"{"id":"b","snaps":[{"name":"x","channel":"edge"},{"name":"y","track":"22","channel":"beta"},{"name":"z","channel":"4.0/candidate"},{"name":"w","track":"2"}]}"#,
+        )
+        .unwrap();
+        let ch: Vec<&str> = many.snaps.iter().map(|s| s.channel.as_str()).collect();
+        assert_eq!(ch, ["latest/edge", "22/beta", "4.0/candidate", "2/stable"]);
+    }
+
+    #[test]
+    fn refusals_name_the_problem_and_keep_the_id() {
+        for (p, id, m) in [
+            (&b"nope"[..], "", "not valid JSON"),
+            (br#"{"snaps":[]}"#, "", "\"id\""),
+            (br#"{"id":"x"}"#, "x", "\"snaps\""),
+            (br#"{"id":"x","snaps":[]}"#, "x", "1 to"),
+            (
+                br#"{"id":"x","snaps":[{"channel":"edge"}]}"#,
+                "x",
+                "\"name\"",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"../etc"}]}"#,
+                "x",
+                "snap name",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"a","channel":"x y"}]}"#,
+                "x",
+                "channel",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"a","channel":5}]}"#,
+                "x",
+                "must be a string",
+            ),
+            (
+                br#"{"id":"x","snaps":[{"name":"a"},{"name":"a"}]}"#,
+                "x",
+                "twice",
+            ),
+        ] {
+            let r = parse(p).unwrap_err();
+            assert_eq!(r.id, id, "{}", String::from_utf8_lossy(p));
+            assert!(
+                r.message.contains(m),
+                "{} -> {}",
+                String::from_utf8_lossy(p),
+                r.message
+            );
+        }
+    }
+}
