@@ -7,6 +7,7 @@
 //! - [`bus`]: broker connections and the topic vocabulary;
 //! - [`supervisor`]: runs subsystems, restarts them, stops them on signal;
 //! - [`services`]: what the agent answers and watches;
+//! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
 //! - [`agent`]: the `run` command that wires it all together.
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod export;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod enroll;
+pub mod export;
 pub mod status;
 pub mod unregister;
 

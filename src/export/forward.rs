@@ -1,0 +1,246 @@
+//! The forwarder: spool -> upstream, strictly in order, at least once.
+//!
+//! Messages are read in `seq` order and published on one connection, up to
+//! `export.batch.forward` awaiting acknowledgement at a time; acks are taken
+//! in order and only acknowledged messages are deleted. Any failure (lost
+//! connection, refused or missing ack) ends the session: the connection is
+//! dropped so nothing queued in it can go out later, and the next session
+//! starts again from the oldest message still in the spool. Because a
+//! connection delivers in order and is never resumed, what the upstream got
+//! from a dead session is a prefix of what was sent, and the new session
+//! sends that prefix again (JetStream drops it by `Nats-Msg-Id`; over MQTT
+//! it arrives twice and is counted as `resent`) followed by the rest: the
+//! upstream sees every message, in order, with no gap.
+//!
+//! The first message of a session goes alone: only once it is acknowledged
+//! (JetStream answers, the stream exists) are more put in flight, so a
+//! message refused while the upstream was still coming up cannot be
+//! overtaken by the next one.
+
+use super::spool::{Durability, Row, Spool, SpoolError};
+use super::upstream::{AckFuture, Session, ACK_TIMEOUT};
+use crate::backoff::Backoff;
+use crate::config::ExportConfig;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How often the spool is looked at when nothing was committed by the
+/// daemon itself (`iot-agent export send` writes from another process).
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// The forwarder's state, as the status reports it.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub connected: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+}
+
+/// The forwarder's spool connection, used from async code.
+#[derive(Clone)]
+pub struct Db(Arc<Mutex<Spool>>);
+
+impl Db {
+    pub fn new(spool: Spool) -> Db {
+        Db(Arc::new(Mutex::new(spool)))
+    }
+
+    pub async fn call<T, F>(&self, f: F) -> Result<T, SpoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Spool) -> Result<T, SpoolError> + Send + 'static,
+    {
+        let s = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&mut s.lock().unwrap_or_else(|e| e.into_inner())))
+            .await
+            .unwrap_or_else(|e| {
+                Err(SpoolError::Open {
+                    path: PathBuf::new(),
+                    detail: format!("spool task failed: {e}"),
+                })
+            })
+    }
+}
+
+/// Runs until cancelled, reconnecting with back-off.
+pub async fn run(
+    cfg: ExportConfig,
+    spool_path: PathBuf,
+    committed: Arc<Notify>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if !cfg.upstream.url.is_set() {
+        tracing::warn!("export.upstream.url is not set: messages are spooled but not forwarded");
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_path, Durability::Relaxed))
+        .await??;
+    let spool_id = spool.id().to_string();
+    let db = Db::new(spool);
+    let window = cfg.batch.forward.max(1) as usize;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let url = cfg.upstream.url.as_str().to_string();
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            s = Session::connect(&cfg.upstream, window) => s,
+        };
+        let why = match connected {
+            Ok(mut session) => {
+                tracing::info!(url = %url, "export upstream connected");
+                shared.connected.store(true, Ordering::SeqCst);
+                shared.set_error(None);
+                backoff.reset();
+                let run = Forwarding {
+                    db: &db,
+                    spool_id: &spool_id,
+                    window,
+                    committed: &committed,
+                    shutdown: &shutdown,
+                };
+                let r = run.session(&mut session).await;
+                shared.connected.store(false, Ordering::SeqCst);
+                match r {
+                    Ok(()) => return Ok(()),
+                    Err(why) => why,
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            url = %url,
+            error = %why,
+            retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+            "export upstream unavailable; messages stay in the spool"
+        );
+        shared.set_error(Some(why));
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+struct Forwarding<'a> {
+    db: &'a Db,
+    spool_id: &'a str,
+    window: usize,
+    committed: &'a Notify,
+    shutdown: &'a CancellationToken,
+}
+
+/// Acknowledged messages not yet deleted.
+#[derive(Default)]
+struct Acked {
+    first: Option<i64>,
+    last: i64,
+    n: u64,
+    duplicates: u64,
+}
+
+impl Forwarding<'_> {
+    /// Forwards until cancelled (Ok) or the session fails (Err: why).
+    async fn session(&self, session: &mut Session) -> Result<(), String> {
+        let mut acked = Acked::default();
+        let r = self.pump(session, &mut acked).await;
+        // Whatever happened, what was acknowledged leaves the spool.
+        let flushed = self.flush(&mut acked).await;
+        r.and(flushed)
+    }
+
+    async fn pump(&self, session: &mut Session, acked: &mut Acked) -> Result<(), String> {
+        let sent_before = self
+            .db
+            .call(|s| s.sent_through())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut inflight: VecDeque<(i64, AckFuture)> = VecDeque::new();
+        let mut read_after = 0i64;
+        let mut first_acked = false;
+        loop {
+            let cap = if first_acked { self.window } else { 1 };
+            if inflight.len() <= cap / 2 {
+                let want = cap - inflight.len();
+                let rows: Vec<Row> = self
+                    .db
+                    .call(move |s| s.read_after(read_after, want))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(last) = rows.last().map(|r| r.seq) {
+                    let resent = rows.iter().filter(|r| r.seq <= sent_before).count() as u64;
+                    self.db
+                        .call(move |s| s.mark_sent(last, resent))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                for row in rows {
+                    let id = format!("{}-{}", self.spool_id, row.seq);
+                    let ack = session
+                        .publish(&row, &id)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    read_after = row.seq;
+                    inflight.push_back((row.seq, ack));
+                }
+            }
+            let Some((seq, ack)) = inflight.pop_front() else {
+                self.flush(acked).await?;
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(()),
+                    _ = self.committed.notified() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+                continue;
+            };
+            let ack = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                a = tokio::time::timeout(ACK_TIMEOUT, ack) => a,
+            };
+            match ack {
+                Ok(Ok(a)) => {
+                    first_acked = true;
+                    acked.first.get_or_insert(seq);
+                    acked.last = seq;
+                    acked.n += 1;
+                    acked.duplicates += a.duplicate as u64;
+                }
+                Ok(Err(e)) => return Err(format!("message {seq} not acknowledged: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "no acknowledgement for message {seq} within {}s",
+                        ACK_TIMEOUT.as_secs()
+                    ))
+                }
+            }
+            if acked.n as usize >= self.window / 2 || inflight.is_empty() {
+                self.flush(acked).await?;
+            }
+        }
+    }
+
+    async fn flush(&self, acked: &mut Acked) -> Result<(), String> {
+        let Some(first) = acked.first else {
+            return Ok(());
+        };
+        let (last, n, dups) = (acked.last, acked.n, acked.duplicates);
+        self.db
+            .call(move |s| s.remove_acked(first, last, n, dups))
+            .await
+            .map_err(|e| e.to_string())?;
+        *acked = Acked::default();
+        Ok(())
+    }
+}
