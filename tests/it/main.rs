@@ -7,6 +7,7 @@ mod common;
 mod agent_run;
 mod bus;
 mod config_cli;
+mod export;
 mod harness;
 mod identity;
 mod readme;
