@@ -422,7 +422,7 @@ impl Default for ExportBatch {
     fn default() -> Self {
         ExportBatch {
             intake: 1024,
-            forward: 512,
+            forward: 2048,
         }
     }
 }

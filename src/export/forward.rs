@@ -153,39 +153,79 @@ struct Acked {
 
 impl Forwarding<'_> {
     /// Forwards until cancelled (Ok) or the session fails (Err: why).
+    ///
+    /// Deleting acknowledged messages runs beside the publishing, in a task
+    /// of its own, so the pipeline to the upstream never waits for it.
     async fn session(&self, session: &mut Session) -> Result<(), String> {
-        let mut acked = Acked::default();
-        let r = self.pump(session, &mut acked).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Acked>();
+        let db = self.db.clone();
+        let deleter = tokio::spawn(async move {
+            while let Some(a) = rx.recv().await {
+                let Some(first) = a.first else { continue };
+                db.call(move |s| s.remove_acked(first, a.last, a.n, a.duplicates))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        });
+        let r = self.pump(session, &tx).await;
         // Whatever happened, what was acknowledged leaves the spool.
-        let flushed = self.flush(&mut acked).await;
+        drop(tx);
+        let flushed = deleter
+            .await
+            .unwrap_or_else(|e| Err(format!("spool delete task failed: {e}")));
         r.and(flushed)
     }
 
-    async fn pump(&self, session: &mut Session, acked: &mut Acked) -> Result<(), String> {
+    async fn pump(
+        &self,
+        session: &mut Session,
+        deletes: &tokio::sync::mpsc::UnboundedSender<Acked>,
+    ) -> Result<(), String> {
         let sent_before = self
             .db
             .call(|s| s.sent_through())
             .await
             .map_err(|e| e.to_string())?;
+        let mut acked = Acked::default();
+        let flush = |acked: &mut Acked| -> Result<(), String> {
+            if acked.first.is_some() {
+                deletes
+                    .send(std::mem::take(acked))
+                    .map_err(|_| "spool delete task stopped".to_string())?;
+            }
+            Ok(())
+        };
         let mut inflight: VecDeque<(i64, AckFuture)> = VecDeque::new();
         let mut read_after = 0i64;
         let mut first_acked = false;
+        // One cancellation future and one ack deadline for the session, not
+        // one per message: at replay rates their setup cost shows.
+        let cancelled = self.shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let deadline = tokio::time::sleep(ACK_TIMEOUT);
+        tokio::pin!(deadline);
+        let mut last_ack = tokio::time::Instant::now();
         loop {
             let cap = if first_acked { self.window } else { 1 };
-            if inflight.len() <= cap / 2 {
+            // Top up once a quarter of the window is free: the upstream
+            // always has most of a window to work on while the spool is read.
+            if inflight.len() <= cap - cap.div_ceil(4) {
                 let want = cap - inflight.len();
+                // Read and record as sent in one go (one trip to the spool).
                 let rows: Vec<Row> = self
                     .db
-                    .call(move |s| s.read_after(read_after, want))
+                    .call(move |s| {
+                        let rows = s.read_after(read_after, want)?;
+                        if let Some(last) = rows.last().map(|r| r.seq) {
+                            let resent =
+                                rows.iter().filter(|r| r.seq <= sent_before).count() as u64;
+                            s.mark_sent(last, resent)?;
+                        }
+                        Ok(rows)
+                    })
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Some(last) = rows.last().map(|r| r.seq) {
-                    let resent = rows.iter().filter(|r| r.seq <= sent_before).count() as u64;
-                    self.db
-                        .call(move |s| s.mark_sent(last, resent))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
                 for row in rows {
                     let id = format!("{}-{}", self.spool_id, row.seq);
                     let ack = session
@@ -196,19 +236,36 @@ impl Forwarding<'_> {
                     inflight.push_back((row.seq, ack));
                 }
             }
-            let Some((seq, ack)) = inflight.pop_front() else {
-                self.flush(acked).await?;
+            let Some((seq, mut ack)) = inflight.pop_front() else {
+                flush(&mut acked)?;
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => return Ok(()),
+                    _ = &mut cancelled => return Ok(()),
                     _ = self.committed.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
+                // Waiting for acks starts now, not at the last ack before idling.
+                last_ack = tokio::time::Instant::now();
                 continue;
             };
-            let ack = tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
-                a = tokio::time::timeout(ACK_TIMEOUT, ack) => a,
+            let ack = loop {
+                tokio::select! {
+                    biased;
+                    a = &mut ack => break Ok(a),
+                    _ = &mut cancelled => return flush(&mut acked),
+                    _ = &mut deadline => {
+                        // The timer is re-armed lazily: only a wait of
+                        // ACK_TIMEOUT without any acknowledgement fails.
+                        let due = last_ack + ACK_TIMEOUT;
+                        if due <= tokio::time::Instant::now() {
+                            break Err(());
+                        }
+                        deadline.as_mut().reset(due);
+                    }
+                }
             };
+            if ack.is_ok() {
+                last_ack = tokio::time::Instant::now();
+            }
             match ack {
                 Ok(Ok(a)) => {
                     first_acked = true;
@@ -217,30 +274,21 @@ impl Forwarding<'_> {
                     acked.n += 1;
                     acked.duplicates += a.duplicate as u64;
                 }
-                Ok(Err(e)) => return Err(format!("message {seq} not acknowledged: {e}")),
+                Ok(Err(e)) => {
+                    flush(&mut acked)?;
+                    return Err(format!("message {seq} not acknowledged: {e}"));
+                }
                 Err(_) => {
+                    flush(&mut acked)?;
                     return Err(format!(
                         "no acknowledgement for message {seq} within {}s",
                         ACK_TIMEOUT.as_secs()
-                    ))
+                    ));
                 }
             }
             if acked.n as usize >= self.window / 2 || inflight.is_empty() {
-                self.flush(acked).await?;
+                flush(&mut acked)?;
             }
         }
-    }
-
-    async fn flush(&self, acked: &mut Acked) -> Result<(), String> {
-        let Some(first) = acked.first else {
-            return Ok(());
-        };
-        let (last, n, dups) = (acked.last, acked.n, acked.duplicates);
-        self.db
-            .call(move |s| s.remove_acked(first, last, n, dups))
-            .await
-            .map_err(|e| e.to_string())?;
-        *acked = Acked::default();
-        Ok(())
     }
 }

@@ -116,7 +116,7 @@ pub struct Row {
     pub seq: i64,
     pub stream: String,
     pub received_ms: i64,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// The spool's state at one moment.
@@ -341,7 +341,7 @@ impl Spool {
                     seq: r.get(0)?,
                     stream: r.get(1)?,
                     received_ms: r.get(2)?,
-                    payload: r.get(3)?,
+                    payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(3)?),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -435,6 +435,16 @@ impl Spool {
         add_counters(&tx, &[(counter::EXPIRED, n)])?;
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Spooled messages and bytes (cheap: the running totals).
+    pub fn backlog(&self) -> Result<(u64, u64), SpoolError> {
+        let (m, b): (i64, i64) =
+            self.conn
+                .query_row("SELECT messages, bytes FROM totals", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        Ok((m as u64, b as u64))
     }
 
     /// Totals, oldest message, per-stream backlog and counters.

@@ -10,7 +10,6 @@
 use super::spool::Row;
 use crate::config::values::UpstreamKind;
 use crate::config::ExportUpstream;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
@@ -176,7 +175,7 @@ impl NatsSession {
             .publish_with_headers(
                 nats_subject(&self.prefix, &row.stream),
                 headers,
-                Bytes::copy_from_slice(&row.payload),
+                row.payload.clone(),
             )
             .await
             .map_err(|e| UpstreamError::Publish(e.to_string()))?;
