@@ -446,6 +446,26 @@ fn refuse_new_answers_the_producer_with_an_error_and_counts_it() {
     assert_eq!(st["backlog"]["messages"], 10, "{st}");
     assert_eq!(st["counters"]["refused"], 1, "{st}");
     assert_eq!(st["limits"]["full"], "refuse-new");
+    // The same is published on the health subject.
+    let published = rt.block_on(async {
+        use futures::StreamExt;
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            "snapd".into(),
+            AGENT_PASSWORD.into(),
+        )
+        .connect(local.url())
+        .await
+        .unwrap();
+        let mut sub = c.subscribe("iot.agent.export.status").await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("no status published")
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()
+    });
+    assert_eq!(published["backlog"]["messages"], 10, "{published}");
+    assert_eq!(published["counters"]["refused"], 1, "{published}");
+    assert!(published["backlog"]["oldest-age-s"].as_f64().is_some());
     // The CLI is refused the same way, with a non-zero exit.
     let out = run_once(&["export", "send", "--stream", "s1", &payload(99)], &env);
     assert!(!out.status.success());
@@ -469,9 +489,19 @@ fn drop_oldest_keeps_the_newest_and_forwards_them_in_order() {
             ("IOT_AGENT_EXPORT__UPSTREAM__STREAM", JS_STREAM.into()),
         ],
     );
-    // Scripts spool with the CLI while the daemon is not running.
+    // Scripts spool with the CLI while the daemon is not running, the data
+    // as an argument or from a file.
+    let file = dir.path().join("msg");
+    let f = file.display().to_string();
     for i in 0..25u64 {
-        let out = run_once(&["export", "send", "--stream", "s1", &payload(i)], &env);
+        let p = payload(i);
+        let args = if i % 2 == 0 {
+            std::fs::write(&file, &p).unwrap();
+            ["export", "send", "--stream", "s1", "--file", &f]
+        } else {
+            ["export", "send", "--stream", "s1", "--", &p]
+        };
+        let out = run_once(&args, &env);
         assert!(
             out.status.success(),
             "{}",
