@@ -203,6 +203,9 @@ impl Forwarding<'_> {
         // one per message: at replay rates their setup cost shows.
         let cancelled = self.shutdown.cancelled();
         tokio::pin!(cancelled);
+        let lost_token = session.lost();
+        let lost = lost_token.cancelled();
+        tokio::pin!(lost);
         let deadline = tokio::time::sleep(ACK_TIMEOUT);
         tokio::pin!(deadline);
         let mut last_ack = tokio::time::Instant::now();
@@ -240,6 +243,7 @@ impl Forwarding<'_> {
                 flush(&mut acked)?;
                 tokio::select! {
                     _ = &mut cancelled => return Ok(()),
+                    _ = &mut lost => return Err("upstream connection lost".into()),
                     _ = self.committed.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
@@ -252,6 +256,13 @@ impl Forwarding<'_> {
                     biased;
                     a = &mut ack => break Ok(a),
                     _ = &mut cancelled => return flush(&mut acked),
+                    _ = &mut lost => {
+                        flush(&mut acked)?;
+                        return Err(format!(
+                            "upstream connection lost with {} messages unacknowledged",
+                            inflight.len() + 1
+                        ));
+                    }
                     _ = &mut deadline => {
                         // The timer is re-armed lazily: only a wait of
                         // ACK_TIMEOUT without any acknowledgement fails.

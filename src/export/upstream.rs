@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 /// Bound on connecting (TCP, TLS, protocol handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,6 +81,16 @@ impl Session {
     pub fn deduplicates(&self) -> bool {
         matches!(self, Session::Nats(_))
     }
+
+    /// Cancelled as soon as the connection is lost: the forwarder ends the
+    /// session at once instead of waiting for acknowledgements that cannot
+    /// come.
+    pub fn lost(&self) -> CancellationToken {
+        match self {
+            Session::Nats(s) => s.lost.clone(),
+            Session::Mqtt(s) => s.lost.clone(),
+        }
+    }
 }
 
 /// The upstream subject (NATS) of a stream.
@@ -100,6 +111,7 @@ pub fn mqtt_topic(prefix: &str, stream: &str) -> String {
 
 pub struct NatsSession {
     js: async_nats::jetstream::Context,
+    lost: CancellationToken,
     prefix: String,
 }
 
@@ -113,6 +125,8 @@ impl NatsSession {
         // Once connected, a lost connection is never re-established by the
         // client (see the module doc): one attempt, after "never".
         let established = Arc::new(AtomicBool::new(false));
+        let lost = CancellationToken::new();
+        let on_event = lost.clone();
         let flag = established.clone();
         let mut opts = async_nats::ConnectOptions::new()
             .name("iot-agent-export")
@@ -125,8 +139,14 @@ impl NatsSession {
                     Duration::ZERO
                 }
             })
-            .event_callback(|e| async move {
-                tracing::debug!(event = %e, "export upstream NATS event")
+            .event_callback(move |e| {
+                let lost = on_event.clone();
+                async move {
+                    if matches!(e, async_nats::Event::Disconnected) {
+                        lost.cancel();
+                    }
+                    tracing::debug!(event = %e, "export upstream NATS event")
+                }
             });
         if !cfg.user.is_empty() {
             opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
@@ -161,6 +181,7 @@ impl NatsSession {
         }
         Ok(NatsSession {
             js,
+            lost,
             prefix: cfg.upstream_prefix(),
         })
     }
@@ -200,11 +221,13 @@ struct Pending {
     queued: VecDeque<Waiter>,
     by_pkid: HashMap<u16, Waiter>,
     dead: Option<String>,
+    lost: CancellationToken,
 }
 
 impl Pending {
     fn fail_all(&mut self, why: &str) {
         self.dead = Some(why.to_string());
+        self.lost.cancel();
         for w in self
             .queued
             .drain(..)
@@ -217,6 +240,7 @@ impl Pending {
 
 pub struct MqttSession {
     client: rumqttc::AsyncClient,
+    lost: CancellationToken,
     pending: Arc<Mutex<Pending>>,
     prefix: String,
     driver: tokio::task::JoinHandle<()>,
@@ -272,7 +296,11 @@ impl MqttSession {
             .await
             .map_err(|_| err("no CONNACK in time".into()))?
             .map_err(err)?;
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let lost = CancellationToken::new();
+        let pending = Arc::new(Mutex::new(Pending {
+            lost: lost.clone(),
+            ..Default::default()
+        }));
         let p = pending.clone();
         let driver = tokio::spawn(async move {
             use rumqttc::{Event, Outgoing, Packet};
@@ -300,6 +328,7 @@ impl MqttSession {
         });
         Ok(MqttSession {
             client,
+            lost,
             pending,
             prefix: cfg.upstream_prefix(),
             driver,

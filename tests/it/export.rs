@@ -194,9 +194,32 @@ async fn read_jetstream(url: &str) -> Vec<u64> {
     out
 }
 
+/// Waits (tight polling, bounded) until the upstream stream holds more than
+/// `more_than` messages; returns how many it held.
+async fn wait_stream_grows(url: &str, more_than: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        assert!(Instant::now() < deadline, "upstream not reachable");
+        if let Ok(c) = async_nats::connect(url).await {
+            break c;
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    loop {
+        assert!(Instant::now() < deadline, "the backlog was not forwarded");
+        if let Ok(mut st) = js.get_stream(JS_STREAM).await {
+            if let Ok(info) = st.info().await {
+                if info.state.messages > more_than {
+                    return info.state.messages;
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn jetstream_upstream_cut_mid_stream_and_agent_killed_repeatedly_loses_nothing() {
-    const N: u64 = 1600;
+    const N: u64 = 2200;
     let local = local_nats();
     let mut upstream = NatsServer::start(NatsConfig {
         jetstream: true,
@@ -220,17 +243,23 @@ fn jetstream_upstream_cut_mid_stream_and_agent_killed_repeatedly_loses_nothing()
         rt.spawn(async move { produce(&client, "s1", 0, N, &progress).await })
     };
 
-    // Upstream killed while messages are in flight, back a while later.
+    // The upstream goes away while producers send; the agent is killed
+    // while it is away: the backlog must survive.
     wait_progress(&progress, 200);
     upstream.stop();
-    wait_progress(&progress, 400);
-    // Killed while the upstream is down: the backlog must survive.
-    kill_and_restart(&mut agent, &env);
     wait_progress(&progress, 600);
+    kill_and_restart(&mut agent, &env);
+    wait_progress(&progress, 1400);
+    // Back, and killed again while the backlog drains, with messages in
+    // flight (cut as soon as JetStream got part of the backlog).
+    upstream.restart();
+    let at_cut = rt.block_on(wait_stream_grows(&upstream.url(), 300));
+    upstream.stop();
+    eprintln!("jetstream: upstream cut while draining, {at_cut} of >1400 stored");
     upstream.restart();
     agent.wait_for("export upstream connected");
-    // Killed again and again while producing and forwarding.
-    for at in [800, 1000, 1200] {
+    // The agent killed again and again while producing and forwarding.
+    for at in [1600, 1800, 2000] {
         wait_progress(&progress, at);
         kill_and_restart(&mut agent, &env);
     }
