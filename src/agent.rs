@@ -94,6 +94,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         async move { e.run(t).await }
     }));
 
+    if config.export.enabled {
+        let (config, bus) = (config.clone(), bus.clone());
+        sup.add(Subsystem::new("export", move |t| {
+            crate::export::run(config.clone(), bus.clone(), t)
+        }));
+    }
+
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(handle_signals(shutdown.clone(), reload));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "iot-agent running");

@@ -9,6 +9,7 @@
 //! - [`services`]: what the agent answers and watches;
 //! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
 //! - [`db`]: SQLite databases and their schema migrations;
+//! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
 //! - [`agent`]: the `run` command that wires it all together.
 
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod db;
 pub mod errors;
+pub mod export;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;

@@ -77,6 +77,11 @@ enum Command {
         #[arg(long, value_name = "WHEN")]
         since: Option<String>,
     },
+    /// Store-and-forward telemetry: spool a message, show the backlog.
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
     /// Print the agent's version.
     Version,
 }
@@ -87,6 +92,28 @@ enum ChangesCommand {
     Show {
         /// The change id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Spool one message durably (fsync'd before this returns); the daemon
+    /// forwards it upstream. Data from DATA, --file, or standard input.
+    Send {
+        /// Stream name (letters, digits, '-', '_', dot-separated levels).
+        #[arg(long)]
+        stream: String,
+        /// Read the message from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "data")]
+        file: Option<PathBuf>,
+        /// The message itself.
+        data: Option<String>,
+    },
+    /// Show the backlog, oldest age, drop counts, rates and upstream state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -158,6 +185,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export { command } => match command {
+            ExportCommand::Send { stream, file, data } => {
+                let data = match (&data, &file) {
+                    (Some(d), _) => commands::export::Data::Arg(d),
+                    (None, Some(f)) => commands::export::Data::File(f),
+                    (None, None) => commands::export::Data::Stdin,
+                };
+                commands::export::send(&loaded.config, &stream, data)
+            }
+            ExportCommand::Status { json } => {
+                commands::export::status(&loaded.config, json)?;
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Run => {
             iot_agent::logging::init(&loaded.config.log.level);
             for w in &loaded.warnings() {

@@ -46,6 +46,9 @@ pub struct Bus {
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub topic: Topic,
+    /// The subject as received (NATS form). `topic` maps `.` to `/`, so a
+    /// NATS token holding a `/` is only told apart here.
+    pub subject: String,
     pub payload: Bytes,
     reply: Option<async_nats::Subject>,
 }
@@ -67,6 +70,7 @@ impl Subscription {
         let m = self.inner.next().await?;
         Some(Incoming {
             topic: Topic::from_nats(m.subject.as_str()),
+            subject: m.subject.to_string(),
             payload: m.payload,
             reply: m.reply,
         })

@@ -150,6 +150,21 @@ pub const COMPAT_APPS_POST: &str = "v1/snapd/v2/apps/post";
 pub const COMPAT_ASSERTIONS_GET: &str = "v1/snapd/v2/assertions/get";
 /// `v1/snapd/v2/snaps/{snap}/post`.
 pub const COMPAT_SNAPS_PREFIX: &str = "v1/snapd/v2/snaps";
+/// Export intake: applications publish on `{prefix}/{stream}` (NATS
+/// `{prefix}.{stream}`); the prefix is `export.subject` in NATS form.
+pub fn export_intake(prefix: &str) -> Result<Topic, BadSegment> {
+    let mut t = String::new();
+    for seg in prefix.split('.') {
+        if !t.is_empty() {
+            t.push('/');
+        }
+        t.push_str(segment(seg)?);
+    }
+    Ok(Topic(t + "/#"))
+}
+/// Export status (backlog, drops, rates), published periodically. Outside
+/// any intake prefix made of one segment, so it is never spooled itself.
+pub const EXPORT_STATUS: &str = "iot/agent/export/status";
 /// MQTT connection state of the DMS channel.
 pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
 /// The NATS micro-service protocol's discovery subjects, answered by
@@ -198,6 +213,15 @@ mod tests {
         assert_eq!(sanitize_serial("A1B2-c3d4/5.x y_z"), "A1B2-c3d45xy_z");
         assert_eq!(serial_actions("A/1").unwrap().mqtt(), "devices/actions/A1");
         assert!(serial_actions("///").is_err());
+    }
+
+    #[test]
+    fn export_intake_is_a_checked_prefix_with_a_wildcard() {
+        assert_eq!(export_intake("export").unwrap().nats(), "export.>");
+        assert_eq!(export_intake("app.export").unwrap().nats(), "app.export.>");
+        for bad in ["", "a.>", "a..b", "*", "a b"] {
+            assert!(export_intake(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod changes;
 pub mod config;
 pub mod enroll;
+pub mod export;
 pub mod status;
 pub mod unregister;
 

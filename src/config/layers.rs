@@ -17,7 +17,7 @@ pub const ENV_PREFIX: &str = "IOT_AGENT_";
 const DEFAULTS_NAME: &str = "built-in default";
 
 /// Keys whose values are secrets: never printed, never logged.
-pub const SECRET_KEYS: &[&str] = &["nats.snapd.password"];
+pub const SECRET_KEYS: &[&str] = &["nats.snapd.password", "export.upstream.password"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

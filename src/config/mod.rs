@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
-pub use values::{Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl, StringList};
+pub use values::{
+    Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl, StringList, UpstreamUrl,
+};
 
 /// The password that the reference agent shipped for the `snapd` NATS user.
 /// Anyone who has read its source knows it, so the agent warns when it is in use.
@@ -36,6 +38,7 @@ pub struct Config {
     pub dms: DmsConfig,
     pub required: RequiredConfig,
     pub watchdog: Watchdog,
+    pub export: ExportConfig,
 }
 
 /// How the agent talks to the identity service at `url`.
@@ -352,6 +355,7 @@ impl Default for Config {
             dms: DmsConfig::default(),
             required: RequiredConfig::default(),
             watchdog: Watchdog::default(),
+            export: ExportConfig::default(),
         }
     }
 }
@@ -441,6 +445,165 @@ impl Default for SnapLoggerLog {
         SnapLoggerLog {
             changes: SnapLoggerStartup::default(),
             level: LogLevel::new("info"),
+        }
+    }
+}
+
+/// The export subsystem (`export.*`): store-and-forward telemetry from
+/// applications on the device to an upstream broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportConfig {
+    /// Off by default: the spool takes disk space and the upstream must be
+    /// chosen by the operator.
+    pub enabled: bool,
+    /// Intake subject prefix on the device-local NATS: applications publish
+    /// on `{subject}.{stream}`.
+    pub subject: String,
+    pub spool: ExportSpool,
+    pub upstream: ExportUpstream,
+    pub batch: ExportBatch,
+    pub status: ExportStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportSpool {
+    /// The SQLite spool (in `$SNAP_COMMON`: kept across snap revisions).
+    pub path: ExpandPath,
+    pub max: ExportSpoolMax,
+    /// What happens when a new message does not fit.
+    pub full: FullPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportSpoolMax {
+    /// Bound on spooled payload and stream-name bytes.
+    pub bytes: u64,
+    /// Messages older than this are dropped (counted as expired).
+    pub age: Duration,
+}
+
+/// The policy when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullPolicy {
+    /// Delete the oldest messages to make room (counted as dropped).
+    DropOldest,
+    /// Refuse the new message with an error to its producer (counted).
+    RefuseNew,
+}
+
+impl FullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullPolicy::DropOldest => "drop-oldest",
+            FullPolicy::RefuseNew => "refuse-new",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportUpstream {
+    /// `nats://`/`tls://` (JetStream) or `mqtt://`/`mqtts://` (QoS 1);
+    /// empty: spool only.
+    pub url: UpstreamUrl,
+    /// Upstream subject (NATS) or topic (MQTT, dots become `/`) prefix.
+    pub subject: String,
+    /// JetStream stream to create when missing (empty: it must exist).
+    pub stream: String,
+    pub user: String,
+    pub password: String,
+    /// Extra CA certificate (PEM) for `tls://` and `mqtts://`.
+    pub ca: OptPath,
+    /// MQTT client id.
+    pub client: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportBatch {
+    /// Most messages committed in one spool transaction (group commit).
+    pub intake: u32,
+    /// Most messages in flight to the upstream awaiting acknowledgement.
+    pub forward: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportStatus {
+    /// How often the status is published on the health subject.
+    pub interval: Duration,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            enabled: false,
+            subject: "export".into(),
+            spool: ExportSpool::default(),
+            upstream: ExportUpstream::default(),
+            batch: ExportBatch::default(),
+            status: ExportStatus::default(),
+        }
+    }
+}
+
+impl Default for ExportSpool {
+    fn default() -> Self {
+        ExportSpool {
+            path: ExpandPath::new("$SNAP_COMMON/export.db"),
+            max: ExportSpoolMax::default(),
+            full: FullPolicy::DropOldest,
+        }
+    }
+}
+
+impl Default for ExportSpoolMax {
+    fn default() -> Self {
+        ExportSpoolMax {
+            bytes: 256 * 1024 * 1024,
+            age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl Default for ExportUpstream {
+    fn default() -> Self {
+        ExportUpstream {
+            url: UpstreamUrl::default(),
+            subject: "telemetry".into(),
+            stream: String::new(),
+            user: String::new(),
+            password: String::new(),
+            ca: OptPath::default(),
+            client: "iot-agent-export".into(),
+        }
+    }
+}
+
+impl ExportUpstream {
+    /// `subject` without surrounding dots.
+    pub fn upstream_prefix(&self) -> String {
+        self.subject.trim_matches('.').to_string()
+    }
+}
+
+impl Default for ExportBatch {
+    fn default() -> Self {
+        ExportBatch {
+            intake: 1024,
+            forward: 2048,
+        }
+    }
+}
+
+impl Default for ExportStatus {
+    fn default() -> Self {
+        ExportStatus {
+            interval: Duration::from_secs(10),
         }
     }
 }

@@ -217,6 +217,79 @@ impl<'de> Deserialize<'de> for NatsUrl {
     }
 }
 
+/// The export upstream: `nats://` or `tls://` (JetStream), `mqtt://` or
+/// `mqtts://` (MQTT QoS 1), one `host:port`; empty means "spool only".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamUrl(String);
+
+/// The transport an [`UpstreamUrl`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    Nats { tls: bool },
+    Mqtt { tls: bool },
+}
+
+impl UpstreamUrl {
+    pub fn new(s: &str) -> Self {
+        UpstreamUrl(s.trim().to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+    /// The transport, or `None` when unset.
+    pub fn kind(&self) -> Option<UpstreamKind> {
+        let (scheme, _) = self.0.split_once("://")?;
+        match scheme {
+            "nats" => Some(UpstreamKind::Nats { tls: false }),
+            "tls" => Some(UpstreamKind::Nats { tls: true }),
+            "mqtt" => Some(UpstreamKind::Mqtt { tls: false }),
+            "mqtts" => Some(UpstreamKind::Mqtt { tls: true }),
+            _ => None,
+        }
+    }
+    /// Host and port (the port defaults to the scheme's usual one).
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let uri: http::Uri = self.0.parse().ok()?;
+        let host = uri.host().filter(|h| !h.is_empty())?.to_string();
+        let default = match self.kind()? {
+            UpstreamKind::Nats { .. } => 4222,
+            UpstreamKind::Mqtt { tls: false } => 1883,
+            UpstreamKind::Mqtt { tls: true } => 8883,
+        };
+        Some((host, uri.port_u16().unwrap_or(default)))
+    }
+}
+
+impl Serialize for UpstreamUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = text_value(d, "an upstream URL")?;
+        let url = UpstreamUrl::new(&text);
+        if !url.is_set() {
+            return Ok(url);
+        }
+        if url.kind().is_none() {
+            return Err(de::Error::custom(format!(
+                "invalid upstream URL {text:?}: use nats://, tls://, mqtt:// or mqtts://"
+            )));
+        }
+        if url.host_port().is_none() {
+            return Err(de::Error::custom(format!(
+                "invalid upstream URL {text:?}: it needs a host (and optionally a port)"
+            )));
+        }
+        Ok(url)
+    }
+}
+
 /// A path in which environment variables are expanded (`$SNAP_DATA/changes.db`).
 ///
 /// Outside a snap, `$SNAP_DATA` and `$SNAP_COMMON` stand for the configured
@@ -427,6 +500,18 @@ mod tests {
         assert!(de::<NatsUrl>(serde_json::json!("nats://a:4222, tls://b:4443")).is_ok());
         let err = de::<NatsUrl>(serde_json::json!("nats://a:4222,http://b")).unwrap_err();
         assert!(err.contains("http://b"), "{err}");
+    }
+
+    #[test]
+    fn upstream_urls_name_their_transport() {
+        let u: UpstreamUrl = de(serde_json::json!("mqtts://broker.example:8884")).unwrap();
+        assert_eq!(u.kind(), Some(UpstreamKind::Mqtt { tls: true }));
+        assert_eq!(u.host_port(), Some(("broker.example".into(), 8884)));
+        let u: UpstreamUrl = de(serde_json::json!("nats://127.0.0.1")).unwrap();
+        assert_eq!(u.host_port(), Some(("127.0.0.1".into(), 4222)));
+        assert!(!de::<UpstreamUrl>(serde_json::json!("")).unwrap().is_set());
+        let err = de::<UpstreamUrl>(serde_json::json!("http://x")).unwrap_err();
+        assert!(err.contains("http://x"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,662 @@
+//! The spool: messages on disk between intake and upstream, in SQLite (WAL).
+//!
+//! Durability: the intake's connection commits with `synchronous=FULL`, so a
+//! commit returns only after the WAL is fsync'd; many producers' messages go
+//! into one transaction (group commit, see `intake`), which is what makes
+//! that affordable. The forwarder's connection uses `synchronous=NORMAL`:
+//! losing one of its deletes in a power cut only means a message is sent
+//! again, which the upstream de-duplicates (JetStream) or tolerates (MQTT).
+//!
+//! Order: `seq` (AUTOINCREMENT) orders everything; the forwarder reads in
+//! `seq` order, so each stream's messages leave in the order they came.
+//!
+//! Bounds: `totals` keeps the spooled bytes, updated in the same transaction
+//! as each insert and delete, so the byte bound and the full policy are
+//! exact and hold across processes (`iot-agent export send` writes here too).
+
+use super::schema::{self, SchemaError};
+use crate::config::FullPolicy;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Counter names (the `counters` table, the status document).
+pub mod counter {
+    /// Messages accepted into the spool.
+    pub const RECEIVED: &str = "received";
+    /// Messages acknowledged by the upstream and removed.
+    pub const FORWARDED: &str = "forwarded";
+    /// Oldest messages deleted to make room (policy drop-oldest).
+    pub const DROPPED_OLDEST: &str = "dropped-oldest";
+    pub const DROPPED_OLDEST_BYTES: &str = "dropped-oldest-bytes";
+    /// New messages refused because the spool was full (policy refuse-new)
+    /// or the message alone exceeds the bound.
+    pub const REFUSED: &str = "refused";
+    /// Messages older than `export.spool.max.age`, deleted unsent.
+    pub const EXPIRED: &str = "expired";
+    /// Messages sent again after a failure or restart: the upstream may hold
+    /// them twice unless it de-duplicates (MQTT cannot).
+    pub const RESENT: &str = "resent";
+    /// Re-sends JetStream recognised (`Nats-Msg-Id`) and did not store again.
+    pub const DUPLICATES: &str = "duplicates-suppressed";
+    pub const ALL: &[&str] = &[
+        RECEIVED,
+        FORWARDED,
+        DROPPED_OLDEST,
+        DROPPED_OLDEST_BYTES,
+        REFUSED,
+        EXPIRED,
+        RESENT,
+        DUPLICATES,
+    ];
+}
+
+/// Bound on SQLite's wait for another writer's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot open the export spool {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error("export spool {path}: {source}")]
+    Schema { path: PathBuf, source: SchemaError },
+    #[error("export spool: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// How hard commits are pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync on every commit (intake: a producer's acknowledgement promises it).
+    Full,
+    /// fsync at checkpoints only (forwarder deletes: a lost delete is a resend).
+    Relaxed,
+}
+
+/// A message on its way in.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub stream: String,
+    pub payload: bytes::Bytes,
+    pub received_ms: i64,
+}
+
+impl NewMessage {
+    pub fn new(stream: impl Into<String>, payload: impl Into<bytes::Bytes>) -> NewMessage {
+        NewMessage {
+            stream: stream.into(),
+            payload: payload.into(),
+            received_ms: now_ms(),
+        }
+    }
+    /// What the message counts against `export.spool.max.bytes`.
+    pub fn size(&self) -> u64 {
+        (self.payload.len() + self.stream.len()) as u64
+    }
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Spooled(i64),
+    Refused(String),
+}
+
+/// The byte bound and what to do when it is reached.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub policy: FullPolicy,
+}
+
+/// A spooled message, as the forwarder reads it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub seq: i64,
+    pub stream: String,
+    pub received_ms: i64,
+    pub payload: bytes::Bytes,
+}
+
+/// The spool's state at one moment.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Snapshot {
+    pub messages: u64,
+    pub bytes: u64,
+    /// `received_ms` of the oldest spooled message.
+    pub oldest_ms: Option<i64>,
+    /// Backlog per stream.
+    pub streams: BTreeMap<String, u64>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+pub struct Spool {
+    conn: Connection,
+    id: String,
+    path: PathBuf,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Spool {
+    /// Opens (creating it, 0600, with its directory) and migrates the spool.
+    pub fn open(path: &Path, durability: Durability) -> Result<Spool, SpoolError> {
+        let open_err = |detail: String| SpoolError::Open {
+            path: path.to_path_buf(),
+            detail,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(format!("creating {dir:?}: {e}")))?;
+        }
+        let existed = path.exists();
+        let mut conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            // Telemetry can be sensitive; SQLite gives -wal/-shm the same mode.
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| open_err(e.to_string()))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_err(format!(
+                "cannot switch to WAL (journal mode {mode})"
+            )));
+        }
+        let sync = match durability {
+            Durability::Full => "FULL",
+            Durability::Relaxed => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        schema::migrate(&mut conn).map_err(|source| SpoolError::Schema {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Spool::finish(conn, path)
+    }
+
+    /// Opens an existing spool without writing to it (the status command,
+    /// while the daemon runs).
+    pub fn open_read_only(path: &Path) -> Result<Spool, SpoolError> {
+        let open_err = |detail: String| SpoolError::Open {
+            path: path.to_path_buf(),
+            detail,
+        };
+        if !path.exists() {
+            return Err(open_err(
+                "it does not exist (the agent creates it when export.enabled is true)".into(),
+            ));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let found = schema::version(&conn).map_err(|source| SpoolError::Schema {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if found != schema::latest() {
+            return Err(SpoolError::Schema {
+                path: path.to_path_buf(),
+                source: SchemaError::TooNew {
+                    found,
+                    known: schema::latest(),
+                },
+            });
+        }
+        Spool::finish(conn, path)
+    }
+
+    fn finish(conn: Connection, path: &Path) -> Result<Spool, SpoolError> {
+        let id: String =
+            conn.query_row("SELECT value FROM meta WHERE key = 'spool-id'", [], |r| {
+                r.get(0)
+            })?;
+        Ok(Spool {
+            conn,
+            id,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The random id of this spool; upstream message ids are `{id}-{seq}`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stores a batch in ONE transaction (one fsync for all of them),
+    /// applying the byte bound and the full policy message by message.
+    pub fn insert_batch(
+        &mut self,
+        batch: &[NewMessage],
+        limits: Limits,
+    ) -> Result<Vec<Outcome>, SpoolError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut count, mut total): (i64, i64) =
+            tx.query_row("SELECT messages, bytes FROM totals", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let max = limits.max_bytes as i64;
+        let (mut received, mut refused, mut dropped, mut dropped_bytes) = (0u64, 0u64, 0u64, 0i64);
+        let mut out = Vec::with_capacity(batch.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (stream, received_ms, size, payload) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut oldest = tx.prepare_cached(
+                "SELECT seq, size FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 256",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM messages WHERE seq <= ?1")?;
+            for m in batch {
+                let size = m.size() as i64;
+                if size > max {
+                    refused += 1;
+                    out.push(Outcome::Refused(format!(
+                        "message of {size} bytes exceeds the whole spool (export.spool.max.bytes = {max})"
+                    )));
+                    continue;
+                }
+                if total + size > max {
+                    match limits.policy {
+                        FullPolicy::RefuseNew => {
+                            refused += 1;
+                            out.push(Outcome::Refused(format!(
+                                "export spool full ({total} of {max} bytes, {count} messages \
+                                 waiting for the upstream); policy refuse-new"
+                            )));
+                            continue;
+                        }
+                        FullPolicy::DropOldest => {
+                            // Free the oldest rows until the new one fits.
+                            let mut through = 0i64;
+                            while total + size > max {
+                                let rows: Vec<(i64, i64)> = oldest
+                                    .query_map([through], |r| Ok((r.get(0)?, r.get(1)?)))?
+                                    .collect::<Result<_, _>>()?;
+                                if rows.is_empty() {
+                                    break;
+                                }
+                                for (seq, sz) in rows {
+                                    if total + size <= max {
+                                        break;
+                                    }
+                                    through = seq;
+                                    total -= sz;
+                                    count -= 1;
+                                    dropped += 1;
+                                    dropped_bytes += sz;
+                                }
+                            }
+                            delete.execute([through])?;
+                        }
+                    }
+                }
+                insert.execute(params![m.stream, m.received_ms, size, &m.payload[..]])?;
+                total += size;
+                count += 1;
+                received += 1;
+                out.push(Outcome::Spooled(tx.last_insert_rowid()));
+            }
+        }
+        tx.execute(
+            "UPDATE totals SET messages = ?1, bytes = ?2",
+            params![count, total],
+        )?;
+        add_counters(
+            &tx,
+            &[
+                (counter::RECEIVED, received),
+                (counter::REFUSED, refused),
+                (counter::DROPPED_OLDEST, dropped),
+                (counter::DROPPED_OLDEST_BYTES, dropped_bytes as u64),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Up to `limit` messages after `after`, in order.
+    pub fn read_after(&self, after: i64, limit: usize) -> Result<Vec<Row>, SpoolError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, stream, received_ms, payload FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = st
+            .query_map(params![after, limit as i64], |r| {
+                Ok(Row {
+                    seq: r.get(0)?,
+                    stream: r.get(1)?,
+                    received_ms: r.get(2)?,
+                    payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records that messages up to `seq` may have reached the upstream
+    /// (before they are sent): after a crash, sending them again is counted
+    /// as a possible duplicate.
+    /// `resent` of them were sent before (counted now, before they go out,
+    /// so a crash cannot lose the count: it is an upper bound).
+    pub fn mark_sent(&mut self, seq: i64, resent: u64) -> Result<(), SpoolError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE meta SET value = CAST(max(CAST(value AS INTEGER), ?1) AS TEXT) WHERE key = 'sent-through'",
+            [seq],
+        )?;
+        add_counters(&tx, &[(counter::RESENT, resent)])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn sent_through(&self) -> Result<i64, SpoolError> {
+        let v: String = self.conn.query_row(
+            "SELECT value FROM meta WHERE key = 'sent-through'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(v.parse().unwrap_or(0))
+    }
+
+    /// Removes the acknowledged messages `first..=last` (all of that range
+    /// still in the spool was sent: newer messages get higher numbers) and
+    /// counts them.
+    pub fn remove_acked(
+        &mut self,
+        first: i64,
+        last: i64,
+        acked: u64,
+        duplicates: u64,
+    ) -> Result<u64, SpoolError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let removed = delete_range(&tx, first, last)?;
+        add_counters(
+            &tx,
+            &[
+                (counter::FORWARDED, acked),
+                (counter::DUPLICATES, duplicates),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Deletes messages received before `cutoff_ms`, oldest first, stopping
+    /// at the first younger one. Returns how many were expired.
+    pub fn expire(&mut self, cutoff_ms: i64) -> Result<u64, SpoolError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut through = 0i64;
+        let mut first = None;
+        {
+            let mut st = tx.prepare_cached(
+                "SELECT seq, received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 512",
+            )?;
+            'scan: loop {
+                let rows: Vec<(i64, i64)> = st
+                    .query_map([through], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                if rows.is_empty() {
+                    break;
+                }
+                for (seq, at) in rows {
+                    if at >= cutoff_ms {
+                        break 'scan;
+                    }
+                    first.get_or_insert(seq);
+                    through = seq;
+                }
+            }
+        }
+        let Some(first) = first else {
+            return Ok(0);
+        };
+        let n = delete_range(&tx, first, through)?;
+        add_counters(&tx, &[(counter::EXPIRED, n)])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Spooled messages and bytes (cheap: the running totals).
+    pub fn backlog(&self) -> Result<(u64, u64), SpoolError> {
+        let (m, b): (i64, i64) =
+            self.conn
+                .query_row("SELECT messages, bytes FROM totals", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        Ok((m as u64, b as u64))
+    }
+
+    /// Totals, oldest message, per-stream backlog and counters.
+    pub fn snapshot(&self) -> Result<Snapshot, SpoolError> {
+        let (messages, bytes): (i64, i64) =
+            self.conn
+                .query_row("SELECT messages, bytes FROM totals", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        let oldest_ms = self
+            .conn
+            .query_row(
+                "SELECT received_ms FROM messages ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut streams = BTreeMap::new();
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT stream, count(*) FROM messages GROUP BY stream")?;
+        for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (s, n) = r?;
+            streams.insert(s, n as u64);
+        }
+        let mut counters: BTreeMap<String, u64> =
+            counter::ALL.iter().map(|c| (c.to_string(), 0)).collect();
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT name, value FROM counters")?;
+        for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (k, v) = r?;
+            counters.insert(k, v as u64);
+        }
+        Ok(Snapshot {
+            messages: messages as u64,
+            bytes: bytes as u64,
+            oldest_ms,
+            streams,
+            counters,
+        })
+    }
+
+    /// Stores the daemon's last status document (rates, upstream state) for
+    /// `iot-agent export status`.
+    pub fn put_status(&mut self, doc: &str) -> Result<(), SpoolError> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('status', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [doc],
+        )?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Option<String>, SpoolError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'status'", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+}
+
+fn delete_range(tx: &rusqlite::Transaction, first: i64, last: i64) -> Result<u64, SpoolError> {
+    let (n, bytes): (i64, i64) = {
+        let mut st =
+            tx.prepare_cached("DELETE FROM messages WHERE seq BETWEEN ?1 AND ?2 RETURNING size")?;
+        let sizes: Vec<i64> = st
+            .query_map([first, last], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        (sizes.len() as i64, sizes.iter().sum())
+    };
+    if n > 0 {
+        tx.execute(
+            "UPDATE totals SET messages = messages - ?1, bytes = bytes - ?2",
+            [n, bytes],
+        )?;
+    }
+    Ok(n as u64)
+}
+
+fn add_counters(tx: &rusqlite::Transaction, adds: &[(&str, u64)]) -> Result<(), SpoolError> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO counters (name, value) VALUES (?1, ?2) \
+         ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+    )?;
+    for (name, v) in adds.iter().filter(|(_, v)| *v > 0) {
+        st.execute(params![name, *v as i64])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &tempfile::TempDir) -> Spool {
+        Spool::open(&dir.path().join("s/export.db"), Durability::Full).unwrap()
+    }
+
+    fn msg(stream: &str, n: usize) -> NewMessage {
+        NewMessage::new(stream, vec![b'x'; n])
+    }
+
+    fn lim(max_bytes: u64, policy: FullPolicy) -> Limits {
+        Limits { max_bytes, policy }
+    }
+
+    #[test]
+    fn batches_keep_order_and_totals() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(&d);
+        let out = s
+            .insert_batch(
+                &[msg("a", 10), msg("b", 10), msg("a", 10)],
+                lim(1000, FullPolicy::RefuseNew),
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Spooled(1),
+                Outcome::Spooled(2),
+                Outcome::Spooled(3)
+            ]
+        );
+        let rows = s.read_after(0, 10).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        let snap = s.snapshot().unwrap();
+        assert_eq!((snap.messages, snap.bytes), (3, 33));
+        assert_eq!(snap.streams["a"], 2);
+        assert_eq!(s.remove_acked(1, 2, 2, 0).unwrap(), 2);
+        let snap = s.snapshot().unwrap();
+        assert_eq!((snap.messages, snap.bytes), (1, 11));
+        assert_eq!(snap.counters[counter::FORWARDED], 2);
+        // Numbers are never reused, even after the newest row is deleted.
+        s.remove_acked(3, 3, 1, 0).unwrap();
+        let out = s
+            .insert_batch(&[msg("a", 1)], lim(1000, FullPolicy::RefuseNew))
+            .unwrap();
+        assert_eq!(out, vec![Outcome::Spooled(4)]);
+    }
+
+    #[test]
+    fn refuse_new_refuses_and_counts() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(&d);
+        let l = lim(25, FullPolicy::RefuseNew);
+        let out = s
+            .insert_batch(&[msg("a", 9), msg("a", 9), msg("a", 9)], l)
+            .unwrap();
+        assert!(matches!(out[2], Outcome::Refused(ref why) if why.contains("full")));
+        let out = s.insert_batch(&[msg("a", 100)], l).unwrap();
+        assert!(matches!(out[0], Outcome::Refused(ref why) if why.contains("exceeds")));
+        let snap = s.snapshot().unwrap();
+        assert_eq!(snap.messages, 2);
+        assert_eq!(snap.counters[counter::REFUSED], 2);
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_counts() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(&d);
+        let l = lim(30, FullPolicy::DropOldest);
+        for _ in 0..5 {
+            s.insert_batch(&[msg("a", 9)], l).unwrap();
+        }
+        let snap = s.snapshot().unwrap();
+        assert_eq!((snap.messages, snap.bytes), (3, 30));
+        assert_eq!(snap.counters[counter::DROPPED_OLDEST], 2);
+        assert_eq!(snap.counters[counter::DROPPED_OLDEST_BYTES], 20);
+        let seqs: Vec<i64> = s.read_after(0, 10).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn expiry_removes_old_messages_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(&d);
+        let mut old = msg("a", 1);
+        old.received_ms = 1000;
+        s.insert_batch(
+            &[old.clone(), old, msg("a", 1)],
+            lim(100, FullPolicy::DropOldest),
+        )
+        .unwrap();
+        assert_eq!(s.expire(now_ms() - 60_000).unwrap(), 2);
+        let snap = s.snapshot().unwrap();
+        assert_eq!((snap.messages, snap.counters[counter::EXPIRED]), (1, 2));
+        assert_eq!(s.expire(now_ms() - 60_000).unwrap(), 0);
+    }
+
+    #[test]
+    fn reopening_keeps_id_and_data_and_read_only_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let id = {
+            let mut s = open(&d);
+            s.insert_batch(&[msg("a", 3)], lim(100, FullPolicy::DropOldest))
+                .unwrap();
+            s.mark_sent(1, 0).unwrap();
+            s.id().to_string()
+        };
+        assert_eq!(id.len(), 16);
+        let s = open(&d);
+        assert_eq!(s.id(), id);
+        assert_eq!(s.sent_through().unwrap(), 1);
+        let ro = Spool::open_read_only(&d.path().join("s/export.db")).unwrap();
+        assert_eq!(ro.snapshot().unwrap().messages, 1);
+        assert!(Spool::open_read_only(&d.path().join("none.db")).is_err());
+    }
+}

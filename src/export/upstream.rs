@@ -1,0 +1,395 @@
+//! Connections to the upstream broker: NATS JetStream or MQTT (QoS 1).
+//!
+//! A [`Session`] is one connection. It never reconnects by itself, on
+//! purpose: both clients would otherwise re-send what they had queued when
+//! the link came back, behind the forwarder's back and possibly after a
+//! message that was lost in the cut, which breaks order. When anything
+//! fails the forwarder drops the session (nothing more leaves it) and opens
+//! a new one that starts again from the oldest unacknowledged message.
+
+use super::spool::Row;
+use crate::config::values::UpstreamKind;
+use crate::config::ExportUpstream;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on connecting (TCP, TLS, protocol handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one acknowledgement.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stands for "never": the delay before a dead NATS connection would retry.
+const NEVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("export.upstream.url is not set")]
+    NoUrl,
+    #[error("cannot connect to the upstream {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("cannot set up JetStream stream {stream}: {detail}")]
+    Stream { stream: String, detail: String },
+    #[error("cannot read export.upstream.ca {path}: {detail}")]
+    Ca { path: String, detail: String },
+    #[error("upstream publish failed: {0}")]
+    Publish(String),
+}
+
+/// What the upstream said about one message.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    /// JetStream recognised the `Nats-Msg-Id` and did not store it again.
+    pub duplicate: bool,
+}
+
+/// Resolves when the upstream acknowledged (or refused) one message.
+pub type AckFuture = BoxFuture<'static, Result<Ack, String>>;
+
+pub enum Session {
+    Nats(NatsSession),
+    Mqtt(MqttSession),
+}
+
+impl Session {
+    pub async fn connect(cfg: &ExportUpstream, window: usize) -> Result<Session, UpstreamError> {
+        match cfg.url.kind() {
+            None => Err(UpstreamError::NoUrl),
+            Some(UpstreamKind::Nats { tls }) => {
+                Ok(Session::Nats(NatsSession::connect(cfg, tls).await?))
+            }
+            Some(UpstreamKind::Mqtt { tls }) => {
+                Ok(Session::Mqtt(MqttSession::connect(cfg, tls, window).await?))
+            }
+        }
+    }
+
+    /// Hands one message to the connection; the future resolves with the
+    /// upstream's acknowledgement. Messages go out in call order.
+    pub async fn publish(&mut self, row: &Row, msg_id: &str) -> Result<AckFuture, UpstreamError> {
+        match self {
+            Session::Nats(s) => s.publish(row, msg_id).await,
+            Session::Mqtt(s) => s.publish(row).await,
+        }
+    }
+
+    /// Whether the upstream de-duplicates re-sent messages.
+    pub fn deduplicates(&self) -> bool {
+        matches!(self, Session::Nats(_))
+    }
+
+    /// Cancelled as soon as the connection is lost: the forwarder ends the
+    /// session at once instead of waiting for acknowledgements that cannot
+    /// come.
+    pub fn lost(&self) -> CancellationToken {
+        match self {
+            Session::Nats(s) => s.lost.clone(),
+            Session::Mqtt(s) => s.lost.clone(),
+        }
+    }
+}
+
+/// The upstream subject (NATS) of a stream.
+pub fn nats_subject(prefix: &str, stream: &str) -> String {
+    if prefix.is_empty() {
+        stream.to_string()
+    } else {
+        format!("{prefix}.{stream}")
+    }
+}
+
+/// The upstream topic (MQTT) of a stream: the NATS form with `/` for `.`.
+pub fn mqtt_topic(prefix: &str, stream: &str) -> String {
+    nats_subject(prefix, stream).replace('.', "/")
+}
+
+// ------------------------------------------------------------- NATS ---
+
+pub struct NatsSession {
+    js: async_nats::jetstream::Context,
+    lost: CancellationToken,
+    prefix: String,
+}
+
+impl NatsSession {
+    async fn connect(cfg: &ExportUpstream, tls: bool) -> Result<NatsSession, UpstreamError> {
+        let url = cfg.url.as_str().to_string();
+        let err = |detail: String| UpstreamError::Connect {
+            url: url.clone(),
+            detail,
+        };
+        // Once connected, a lost connection is never re-established by the
+        // client (see the module doc): one attempt, after "never".
+        let established = Arc::new(AtomicBool::new(false));
+        let lost = CancellationToken::new();
+        let on_event = lost.clone();
+        let flag = established.clone();
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("iot-agent-export")
+            .connection_timeout(CONNECT_TIMEOUT)
+            .max_reconnects(1)
+            .reconnect_delay_callback(move |_| {
+                if flag.load(Ordering::SeqCst) {
+                    NEVER
+                } else {
+                    Duration::ZERO
+                }
+            })
+            .event_callback(move |e| {
+                let lost = on_event.clone();
+                async move {
+                    if matches!(e, async_nats::Event::Disconnected) {
+                        lost.cancel();
+                    }
+                    tracing::debug!(event = %e, "export upstream NATS event")
+                }
+            });
+        if !cfg.user.is_empty() {
+            opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
+        }
+        if tls {
+            opts = opts.require_tls(true);
+        }
+        if let Some(ca) = cfg.ca.path() {
+            opts = opts.add_root_certificates(ca.to_path_buf());
+        }
+        let client = tokio::time::timeout(CONNECT_TIMEOUT * 2, opts.connect(url.as_str()))
+            .await
+            .map_err(|_| err("timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        established.store(true, Ordering::SeqCst);
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(ACK_TIMEOUT)
+            .build(client);
+        if !cfg.stream.is_empty() {
+            let subjects = vec![format!("{}.>", cfg.upstream_prefix())];
+            js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: cfg.stream.clone(),
+                subjects,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| UpstreamError::Stream {
+                stream: cfg.stream.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(NatsSession {
+            js,
+            lost,
+            prefix: cfg.upstream_prefix(),
+        })
+    }
+
+    async fn publish(&mut self, row: &Row, msg_id: &str) -> Result<AckFuture, UpstreamError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        headers.insert("Export-Stream", row.stream.as_str());
+        headers.insert("Export-Received-Ms", row.received_ms.to_string().as_str());
+        let ack = self
+            .js
+            .publish_with_headers(
+                nats_subject(&self.prefix, &row.stream),
+                headers,
+                row.payload.clone(),
+            )
+            .await
+            .map_err(|e| UpstreamError::Publish(e.to_string()))?;
+        Ok(async move {
+            ack.await
+                .map(|a| Ack {
+                    duplicate: a.duplicate,
+                })
+                .map_err(|e| e.to_string())
+        }
+        .boxed())
+    }
+}
+
+// ------------------------------------------------------------- MQTT ---
+
+type Waiter = oneshot::Sender<Result<Ack, String>>;
+
+/// Publishes waiting for their packet id, then for their PUBACK.
+#[derive(Default)]
+struct Pending {
+    queued: VecDeque<Waiter>,
+    by_pkid: HashMap<u16, Waiter>,
+    dead: Option<String>,
+    lost: CancellationToken,
+}
+
+impl Pending {
+    fn fail_all(&mut self, why: &str) {
+        self.dead = Some(why.to_string());
+        self.lost.cancel();
+        for w in self
+            .queued
+            .drain(..)
+            .chain(self.by_pkid.drain().map(|(_, w)| w))
+        {
+            let _ = w.send(Err(why.to_string()));
+        }
+    }
+}
+
+pub struct MqttSession {
+    client: rumqttc::AsyncClient,
+    lost: CancellationToken,
+    pending: Arc<Mutex<Pending>>,
+    prefix: String,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MqttSession {
+    fn drop(&mut self) {
+        // Dropping the event loop closes the socket: nothing is re-sent.
+        self.driver.abort();
+    }
+}
+
+impl MqttSession {
+    async fn connect(
+        cfg: &ExportUpstream,
+        tls: bool,
+        window: usize,
+    ) -> Result<MqttSession, UpstreamError> {
+        let url = cfg.url.as_str().to_string();
+        let err = |detail: String| UpstreamError::Connect {
+            url: url.clone(),
+            detail,
+        };
+        let (host, port) = cfg.url.host_port().ok_or_else(|| err("no host".into()))?;
+        let mut opts = rumqttc::MqttOptions::new(cfg.client.clone(), host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        // The spool, not the broker's session, is what survives a cut.
+        opts.set_clean_session(true);
+        opts.set_inflight(window.clamp(1, u16::MAX as usize) as u16);
+        opts.set_max_packet_size(
+            super::intake::MAX_PAYLOAD + 64 * 1024,
+            super::intake::MAX_PAYLOAD + 64 * 1024,
+        );
+        if !cfg.user.is_empty() {
+            opts.set_credentials(cfg.user.clone(), cfg.password.clone());
+        }
+        if tls {
+            opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                Arc::new(tls_config(cfg)?),
+            )));
+        }
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, window.max(10));
+        let connack = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connack)
+            .await
+            .map_err(|_| err("no CONNACK in time".into()))?
+            .map_err(err)?;
+        let lost = CancellationToken::new();
+        let pending = Arc::new(Mutex::new(Pending {
+            lost: lost.clone(),
+            ..Default::default()
+        }));
+        let p = pending.clone();
+        let driver = tokio::spawn(async move {
+            use rumqttc::{Event, Outgoing, Packet};
+            loop {
+                let ev = eventloop.poll().await;
+                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                match ev {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(w) = p.queued.pop_front() {
+                            p.by_pkid.insert(pkid, w);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(w) = p.by_pkid.remove(&ack.pkid) {
+                            let _ = w.send(Ok(Ack { duplicate: false }));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        p.fail_all(&format!("MQTT connection lost: {e}"));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(MqttSession {
+            client,
+            lost,
+            pending,
+            prefix: cfg.upstream_prefix(),
+            driver,
+        })
+    }
+
+    async fn publish(&mut self, row: &Row) -> Result<AckFuture, UpstreamError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = &p.dead {
+                return Err(UpstreamError::Publish(why.clone()));
+            }
+            p.queued.push_back(tx);
+        }
+        self.client
+            .publish(
+                mqtt_topic(&self.prefix, &row.stream),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                row.payload.clone(),
+            )
+            .await
+            .map_err(|e| UpstreamError::Publish(e.to_string()))?;
+        Ok(async move {
+            rx.await
+                .unwrap_or_else(|_| Err("MQTT session closed".to_string()))
+        }
+        .boxed())
+    }
+}
+
+/// rustls with ring: the system's roots plus `export.upstream.ca`.
+fn tls_config(cfg: &ExportUpstream) -> Result<rustls::ClientConfig, UpstreamError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(ca) = cfg.ca.path() {
+        let ca_err = |detail: String| UpstreamError::Ca {
+            path: ca.display().to_string(),
+            detail,
+        };
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| ca_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_err("no certificate in it".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| ca_err(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamError::Connect {
+            url: cfg.url.as_str().into(),
+            detail: e.to_string(),
+        })
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}

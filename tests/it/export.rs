@@ -1,0 +1,553 @@
+//! Export end to end: the real `iot-agent` binary between a device-local
+//! nats-server (intake) and a real upstream (nats-server with JetStream,
+//! mosquitto), with the upstream stopped mid-stream and the agent killed
+//! with SIGKILL while producers send. Every acknowledged message must
+//! arrive, in order, with no gap; duplicates only where the upstream cannot
+//! de-duplicate (MQTT), and no more than the agent counted as re-sent.
+
+use crate::common::agent_proc::{run_once, AgentProcess};
+use crate::common::poll_until;
+use crate::common::servers::{free_port, Mosquitto, NatsConfig, NatsServer, NatsUser};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const AGENT_PASSWORD: &str = "agent-pw";
+const APP_PASSWORD: &str = "app-pw";
+/// Upstream JetStream stream the agent creates (`export.upstream.stream`).
+const JS_STREAM: &str = "TELEMETRY";
+
+/// The device-local NATS: the agent's user, and an application that may
+/// only publish into the intake (and receive its answers).
+fn local_nats() -> NatsServer {
+    NatsServer::start(NatsConfig {
+        users: vec![
+            NatsUser::new("snapd", AGENT_PASSWORD),
+            NatsUser::new("app", APP_PASSWORD)
+                .publish(vec!["export.>"])
+                .subscribe(vec!["_INBOX.>"]),
+        ],
+        ..Default::default()
+    })
+}
+
+fn agent_env(
+    dir: &Path,
+    local: &NatsServer,
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        (
+            "IOT_AGENT_DIRS__DATA",
+            dir.join("data").display().to_string(),
+        ),
+        (
+            "IOT_AGENT_DIRS__COMMON",
+            dir.join("common").display().to_string(),
+        ),
+        ("IOT_AGENT_URL", format!("http://127.0.0.1:{}", free_port())),
+        (
+            "IOT_AGENT_SNAPD__SOCKET",
+            dir.join("no-snapd.socket").display().to_string(),
+        ),
+        ("IOT_AGENT_NATS__URL", local.url()),
+        ("IOT_AGENT_NATS__SNAPD__PASSWORD", AGENT_PASSWORD.into()),
+        ("IOT_AGENT_EXPORT__ENABLED", "true".into()),
+        ("IOT_AGENT_EXPORT__STATUS__INTERVAL", "200ms".into()),
+        ("IOT_AGENT_EXPORT__BATCH__FORWARD", "64".into()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+fn start_agent(env: &[(&'static str, String)]) -> AgentProcess {
+    let mut agent = AgentProcess::start(env);
+    agent.wait_for("export intake listening");
+    agent
+}
+
+fn kill_and_restart(agent: &mut AgentProcess, env: &[(&'static str, String)]) {
+    agent.signal("KILL");
+    agent.wait_exit();
+    *agent = start_agent(env);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn app_client(local: &NatsServer) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password("app".into(), APP_PASSWORD.into())
+        .request_timeout(Some(Duration::from_secs(3)))
+        .connect(local.url())
+        .await
+        .unwrap()
+}
+
+fn payload(i: u64) -> String {
+    // ~200 bytes, the number first.
+    format!("{i:08}:{}", "x".repeat(190))
+}
+
+fn number(p: &[u8]) -> u64 {
+    std::str::from_utf8(&p[..8]).unwrap().parse().unwrap()
+}
+
+/// Sends `from..to` on `export.{stream}` as requests, each retried until the
+/// agent answers ok (it may be dead or restarting). Returns how many
+/// retries happened after an unanswered request: the message may then be
+/// spooled twice, which is the producer's duplicate, not the agent's.
+async fn produce(
+    client: &async_nats::Client,
+    stream: &str,
+    from: u64,
+    to: u64,
+    progress: &AtomicU64,
+) -> u64 {
+    let subject = format!("export.{stream}");
+    let mut ambiguous = 0;
+    for i in from..to {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(Instant::now() < deadline, "message {i} never acknowledged");
+            match client.request(subject.clone(), payload(i).into()).await {
+                Ok(m) => {
+                    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                    assert_eq!(v["ok"], true, "{v}");
+                    break;
+                }
+                Err(e) => {
+                    if e.kind() == async_nats::RequestErrorKind::TimedOut {
+                        ambiguous += 1;
+                    }
+                    // The agent is down or restarting: retry (back-off only).
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        progress.store(i + 1, Ordering::SeqCst);
+    }
+    ambiguous
+}
+
+/// Every number 0..n in order with no gap; a number at or below the highest
+/// seen so far is a duplicate. Returns the duplicates.
+fn check_in_order(received: &[u64], n: u64) -> u64 {
+    let mut next = 0;
+    let mut dups = 0;
+    for (pos, &v) in received.iter().enumerate() {
+        if v < next {
+            dups += 1;
+        } else {
+            assert_eq!(
+                v, next,
+                "gap or reorder at position {pos}: got {v}, expected {next}"
+            );
+            next += 1;
+        }
+    }
+    assert_eq!(next, n, "not every message arrived");
+    dups
+}
+
+fn wait_progress(progress: &AtomicU64, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    poll_until(deadline, || {
+        (progress.load(Ordering::SeqCst) >= at_least).then_some(())
+    })
+    .unwrap_or_else(|| panic!("producer stuck below {at_least}"));
+}
+
+fn export_status(env: &[(&'static str, String)]) -> serde_json::Value {
+    let out = run_once(&["export", "status", "--json"], env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// All messages of the upstream JetStream stream, in stream order.
+async fn read_jetstream(url: &str) -> Vec<u64> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(JS_STREAM).await else {
+        return Vec::new();
+    };
+    let info = stream.info().await.unwrap();
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return out;
+    }
+    for seq in first..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        assert!(m.headers.get("Nats-Msg-Id").is_some());
+        out.push(number(&m.payload));
+    }
+    out
+}
+
+/// Waits (tight polling, bounded) until the upstream stream holds more than
+/// `more_than` messages; returns how many it held.
+async fn wait_stream_grows(url: &str, more_than: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        assert!(Instant::now() < deadline, "upstream not reachable");
+        if let Ok(c) = async_nats::connect(url).await {
+            break c;
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    loop {
+        assert!(Instant::now() < deadline, "the backlog was not forwarded");
+        if let Ok(mut st) = js.get_stream(JS_STREAM).await {
+            if let Ok(info) = st.info().await {
+                if info.state.messages > more_than {
+                    return info.state.messages;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn jetstream_upstream_cut_mid_stream_and_agent_killed_repeatedly_loses_nothing() {
+    const N: u64 = 2200;
+    let local = local_nats();
+    let mut upstream = NatsServer::start(NatsConfig {
+        jetstream: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[
+            ("IOT_AGENT_EXPORT__UPSTREAM__URL", upstream.url()),
+            ("IOT_AGENT_EXPORT__UPSTREAM__STREAM", JS_STREAM.into()),
+        ],
+    );
+    let mut agent = start_agent(&env);
+    let rt = runtime();
+    let client = rt.block_on(app_client(&local));
+    let progress = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (client, progress) = (client.clone(), progress.clone());
+        rt.spawn(async move { produce(&client, "s1", 0, N, &progress).await })
+    };
+
+    // The upstream goes away while producers send; the agent is killed
+    // while it is away: the backlog must survive.
+    wait_progress(&progress, 200);
+    upstream.stop();
+    wait_progress(&progress, 600);
+    kill_and_restart(&mut agent, &env);
+    wait_progress(&progress, 1400);
+    // Back, and killed again while the backlog drains, with messages in
+    // flight (cut as soon as JetStream got part of the backlog).
+    upstream.restart();
+    let at_cut = rt.block_on(wait_stream_grows(&upstream.url(), 300));
+    upstream.stop();
+    eprintln!("jetstream: upstream cut while draining, {at_cut} of >1400 stored");
+    upstream.restart();
+    agent.wait_for("export upstream connected");
+    // The agent killed again and again while producing and forwarding.
+    for at in [1600, 1800, 2000] {
+        wait_progress(&progress, at);
+        kill_and_restart(&mut agent, &env);
+    }
+    let ambiguous = rt.block_on(producer).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let received = poll_until(deadline, || {
+        let r = rt.block_on(read_jetstream(&upstream.url()));
+        let distinct: std::collections::BTreeSet<u64> = r.iter().copied().collect();
+        (distinct.len() as u64 == N).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("not all {N} messages reached JetStream"));
+    let dups = check_in_order(&received, N);
+    // JetStream drops the agent's re-sends by Nats-Msg-Id: only a producer's
+    // own retry of an unanswered request can appear twice.
+    assert!(
+        dups <= ambiguous,
+        "{dups} duplicates, {ambiguous} producer retries"
+    );
+
+    let st = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let st = export_status(&env);
+        (st["backlog"]["messages"] == 0).then_some(st)
+    })
+    .expect("backlog not drained");
+    let c = &st["counters"];
+    eprintln!("jetstream: {dups} duplicates, {ambiguous} producer retries, counters {c}");
+    assert!(c["forwarded"].as_u64().unwrap() >= N, "{st}");
+    assert_eq!(c["dropped-oldest"], 0, "{st}");
+    assert_eq!(c["refused"], 0, "{st}");
+    assert_eq!(agent.count("panicked"), 0);
+}
+
+/// A test subscriber on the MQTT upstream that re-subscribes whenever the
+/// broker lost its session, and records every payload.
+struct MqttChecker {
+    received: Arc<Mutex<Vec<u64>>>,
+    subscribed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttChecker {
+    fn start(rt: &tokio::runtime::Runtime, port: u16) -> MqttChecker {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(AtomicU64::new(0));
+        let (r, s) = (received.clone(), subscribed.clone());
+        let task = rt.spawn(async move {
+            use rumqttc::{Event, Packet, QoS};
+            let mut opts = rumqttc::MqttOptions::new("checker", "127.0.0.1", port);
+            opts.set_clean_session(false);
+            let (client, mut ev) = rumqttc::AsyncClient::new(opts, 100);
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe("telemetry/#", QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        s.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        r.lock().unwrap().push(number(&p.payload));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        MqttChecker {
+            received,
+            subscribed,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    fn wait_subscribed(&self, times: u64) {
+        poll_until(Instant::now() + Duration::from_secs(30), || {
+            (self.subscribed.load(Ordering::SeqCst) >= times).then_some(())
+        })
+        .expect("checker did not subscribe");
+    }
+
+    /// Waits until `n` distinct numbers arrived.
+    fn wait_distinct(&self, n: u64) -> Vec<u64> {
+        poll_until(Instant::now() + Duration::from_secs(90), || {
+            let r = self.received.lock().unwrap().clone();
+            let distinct: std::collections::BTreeSet<u64> = r.iter().copied().collect();
+            (distinct.len() as u64 >= n).then_some(r)
+        })
+        .unwrap_or_else(|| panic!("fewer than {n} messages reached the MQTT subscriber"))
+    }
+}
+
+#[test]
+fn mqtt_upstream_outage_and_agent_kills_deliver_everything_in_order_with_counted_resends() {
+    const N: u64 = 1200;
+    let local = local_nats();
+    let mut broker = Mosquitto::start_plain();
+    let dir = tempfile::tempdir().unwrap();
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[("IOT_AGENT_EXPORT__UPSTREAM__URL", broker.url())],
+    );
+    let rt = runtime();
+    let checker = MqttChecker::start(&rt, broker.port());
+    checker.wait_subscribed(1);
+    let mut agent = start_agent(&env);
+    let client = rt.block_on(app_client(&local));
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut ambiguous = rt.block_on(produce(&client, "s1", 0, 300, &progress));
+    checker.wait_distinct(300);
+
+    // The broker goes away (mosquitto without persistence would lose what
+    // it acknowledged but had not delivered, so it is cut between messages;
+    // cuts with messages in flight are the JetStream test's). The agent
+    // keeps taking messages, is killed with the upstream down, and sends
+    // the backlog once both are back.
+    broker.stop();
+    ambiguous += rt.block_on(produce(&client, "s1", 300, 600, &progress));
+    agent.signal("KILL");
+    agent.wait_exit();
+    broker.restart();
+    checker.wait_subscribed(2);
+    agent = start_agent(&env);
+
+    // Killed repeatedly while producing and forwarding.
+    let producer = {
+        let (client, progress) = (client.clone(), progress.clone());
+        rt.spawn(async move { produce(&client, "s1", 600, N, &progress).await })
+    };
+    for at in [750, 900, 1050] {
+        wait_progress(&progress, at);
+        kill_and_restart(&mut agent, &env);
+    }
+    ambiguous += rt.block_on(producer).unwrap();
+    let received = checker.wait_distinct(N);
+    // Let the backlog drain, then compare duplicates with what the agent
+    // counted as re-sent.
+    let st = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let st = export_status(&env);
+        (st["backlog"]["messages"] == 0).then_some(st)
+    })
+    .expect("backlog not drained");
+    let received_now = checker.received.lock().unwrap().clone();
+    assert!(received_now.len() >= received.len());
+    let dups = check_in_order(&received_now, N);
+    let resent = st["counters"]["resent"].as_u64().unwrap();
+    eprintln!(
+        "mqtt: {dups} duplicates, {resent} counted re-sends, {ambiguous} producer retries, counters {}",
+        st["counters"]
+    );
+    assert!(
+        dups <= resent + ambiguous,
+        "{dups} duplicates but only {resent} counted re-sends and {ambiguous} producer retries"
+    );
+    assert!(checker.count() as u64 >= N);
+    checker.task.abort();
+}
+
+#[test]
+fn refuse_new_answers_the_producer_with_an_error_and_counts_it() {
+    let local = local_nats();
+    let dir = tempfile::tempdir().unwrap();
+    // No upstream: everything stays in a spool that holds about ten messages.
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[
+            ("IOT_AGENT_EXPORT__SPOOL__MAX__BYTES", "2100".into()),
+            ("IOT_AGENT_EXPORT__SPOOL__FULL", "refuse-new".into()),
+        ],
+    );
+    let _agent = start_agent(&env);
+    let rt = runtime();
+    let (accepted, refusal) = rt.block_on(async {
+        let client = app_client(&local).await;
+        let mut accepted = 0;
+        for i in 0..15u64 {
+            let m = loop {
+                match client.request("export.s1", payload(i).into()).await {
+                    Ok(m) => break m,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["ok"] == true {
+                accepted += 1;
+            } else {
+                return (accepted, v);
+            }
+        }
+        panic!("the spool never filled up");
+    });
+    assert_eq!(accepted, 10);
+    assert!(
+        refusal["error"].as_str().unwrap().contains("full"),
+        "{refusal}"
+    );
+    // A bad stream name gets an answer too.
+    let bad = rt.block_on(async {
+        let client = app_client(&local).await;
+        client.request("export.a b", "x".into()).await
+    });
+    if let Ok(m) = bad {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+    }
+    let st = export_status(&env);
+    assert_eq!(st["backlog"]["messages"], 10, "{st}");
+    assert_eq!(st["counters"]["refused"], 1, "{st}");
+    assert_eq!(st["limits"]["full"], "refuse-new");
+    // The same is published on the health subject.
+    let published = rt.block_on(async {
+        use futures::StreamExt;
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            "snapd".into(),
+            AGENT_PASSWORD.into(),
+        )
+        .connect(local.url())
+        .await
+        .unwrap();
+        let mut sub = c.subscribe("iot.agent.export.status").await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("no status published")
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()
+    });
+    assert_eq!(published["backlog"]["messages"], 10, "{published}");
+    assert_eq!(published["counters"]["refused"], 1, "{published}");
+    assert!(published["backlog"]["oldest-age-s"].as_f64().is_some());
+    // The CLI is refused the same way, with a non-zero exit.
+    let out = run_once(&["export", "send", "--stream", "s1", &payload(99)], &env);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("full"));
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_and_forwards_them_in_order() {
+    let local = local_nats();
+    let upstream = NatsServer::start(NatsConfig {
+        jetstream: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[
+            ("IOT_AGENT_EXPORT__SPOOL__MAX__BYTES", "2100".into()),
+            ("IOT_AGENT_EXPORT__UPSTREAM__URL", upstream.url()),
+            ("IOT_AGENT_EXPORT__UPSTREAM__STREAM", JS_STREAM.into()),
+        ],
+    );
+    // Scripts spool with the CLI while the daemon is not running, the data
+    // as an argument or from a file.
+    let file = dir.path().join("msg");
+    let f = file.display().to_string();
+    for i in 0..25u64 {
+        let p = payload(i);
+        let args = if i % 2 == 0 {
+            std::fs::write(&file, &p).unwrap();
+            ["export", "send", "--stream", "s1", "--file", &f]
+        } else {
+            ["export", "send", "--stream", "s1", "--", &p]
+        };
+        let out = run_once(&args, &env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let st = export_status(&env);
+    assert_eq!(st["backlog"]["messages"], 10, "{st}");
+    assert_eq!(st["counters"]["dropped-oldest"], 15, "{st}");
+    assert!(!st["daemon"]["running"].as_bool().unwrap());
+
+    let _agent = start_agent(&env);
+    let rt = runtime();
+    let received = poll_until(Instant::now() + Duration::from_secs(60), || {
+        let r = rt.block_on(read_jetstream(&upstream.url()));
+        (r.len() >= 10).then_some(r)
+    })
+    .expect("the kept messages did not arrive");
+    assert_eq!(received, (15..25).collect::<Vec<_>>());
+}
