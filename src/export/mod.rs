@@ -10,7 +10,6 @@
 
 pub mod forward;
 pub mod intake;
-pub mod schema;
 pub mod spool;
 pub mod status;
 pub mod upstream;

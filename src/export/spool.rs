@@ -14,8 +14,8 @@
 //! as each insert and delete, so the byte bound and the full policy are
 //! exact and hold across processes (`iot-agent export send` writes here too).
 
-use super::schema::{self, SchemaError};
 use crate::config::FullPolicy;
+use crate::db::{self, DbError, Migration};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,12 +55,20 @@ pub mod counter {
 /// Bound on SQLite's wait for another writer's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The spool's schema, applied by the shared runner (`crate::db`).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "export/0001_spool.sql",
+    sql: include_str!("../../migrations/export/0001_spool.sql"),
+}];
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("cannot open the export spool {path}: {detail}")]
     Open { path: PathBuf, detail: String },
-    #[error("export spool {path}: {source}")]
-    Schema { path: PathBuf, source: SchemaError },
+    /// Schema trouble (migration, a newer agent's file), with advice.
+    #[error("export spool: {0}")]
+    Schema(#[from] DbError),
     #[error("export spool: {0}")]
     Sqlite(#[from] rusqlite::Error),
 }
@@ -155,7 +163,7 @@ impl Spool {
             std::fs::create_dir_all(dir).map_err(|e| open_err(format!("creating {dir:?}: {e}")))?;
         }
         let existed = path.exists();
-        let mut conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
         if !existed {
             use std::os::unix::fs::PermissionsExt;
             // Telemetry can be sensitive; SQLite gives -wal/-shm the same mode.
@@ -175,10 +183,7 @@ impl Spool {
             Durability::Relaxed => "NORMAL",
         };
         conn.pragma_update(None, "synchronous", sync)?;
-        schema::migrate(&mut conn).map_err(|source| SpoolError::Schema {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        db::migrate(&conn, path, MIGRATIONS)?;
         Spool::finish(conn, path)
     }
 
@@ -200,18 +205,15 @@ impl Spool {
         )
         .map_err(|e| open_err(e.to_string()))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        let found = schema::version(&conn).map_err(|source| SpoolError::Schema {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if found != schema::latest() {
-            return Err(SpoolError::Schema {
+        let found = db::user_version(&conn)?;
+        let known = db::latest(MIGRATIONS);
+        if found != known {
+            return Err(DbError::TooNew {
                 path: path.to_path_buf(),
-                source: SchemaError::TooNew {
-                    found,
-                    known: schema::latest(),
-                },
-            });
+                found,
+                known,
+            }
+            .into());
         }
         Spool::finish(conn, path)
     }
