@@ -13,6 +13,19 @@ pub mod tls;
 pub mod upload_sink;
 
 use std::io::{Read, Write};
+
+/// The agent's NATS settings for a test server: user `snapd` with `password`.
+pub fn agent_nats_config(url: &str, password: &str) -> iot_agent::config::NatsConfig {
+    use iot_agent::config;
+    config::NatsConfig {
+        url: config::NatsUrl::new(url),
+        snapd: config::NatsCredentials {
+            password: password.into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
 use std::path::Path;
 use std::time::{Duration, Instant};
 

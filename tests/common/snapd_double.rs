@@ -337,6 +337,16 @@ impl SnapdDouble {
         self.lock().requests.clone()
     }
 
+    /// How many POSTs reached exactly this path (e.g. `/v2/snaps/x`): how
+    /// often an action really ran.
+    pub fn posts_to(&self, path: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.path_and_query == path)
+            .count()
+    }
+
     /// How many `POST /v2/systems {"action":"reboot"}` were received.
     pub fn reboots(&self) -> usize {
         self.lock().reboots

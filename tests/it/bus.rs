@@ -3,19 +3,7 @@
 use crate::common::servers::{NatsConfig, NatsServer, NatsUser};
 use bytes::Bytes;
 use iot_agent::bus::{topics, Bus, Topic};
-use iot_agent::config;
 use std::time::Duration;
-
-fn nats_config(url: &str, password: &str) -> config::NatsConfig {
-    config::NatsConfig {
-        url: config::NatsUrl::new(url),
-        snapd: config::NatsCredentials {
-            password: password.into(),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
 
 /// Sends a request until it is answered (the connection is established in
 /// the background), bounded.
@@ -51,9 +39,12 @@ async fn request_reply_over_topics_with_user_and_password() {
         users: vec![NatsUser::new("snapd", "s3cret")],
         ..Default::default()
     });
-    let bus = Bus::connect_nats(&nats_config(&server.url(), "s3cret"), "test")
-        .await
-        .unwrap();
+    let bus = Bus::connect_nats(
+        &crate::common::agent_nats_config(&server.url(), "s3cret"),
+        "test",
+    )
+    .await
+    .unwrap();
     let sub = bus
         .subscribe(&Topic::fixed("devices/actions/+/#"))
         .await
@@ -75,9 +66,12 @@ async fn subscriptions_survive_a_server_restart() {
         users: vec![NatsUser::new("snapd", "pw")],
         ..Default::default()
     });
-    let bus = Bus::connect_nats(&nats_config(&server.url(), "pw"), "test")
-        .await
-        .unwrap();
+    let bus = Bus::connect_nats(
+        &crate::common::agent_nats_config(&server.url(), "pw"),
+        "test",
+    )
+    .await
+    .unwrap();
     let topic = Topic::fixed("snapd/v2/system-info/get");
     echo(bus.clone(), bus.subscribe(&topic).await.unwrap());
     request_until_answered(&bus, &topic, b"1").await;
@@ -95,9 +89,12 @@ async fn a_wrong_password_never_connects_and_does_not_fail_start() {
         ..Default::default()
     });
     // connect returns at once: the agent starts and retries in the background.
-    let bus = Bus::connect_nats(&nats_config(&server.url(), "wrong"), "test")
-        .await
-        .unwrap();
+    let bus = Bus::connect_nats(
+        &crate::common::agent_nats_config(&server.url(), "wrong"),
+        "test",
+    )
+    .await
+    .unwrap();
     let r = tokio::time::timeout(
         Duration::from_secs(3),
         bus.request(&Topic::fixed("x"), Bytes::new()),

@@ -476,12 +476,7 @@ async fn repeated_ids_run_once_and_are_answered_again() {
     answers.push(dms.response("dup").await);
     answers.push(dms.response("dup").await);
     assert!(answers.iter().all(|a| a["success"] == true), "{answers:?}");
-    let posts = s
-        .snapd
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST" && r.path_and_query == "/v2/snaps/other")
-        .count();
+    let posts = s.snapd.posts_to("/v2/snaps/other");
     assert_eq!(posts, 1, "the repeated action ran again");
 }
 

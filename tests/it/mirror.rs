@@ -11,7 +11,6 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use iot_agent::bus::{Bus, ConnectionStatus, StatusTx};
-use iot_agent::config;
 use iot_agent::services::mirror::{follow::FollowPolicy, Mirror, Settings};
 use iot_agent::snapd::{self, RetryPolicy};
 use serde_json::{json, Value};
@@ -58,17 +57,6 @@ impl Default for Opts {
     }
 }
 
-fn nats_user_config(url: &str, password: &str) -> config::NatsConfig {
-    config::NatsConfig {
-        url: config::NatsUrl::new(url),
-        snapd: config::NatsCredentials {
-            password: password.into(),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 async fn connect(url: &str, user: &str, password: &str) -> Client {
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
         .request_timeout(Some(WAIT))
@@ -100,7 +88,7 @@ async fn rig(opts: Opts) -> Rig {
         base_delay: Duration::from_millis(10),
     });
     let bus = Bus::connect_nats(
-        &nats_user_config(&nats.url(), password),
+        &crate::common::agent_nats_config(&nats.url(), password),
         "mirror-under-test",
     )
     .await

@@ -170,12 +170,7 @@ async fn the_same_request_twice_installs_once_and_answers_twice() {
     let v = next_result(&mut results).await;
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(v["snaps"][0]["status"], "already-installed");
-    let posts = s
-        .snapd
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST" && r.path_and_query == "/v2/snaps/other")
-        .count();
+    let posts = s.snapd.posts_to("/v2/snaps/other");
     assert_eq!(posts, 1);
 }
 
@@ -224,12 +219,7 @@ async fn a_restart_in_the_middle_resumes_the_install() {
     );
     assert_eq!(v["snaps"][1]["status"], "installed");
     assert_eq!(s.snapd.snap("third").unwrap()["channel"], "2/beta");
-    let posts = s
-        .snapd
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST" && r.path_and_query == "/v2/snaps/other")
-        .count();
+    let posts = s.snapd.posts_to("/v2/snaps/other");
     assert_eq!(posts, 1, "installed twice");
 }
 
