@@ -60,8 +60,13 @@ fn generated_snap_yaml_agrees_with_snapcraft_yaml_and_the_spec() {
         "bin/iot-agent unregister"
     );
     assert!(m["apps"]["unregister"].get("daemon").is_none());
+    // The operators' command line, `iot-agent` on the device.
+    let cli = &m["apps"]["iot-agent"];
+    assert_eq!(cli["command"], "bin/iot-agent");
+    assert!(cli.get("daemon").is_none());
+    assert_eq!(strings(&cli["plugs"]), ["network", "snapd-control"]);
     let apps: Vec<_> = m["apps"].as_mapping().unwrap().keys().collect();
-    assert_eq!(apps.len(), 2, "{apps:?}");
+    assert_eq!(apps.len(), 3, "{apps:?}");
 
     let hooks = snap::hook_names(&Path::new(ROOT).join("snap/hooks")).unwrap();
     assert_eq!(hooks, ["configure"]);
