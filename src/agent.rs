@@ -6,7 +6,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
-use crate::services::required::{self, store::Store as RequiredStore, Required};
+use crate::services::required::{self, Required};
 use crate::supervisor::{Policy, Subsystem, Supervisor};
 use crate::{changes, control, services, snapd};
 use std::sync::Arc;
@@ -126,17 +126,9 @@ fn add_required(
     if !config.required.enabled {
         return None;
     }
-    let path = config.required.database.location.path();
-    let store = match RequiredStore::open(path) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "per-serial actions are off: their queue cannot be opened");
-            return None;
-        }
-    };
     let required = Required::new(
         snapd.clone(),
-        store,
+        config.required.database.location.path(),
         required::Settings {
             switch_channel: config.required.switch,
             attempts: config.required.attempts.max(1),

@@ -305,3 +305,38 @@ async fn a_snap_on_another_channel_is_switched_unless_configured_not_to() {
     let v = next_result(&mut results).await;
     assert_eq!(v["snaps"][0]["status"], "already-installed", "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unusable_queue_is_retried_and_requests_are_refused_meanwhile() {
+    let mut s = setup(&[(
+        "IOT_AGENT_REQUIRED__DATABASE__LOCATION",
+        "/dev/null/required.db".into(),
+    )])
+    .await;
+    let line = s.agent.wait_for("subsystem failed; restarting");
+    assert!(
+        line.contains("required-install") && line.contains("/dev/null"),
+        "{line}"
+    );
+    let nc = nats_client(&s).await;
+    let mut results = nc
+        .subscribe(topic("required-install.result"))
+        .await
+        .unwrap();
+    let req = json!({"id": "q", "snaps": {"name": "other"}}).to_string();
+    nc.publish(topic("required-install"), req.into())
+        .await
+        .unwrap();
+    let v = next_result(&mut results).await;
+    assert_eq!(
+        (v["id"].as_str(), v["success"].as_bool()),
+        (Some("q"), Some(false))
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("cannot store"),
+        "{v}"
+    );
+    // Everything else keeps running: the agent is still connected and
+    // retries the queue.
+    s.agent.wait_for("subsystem failed; restarting");
+}

@@ -54,7 +54,10 @@ pub struct Settings {
 
 pub struct Required {
     snapd: snapd::Client,
-    store: Store,
+    /// Opened by the worker (retried with back-off by the supervisor when
+    /// the file cannot be opened); requests are refused until then.
+    store: std::sync::OnceLock<Store>,
+    db_path: std::path::PathBuf,
     settings: Settings,
     wake: Notify,
     results: broadcast::Sender<(Topic, Bytes)>,
@@ -76,15 +79,27 @@ fn failure(id: &str, message: &str) -> Bytes {
 }
 
 impl Required {
-    pub fn new(snapd: snapd::Client, store: Store, settings: Settings) -> Arc<Required> {
+    pub fn new(
+        snapd: snapd::Client,
+        db_path: &std::path::Path,
+        settings: Settings,
+    ) -> Arc<Required> {
         let (results, _) = broadcast::channel(64);
         Arc::new(Required {
             snapd,
-            store,
+            store: std::sync::OnceLock::new(),
+            db_path: db_path.to_path_buf(),
             settings,
             wake: Notify::new(),
             results,
         })
+    }
+
+    /// The queue; only called by the worker, after it opened it.
+    fn store(&self) -> &Store {
+        self.store
+            .get()
+            .expect("the worker opens the queue before using it")
     }
 
     /// Results to publish, for a transport to forward.
@@ -121,7 +136,14 @@ impl Required {
             }
         };
         let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        match self.store.add(&req, topic.mqtt(), &now) {
+        let Some(store) = self.store.get() else {
+            let msg = format!(
+                "the device cannot store the request: its queue {} is not open (the agent retries; see its log)",
+                self.db_path.display()
+            );
+            return Some((result_topic(topic), failure(&req.id, &msg)));
+        };
+        match store.add(&req, topic.mqtt(), &now) {
             Ok(Added::New) => {
                 let names: Vec<&str> = req.snaps.iter().map(|s| s.name.as_str()).collect();
                 tracing::info!(id = %req.id, snaps = ?names, "required-install queued");
@@ -148,15 +170,20 @@ impl Required {
 
     /// Works through the queue until shutdown.
     pub async fn run_worker(self: Arc<Self>, shutdown: CancellationToken) -> RunResult {
+        if self.store.get().is_none() {
+            // An error ends this run; the supervisor retries with back-off.
+            let store = Store::open(&self.db_path)?;
+            let _ = self.store.set(store);
+        }
         loop {
-            let due = self.store.due(unix_now())?;
+            let due = self.store().due(unix_now())?;
             for p in due {
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
                 self.process(p).await?;
             }
-            let wait = match self.store.next_due()? {
+            let wait = match self.store().next_due()? {
                 Some(at) => Duration::from_secs((at - unix_now()).clamp(0, 3600) as u64),
                 None => Duration::from_secs(3600),
             };
@@ -213,7 +240,7 @@ impl Required {
             "snaps": p.snaps.iter().map(|s| json!({"name": s.name, "status": s.status, "change": s.change})).collect::<Vec<_>>(),
         })
         .to_string();
-        self.store.finish(&p.id, &result)?;
+        self.store().finish(&p.id, &result)?;
         tracing::info!(id = %p.id, success, "required-install done");
         let _ = self
             .results
@@ -224,7 +251,7 @@ impl Required {
     fn later(&self, p: &Pending, why: &str) -> RunResult {
         let delay = backoff::delay(Duration::from_secs(5), self.settings.retry_max, p.attempts);
         tracing::warn!(id = %p.id, attempt = p.attempts + 1, retry_in = ?delay, "required-install not complete ({why}); retrying");
-        self.store
+        self.store()
             .retry_later(&p.id, p.attempts + 1, unix_now() + delay.as_secs() as i64)?;
         Ok(())
     }
@@ -247,7 +274,7 @@ impl Required {
                     }
                     .into();
                     row.error = None;
-                    return Ok(self.store.set_snap(req, row)?);
+                    return Ok(self.store().set_snap(req, row)?);
                 }
                 Err(e) => row.error = Some(e),
             }
@@ -257,7 +284,7 @@ impl Required {
             Some(s) if !self.settings.switch_channel || tracking(s) == row.channel => {
                 row.status = "already-installed".into();
                 row.error = None;
-                return Ok(self.store.set_snap(req, row)?);
+                return Ok(self.store().set_snap(req, row)?);
             }
             Some(_) => "switch",
             None => "install",
@@ -274,12 +301,12 @@ impl Required {
             Err(e) => {
                 row.status = "failed".into();
                 row.error = Some(e.to_string());
-                return Ok(self.store.set_snap(req, row)?);
+                return Ok(self.store().set_snap(req, row)?);
             }
         };
         row.change = Some(change.clone());
         row.status = "pending".into();
-        self.store.set_snap(req, row)?;
+        self.store().set_snap(req, row)?;
         match self.wait(&change).await {
             Ok(()) => {
                 row.status = if action == "switch" {
@@ -295,7 +322,7 @@ impl Required {
                 row.error = Some(e);
             }
         }
-        Ok(self.store.set_snap(req, row)?)
+        Ok(self.store().set_snap(req, row)?)
     }
 
     /// Waits for a change to be ready; Ok when it is Done.
