@@ -222,39 +222,23 @@ impl Ctx {
             }
             Kind::CompatSnapPost => {
                 let snap = subject.split('.').nth(4).unwrap_or_default();
-                let r = self
-                    .bounded(
-                        compat::snap_post(
-                            &self.mirror.snapd,
-                            snap,
-                            &msg.payload,
-                            self.mirror.settings.read_only,
-                        ),
-                        |e| compat::AsyncResponse {
-                            error: e,
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                self.follow_id(&r.change_id);
-                (json(&r), None)
+                let read_only = self.mirror.settings.read_only;
+                self.compat_change(compat::snap_post(
+                    &self.mirror.snapd,
+                    snap,
+                    &msg.payload,
+                    read_only,
+                ))
+                .await
             }
             Kind::CompatAppsPost => {
-                let r = self
-                    .bounded(
-                        compat::apps_post(
-                            &self.mirror.snapd,
-                            &msg.payload,
-                            self.mirror.settings.read_only,
-                        ),
-                        |e| compat::AsyncResponse {
-                            error: e,
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                self.follow_id(&r.change_id);
-                (json(&r), None)
+                let read_only = self.mirror.settings.read_only;
+                self.compat_change(compat::apps_post(
+                    &self.mirror.snapd,
+                    &msg.payload,
+                    read_only,
+                ))
+                .await
             }
             Kind::CompatAssertionsGet => {
                 let r = self
@@ -290,6 +274,22 @@ impl Ctx {
     }
 
     /// A generic mirror request: the answer and the `reply-to` topic.
+    /// A reference-agent call that starts a change: bounded, answered in
+    /// its shape, and its change followed on the event subject.
+    async fn compat_change(
+        &self,
+        call: impl std::future::Future<Output = compat::AsyncResponse>,
+    ) -> (Bytes, Option<Topic>) {
+        let r = self
+            .bounded(call, |e| compat::AsyncResponse {
+                error: e,
+                ..Default::default()
+            })
+            .await;
+        self.follow_id(&r.change_id);
+        (json(&r), None)
+    }
+
     async fn mirror(&self, subject: &str, payload: &[u8]) -> (Bytes, Option<Topic>) {
         let prefix = Topic::fixed(topics::SNAPD_MIRROR).nats();
         let rest = subject
