@@ -270,40 +270,35 @@ async fn bad_payloads_and_unknown_topics_get_a_failed_result() {
     );
 }
 
+/// Publishes one required-install on NATS and returns its result.
+async fn require(s: &Setup, req: Value) -> Value {
+    let nc = nats_client(s).await;
+    let mut results = nc
+        .subscribe(topic("required-install.result"))
+        .await
+        .unwrap();
+    nc.publish(topic("required-install"), req.to_string().into())
+        .await
+        .unwrap();
+    next_result(&mut results).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snap_on_another_channel_is_switched_unless_configured_not_to() {
-    let s = setup(&[]).await;
-    let nc = nats_client(&s).await;
-    let mut results = nc
-        .subscribe(topic("required-install.result"))
-        .await
-        .unwrap();
-    let req =
-        json!({"id": "sw", "snaps": [{"name": "hello-world", "channel": "beta"}]}).to_string();
-    nc.publish(topic("required-install"), req.into())
-        .await
-        .unwrap();
-    let v = next_result(&mut results).await;
-    assert_eq!(v["snaps"][0]["status"], "switched", "{v}");
-    assert_eq!(
-        s.snapd.snap("hello-world").unwrap()["channel"],
-        "latest/beta"
-    );
-    drop(s);
-
-    let s = setup(&[("IOT_AGENT_REQUIRED__SWITCH", "false".into())]).await;
-    let nc = nats_client(&s).await;
-    let mut results = nc
-        .subscribe(topic("required-install.result"))
-        .await
-        .unwrap();
-    let req =
-        json!({"id": "sw", "snaps": [{"name": "hello-world", "channel": "beta"}]}).to_string();
-    nc.publish(topic("required-install"), req.into())
-        .await
-        .unwrap();
-    let v = next_result(&mut results).await;
-    assert_eq!(v["snaps"][0]["status"], "already-installed", "{v}");
+    let req = json!({"id": "sw", "snaps": [{"name": "hello-world", "channel": "beta"}]});
+    for (env, status, channel) in [
+        (vec![], "switched", "latest/beta"),
+        (
+            vec![("IOT_AGENT_REQUIRED__SWITCH", "false".to_string())],
+            "already-installed",
+            "latest/stable",
+        ),
+    ] {
+        let s = setup(&env).await;
+        let v = require(&s, req.clone()).await;
+        assert_eq!(v["snaps"][0]["status"], status, "{v}");
+        assert_eq!(s.snapd.snap("hello-world").unwrap()["channel"], channel);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
