@@ -599,3 +599,43 @@ async fn per_serial_actions_arrive_on_the_dms_connection_too() {
         "latest/candidate"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dms_connection_state_is_served_on_nats() {
+    use crate::common::servers::{NatsConfig, NatsServer, NatsUser};
+    let nats = NatsServer::start(NatsConfig {
+        users: vec![NatsUser::new("snapd", "pw")],
+        ..Default::default()
+    });
+    let mut s = setup(&[
+        ("IOT_AGENT_NATS__URL", nats.url()),
+        ("IOT_AGENT_NATS__SNAPD__PASSWORD", "pw".to_string()),
+    ])
+    .await;
+    let nc = async_nats::ConnectOptions::with_user_and_password("snapd".into(), "pw".into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    // Asked until the mirror is serving (it may still be connecting).
+    let ask = || async {
+        for _ in 0..200 {
+            let r = nc
+                .request("iot.agent.mqtt.connection.status", bytes::Bytes::new())
+                .await;
+            if let Ok(m) = r {
+                return serde_json::from_slice::<Value>(&m.payload).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("iot.agent.mqtt.connection.status never answered");
+    };
+    assert_eq!(ask().await["connected"], true);
+    s.broker.stop();
+    s.agent.wait_for("DMS broker connection failed");
+    let v = ask().await;
+    assert_eq!(v["connected"], false, "{v}");
+    assert!(
+        !v["errorInfo"]["message"].as_str().unwrap().is_empty(),
+        "{v}"
+    );
+}
