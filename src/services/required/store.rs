@@ -49,9 +49,14 @@ pub struct SnapRow {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, DbError> {
+        let conn = db::open(path, MIGRATIONS)?;
+        // A stored request is acknowledged to the DMS: it must survive a
+        // power cut too, so every commit is fsync'd (WAL's NORMAL is not).
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(|e| DbError::classify(path, e))?;
         Ok(Store {
             path: path.to_path_buf(),
-            conn: Mutex::new(db::open(path, MIGRATIONS)?),
+            conn: Mutex::new(conn),
         })
     }
 
