@@ -93,9 +93,15 @@ impl Bus {
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(move |attempts| {
-            let d = backoff::delay(RECONNECT_BASE, RECONNECT_CAP, attempts as u32);
+            // async-nats calls this before every attempt, the first one
+            // included (attempts = 1): that one goes at once.
+            let failed = attempts.saturating_sub(1);
+            if failed == 0 {
+                return Duration::ZERO;
+            }
+            let d = backoff::delay(RECONNECT_BASE, RECONNECT_CAP, failed as u32 - 1);
             // One line per doubling, then one per capped delay: visible, not a flood.
-            if attempts > 0 && (attempts.is_power_of_two() || d >= RECONNECT_CAP.mul_f64(0.8)) {
+            if failed.is_power_of_two() || d >= RECONNECT_CAP.mul_f64(0.8) {
                 tracing::warn!(
                     url = %log_url,
                     attempt = attempts,

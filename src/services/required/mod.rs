@@ -421,7 +421,7 @@ async fn wait_for_serial(snapd: &snapd::Client, shutdown: &CancellationToken) ->
                 }
             }
             Ok(None) | Err(_) if !logged => {
-                tracing::info!("the device has no serial yet: per-serial actions wait for it");
+                tracing::info!("no serial from snapd yet (not registered, or snapd unreachable): per-serial actions wait for it");
                 logged = true;
             }
             _ => {}
