@@ -82,6 +82,35 @@ impl AgentProcess {
         panic!("no log line with {text:?}; saw:\n{}", self.seen.join("\n"));
     }
 
+    /// Waits until each of `texts` has appeared in a line from now on, in
+    /// any order: for events of independent subsystems (snapd answering,
+    /// NATS connecting) whose order is not fixed. Returns the lines, in the
+    /// order of `texts`.
+    pub fn wait_for_all(&mut self, texts: &[&str]) -> Vec<String> {
+        let start = self.seen.len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found: Vec<Option<&String>> = texts
+                .iter()
+                .map(|t| self.seen[start..].iter().find(|l| l.contains(t)))
+                .collect();
+            if found.iter().all(Option::is_some) {
+                return found.into_iter().flatten().cloned().collect();
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "not all of {texts:?} were logged; saw:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
     /// How many lines seen so far contain `text`.
     pub fn count(&self, text: &str) -> usize {
         self.seen.iter().filter(|l| l.contains(text)).count()
