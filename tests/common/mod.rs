@@ -7,6 +7,7 @@
 
 pub mod agent_proc;
 pub mod identity_double;
+pub mod mqtt_client;
 pub mod servers;
 pub mod snapd_double;
 pub mod tls;

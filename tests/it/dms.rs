@@ -5,11 +5,12 @@
 
 use crate::common::agent_proc::AgentProcess;
 use crate::common::identity_double::{IdentityDouble, DEVICE_ID, ORG_ID};
+use crate::common::mqtt_client::{connect_and_subscribe, TestMqtt};
 use crate::common::servers::{free_port, Mosquitto};
 use crate::common::snapd_double::{ChangeMode, SnapdDouble, MODEL_ASSERTION, SERIAL_ASSERTION};
 use crate::common::tls::TestPki;
 use crate::common::upload_sink::{Hanging, UploadSink};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, MqttOptions, QoS, TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
@@ -46,37 +47,16 @@ impl DmsClient {
             Arc::new(tls),
         )))
         .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
         let topics = [
             "devices/pub/#",
             "devices/health/#",
             "metrics/#",
             "devices/actions/#",
         ];
-        for t in topics {
-            client.subscribe(t, QoS::AtLeastOnce).await.unwrap();
-        }
-        for _ in topics {
-            tokio::time::timeout(Duration::from_secs(20), ready_rx.recv())
-                .await
-                .unwrap();
-        }
+        let TestMqtt {
+            client,
+            messages: rx,
+        } = connect_and_subscribe(opts, &topics).await;
         DmsClient {
             client,
             rx,

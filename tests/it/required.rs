@@ -2,10 +2,11 @@
 //! nats-server (with its MQTT listener), the snapd double installing.
 
 use crate::common::agent_proc::AgentProcess;
+use crate::common::mqtt_client::{connect_and_subscribe, TestMqtt};
 use crate::common::servers::{free_port, NatsConfig, NatsServer, NatsUser};
 use crate::common::snapd_double::{ChangeMode, SnapdDouble, SERIAL_ASSERTION};
 use futures::StreamExt;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{MqttOptions, QoS};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -91,32 +92,11 @@ async fn an_mqtt_client_of_nats_gets_a_required_snap_installed() {
     // An MQTT client of nats-server's MQTT listener, as the DMS side may be.
     let mut opts = MqttOptions::new("dms-mqtt", "127.0.0.1", s.nats.mqtt_port().unwrap());
     opts.set_credentials("dms", "dms-pw");
-    let (client, mut eventloop) = AsyncClient::new(opts, 16);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = tx.send(("suback".into(), Vec::new()));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
     let result_topic = format!("devices/actions/{SERIAL}/required-install/result");
-    client
-        .subscribe(&result_topic, QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first.0, "suback");
+    let TestMqtt {
+        client,
+        messages: mut rx,
+    } = connect_and_subscribe(opts, &[&result_topic]).await;
     let req = json!({"id": "r1", "snaps": [{"name": "other", "channel": "edge"}]});
     client
         .publish(
