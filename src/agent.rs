@@ -74,6 +74,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 change_timeout: config.dms.change.timeout.get(),
                 upload_timeout: config.dms.upload.timeout.get(),
                 upload_limit: config.dms.upload.limit,
+                ca: config.dms.ca.clone(),
+                verify: config.dms.verify,
+                protocol: config.dms.protocol,
+                completion: config.dms.completion,
                 scratch_dir: config.common_dir().join("tmp"),
             },
         });

@@ -270,7 +270,7 @@ async fn handle(
                 "organization": {
                     "id": ORG_ID,
                     "name": "Example Org",
-                    "rootcert": b64(&pki.ca_pem),
+                    "rootcert": b64(&pki.org_pem),
                     "-": ORG_PRIVATE_KEY_MARKER,
                 },
                 "-": ORG_PRIVATE_KEY_MARKER,

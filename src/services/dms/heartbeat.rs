@@ -1,24 +1,61 @@
 //! The heartbeat: `{"orgId","deviceId","refresh","snapListHash",
-//! "installedSnapsHash"}`. The DMS asks for `list` when a hash changes, so
-//! both hashes are computed from exactly what `list` answers (sorted by
-//! name): SHA-256, hex.
+//! "installedSnapsHash"}` (the hashes only for dmscore). The DMS asks for
+//! `list` when a hash differs from what it stored from the last versioned
+//! list reply, so both hashes come from exactly what `list` answers (sorted
+//! by name): SHA-256, hex.
+//!
+//! The heartbeat is how the DMS knows the device is alive, so it never
+//! waits on snapd for long: the hashes are recomputed within a bound and
+//! the last known ones are sent when snapd is slow or down.
 
 use super::actions::{self, Ctx};
+use super::snaps::Hashes;
+use crate::config::DmsProtocol;
 use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-pub async fn heartbeat(ctx: &Ctx) -> Result<Value, String> {
-    let list = actions::list(ctx).await?;
-    let names: Vec<&str> = list
-        .as_array()
-        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
-        .unwrap_or_default();
-    Ok(json!({
+/// Longest wait for snapd's list when building a heartbeat.
+const LIST_BOUND: Duration = Duration::from_secs(5);
+
+/// The hashes of the last list built (by `list` or a heartbeat).
+#[derive(Clone, Default)]
+pub struct HashCache(Arc<Mutex<Option<Hashes>>>);
+
+impl HashCache {
+    pub fn store(&self, h: Hashes) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    }
+    pub fn get(&self) -> Option<Hashes> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub async fn heartbeat(ctx: &Ctx) -> Value {
+    let mut doc = json!({
         "orgId": ctx.creds.org_id,
         "deviceId": ctx.creds.device_id,
         "refresh": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        "snapListHash": sha256_hex(list.to_string().as_bytes()),
-        "installedSnapsHash": sha256_hex(json!(names).to_string().as_bytes()),
-    }))
+    });
+    if ctx.protocol == DmsProtocol::Devicetwin {
+        return doc;
+    }
+    let hashes = match tokio::time::timeout(LIST_BOUND, actions::list(ctx)).await {
+        Ok(Ok(list)) => Some(Hashes::of(&list)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "snapd did not list the snaps; the heartbeat carries the last known hashes");
+            ctx.hashes.get()
+        }
+        Err(_) => {
+            tracing::warn!("snapd is slow to list the snaps; the heartbeat carries the last known hashes");
+            ctx.hashes.get()
+        }
+    };
+    if let Some(h) = hashes {
+        doc["snapListHash"] = json!(h.snap_list);
+        doc["installedSnapsHash"] = json!(h.installed_snaps);
+    }
+    doc
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {

@@ -8,10 +8,12 @@
 //! loop or other requests.
 
 pub mod actions;
+pub mod completion;
 pub mod dedupe;
 pub mod heartbeat;
 pub mod metrics;
 pub mod request;
+pub mod snaps;
 pub mod upload;
 
 use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
@@ -41,6 +43,12 @@ pub struct Settings {
     pub upload_timeout: Duration,
     pub upload_limit: u64,
     pub scratch_dir: std::path::PathBuf,
+    /// `dms.ca` and `dms.verify`: how the broker is trusted.
+    pub ca: crate::config::PemSource,
+    pub verify: crate::tls::Verify,
+    pub protocol: crate::config::DmsProtocol,
+    /// `dms.completion`: report the end of changes that actions started.
+    pub completion: bool,
 }
 
 pub struct Dms {
@@ -111,6 +119,8 @@ impl Dms {
                 uploader,
                 change_timeout: s.change_timeout,
                 scratch_dir: s.scratch_dir.clone(),
+                protocol: s.protocol,
+                hashes: heartbeat::HashCache::default(),
             });
             // The per-serial tree, when the enrollment names the serial.
             let serial_base = match (&required, creds.device.serial.as_str()) {
@@ -121,7 +131,10 @@ impl Dms {
             if let Some(base) = &serial_base {
                 subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
             }
-            let mut link = mqtt::connect(&creds, subscriptions, status, token.clone())?;
+            let tls = crate::tls::dms_broker(&creds, &s.ca, s.verify).map_err(|e| {
+                anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}")
+            })?;
+            let mut link = mqtt::connect(&creds, tls, subscriptions, status, token.clone())?;
             if let (Some(r), Some(_)) = (&required, &serial_base) {
                 tokio::spawn(forward_results(
                     r.clone(),
@@ -137,14 +150,10 @@ impl Dms {
             tokio::spawn(periodically(s.heartbeat, token.clone(), move || {
                 let (c, mqtt, topic) = (c.clone(), mqtt.clone(), health.clone());
                 async move {
-                    match heartbeat::heartbeat(&c).await {
-                        Ok(doc) => {
-                            let _ = mqtt
-                                .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
-                                .await;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot build the heartbeat"),
-                    }
+                    let doc = heartbeat::heartbeat(&c).await;
+                    let _ = mqtt
+                        .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
+                        .await;
                 }
             }));
             let (device, mqtt) = (creds.device_id.clone(), link.handle.clone());
@@ -179,8 +188,9 @@ impl Dms {
                 link.handle.ack(&msg).await;
                 let (ctx, out, dedupe) = (ctx.clone(), out.clone(), dedupe.clone());
                 let (store, reload) = (store.clone(), reload.clone());
+                let report = s.completion;
                 tokio::spawn(async move {
-                    handle(&ctx, &out, &dedupe, &msg.payload, &store, &reload).await;
+                    handle(&ctx, &out, &dedupe, &msg.payload, &store, &reload, report).await;
                 });
             }
         }
@@ -205,8 +215,8 @@ impl Outbox {
     }
 }
 
-/// One request, start to finish: exactly one response (two when it starts
-/// a change: the second reports the change's end).
+/// One request, start to finish: exactly one response, and a completion
+/// report (see [`completion`]) when it started a change and `report` is on.
 async fn handle(
     ctx: &Ctx,
     out: &Outbox,
@@ -214,6 +224,7 @@ async fn handle(
     payload: &[u8],
     store: &Store,
     reload: &Notify,
+    report: bool,
 ) {
     let req = match request::parse(payload) {
         Ok(r) => r,
@@ -242,6 +253,7 @@ async fn handle(
     first.done(resp.to_bytes());
     match next {
         Next::Nothing => out.send(&resp).await,
+        Next::FollowChange(_) if !report => out.send(&resp).await,
         Next::FollowChange(change) => {
             out.send(&resp).await;
             let done = actions::completion(ctx, &req, &change).await;
