@@ -176,9 +176,10 @@ pub fn client_config(
         )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots.store), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Build(e.to_string()))?;
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots.store), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Build(e.to_string()))?;
     let verifier = Arc::new(Verifier {
         inner,
         verify,
@@ -273,7 +274,6 @@ impl ServerCertVerifier for Verifier {
 }
 
 /// A refused server certificate: what was presented, why, what to set.
-#[derive(Debug)]
 struct Refused {
     advice: Advice,
     server_name: String,
@@ -315,6 +315,13 @@ impl std::fmt::Display for Refused {
             ),
             other => write!(f, "{other:?}; check the server's certificate and {}", a.ca_key),
         }
+    }
+}
+
+/// rustls shows an `Other` certificate error with `{:?}`: the message.
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 

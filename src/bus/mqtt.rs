@@ -137,13 +137,13 @@ pub fn connect(
 ) -> Result<MqttLink, MqttError> {
     let mut opts = MqttOptions::new(c.device_id.clone(), c.mqtt_host.clone(), c.mqtt_port);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
-    .set_keep_alive(Duration::from_secs(30))
-    // A persistent session: the broker keeps QoS 1 actions sent while the
-    // device was offline.
-    .set_clean_session(false)
-    // Receivers acknowledge what they have made safe (persisted, answered).
-    .set_manual_acks(true)
-    .set_max_packet_size(1024 * 1024, 1024 * 1024);
+        .set_keep_alive(Duration::from_secs(30))
+        // A persistent session: the broker keeps QoS 1 actions sent while the
+        // device was offline.
+        .set_clean_session(false)
+        // Receivers acknowledge what they have made safe (persisted, answered).
+        .set_manual_acks(true)
+        .set_max_packet_size(1024 * 1024, 1024 * 1024);
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (tx, messages) = mpsc::channel(256);
     let inflight = Arc::new(Inflight::default());

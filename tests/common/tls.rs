@@ -71,12 +71,14 @@ impl TestPki {
 
         let ca_key = KeyPair::generate().expect("cannot generate the CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params
-            .distinguished_name
-            .push(
-                DnType::CommonName,
-                if layout.reference { "mqtt" } else { "iot-agent test CA" },
-            );
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            if layout.reference {
+                "mqtt"
+            } else {
+                "iot-agent test CA"
+            },
+        );
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -94,10 +96,15 @@ impl TestPki {
         let (names, cn) = if layout.reference {
             (Vec::new(), "mqtt")
         } else {
-            (vec!["localhost".to_string(), "127.0.0.1".to_string()], "localhost")
+            (
+                vec!["localhost".to_string(), "127.0.0.1".to_string()],
+                "localhost",
+            )
         };
         let mut server_params = CertificateParams::new(names).expect("server params");
-        server_params.distinguished_name.push(DnType::CommonName, cn);
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, cn);
         if layout.expired_server {
             let now = time::OffsetDateTime::now_utc();
             server_params.not_before = now - time::Duration::days(30);

@@ -129,20 +129,22 @@ async fn switch(ctx: &Ctx, req: &Request) -> ActionResult {
 /// refused (the DMS sends fully qualified names, the reference agent
 /// checked that each belongs to `snap`).
 fn qualified_service(snap: &SnapName, given: &str) -> Result<String, String> {
+    let invalid = || format!("service name {given:?} is not valid");
     let app = match given.split_once('.') {
         Some((owner, app)) if owner == snap.as_str() => app,
-        Some((owner, _)) => {
+        Some((owner, _)) if SnapName::parse(owner).is_ok() => {
             return Err(format!(
-                "service {given:?} belongs to snap {owner:?}, not to {snap}"
+                "service {given:?} belongs to snap {owner:?}, not to {snap}; name services of {snap} only"
             ))
         }
+        Some(_) => return Err(invalid()),
         None => given,
     };
     let ok = !app.is_empty()
         && app.len() <= 64
         && app.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if !ok {
-        return Err(format!("service name {given:?} is not valid"));
+        return Err(invalid());
     }
     Ok(format!("{snap}.{app}"))
 }

@@ -47,7 +47,9 @@ pub async fn heartbeat(ctx: &Ctx) -> Value {
             ctx.hashes.get()
         }
         Err(_) => {
-            tracing::warn!("snapd is slow to list the snaps; the heartbeat carries the last known hashes");
+            tracing::warn!(
+                "snapd is slow to list the snaps; the heartbeat carries the last known hashes"
+            );
             ctx.hashes.get()
         }
     };

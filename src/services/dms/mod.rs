@@ -131,9 +131,8 @@ impl Dms {
             if let Some(base) = &serial_base {
                 subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
             }
-            let tls = crate::tls::dms_broker(&creds, &s.ca, s.verify).map_err(|e| {
-                anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}")
-            })?;
+            let tls = crate::tls::dms_broker(&creds, &s.ca, s.verify)
+                .map_err(|e| anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}"))?;
             let mut link = mqtt::connect(&creds, tls, subscriptions, status, token.clone())?;
             if let (Some(r), Some(_)) = (&required, &serial_base) {
                 tokio::spawn(forward_results(

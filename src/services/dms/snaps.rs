@@ -30,9 +30,9 @@ pub fn device_snap(device_id: &str, s: &snapd::Snap, config: &Map<String, Value>
         .apps
         .iter()
         .filter_map(|a| {
-            a.daemon.as_ref().map(|d| {
-                json!({"name": a.name, "daemon": d, "enabled": a.enabled, "active": a.active})
-            })
+            a.daemon.as_ref().map(
+                |d| json!({"name": a.name, "daemon": d, "enabled": a.enabled, "active": a.active}),
+            )
         })
         .collect();
     let installed_date = if s.install_date.trim().is_empty() {
