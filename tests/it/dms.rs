@@ -922,3 +922,110 @@ async fn completion_reports_can_be_turned_off() {
     );
     assert_eq!(dms.record("nc"), Some("complete"));
 }
+
+impl DmsClient {
+    /// The next message from the broker, read as the DMS reads it.
+    async fn next_message(&mut self) -> (String, Vec<u8>) {
+        let got = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+            .await
+            .expect("nothing from the agent within 30 s")
+            .unwrap();
+        self.check(&got.0, &got.1);
+        got
+    }
+}
+
+/// dmscore's hash keeping (pkg/devicetwin/service.go): the first heartbeat
+/// with hashes is stored; a later one whose hashes differ from the stored
+/// ones makes it ask for `list`; only a `version:"2"` list reply updates
+/// the stored hashes. So after a snap change the device must be asked
+/// once, and then its heartbeats must match again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_snap_change_dmscore_asks_for_the_list_once() {
+    let s = setup(&[("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string())]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let health = format!("devices/health/{DEVICE_ID}");
+    let hashes = |v: &Value| {
+        (
+            v["snapListHash"].as_str().unwrap_or("").to_string(),
+            v["installedSnapsHash"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let mut stored: Option<(String, String)> = None;
+    let mut asked = 0;
+    // Heartbeats after the last stored list reply, and whether a change
+    // has happened yet.
+    let mut matching_after_reply = 0;
+    let mut changed = false;
+    let mut replies_stored = 0;
+    let mut heartbeats = 0;
+    while !(changed && replies_stored > 0 && matching_after_reply >= 3) {
+        assert!(
+            heartbeats < 30,
+            "no steady state after {heartbeats} heartbeats"
+        );
+        let (topic, payload) = dms.next_message().await;
+        let v: Value = serde_json::from_slice(&payload).unwrap();
+        if topic == health {
+            heartbeats += 1;
+            let h = hashes(&v);
+            assert!(!h.0.is_empty() && !h.1.is_empty(), "dmscore hashes: {v}");
+            match &stored {
+                None => stored = Some(h),
+                Some(known) if *known == h => {
+                    if replies_stored > 0 {
+                        matching_after_reply += 1;
+                    }
+                    if !changed && stored.is_some() {
+                        // Steady: now change a snap through snapd.
+                        changed = true;
+                        let req = json!({"id": "chg", "action": "install", "snap": "other"});
+                        dms.publish_raw(req.to_string().into_bytes()).await;
+                    }
+                }
+                Some(_) => {
+                    assert!(
+                        replies_stored == 0 || matching_after_reply == 0,
+                        "the heartbeat differs from the stored list reply again: {v}"
+                    );
+                    assert!(asked < 10, "asked for list on every heartbeat: {v}");
+                    asked += 1;
+                    matching_after_reply = 0;
+                    let req = json!({"id": format!("list-{asked}"), "action": "list"});
+                    dms.publish_raw(req.to_string().into_bytes()).await;
+                }
+            }
+        } else if v["action"] == "list" && v["version"] == "2" && changed {
+            stored = Some(hashes(&v["result"]));
+            replies_stored += 1;
+            matching_after_reply = 0;
+        }
+    }
+    assert!(asked >= 1, "the snap change never changed the hashes");
+    assert!(
+        asked <= 2,
+        "asked for list {asked} times for one change (once, or twice if a heartbeat overtook the reply)"
+    );
+    assert!(s.snapd.installed().contains(&"other".to_string()));
+}
+
+/// `dms.protocol=devicetwin`: the original DMS gets heartbeats without
+/// hashes and the unversioned list array.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_original_dms_gets_the_unversioned_list_and_no_hashes() {
+    let s = setup(&[
+        ("IOT_AGENT_DMS__PROTOCOL", "devicetwin".to_string()),
+        ("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string()),
+    ])
+    .await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let v = dms.call("l", "list", "", "").await;
+    assert!(v.get("version").is_none(), "{v}");
+    assert!(v["result"].as_array().unwrap().len() >= 2, "{v}");
+    let raw = dms
+        .wait(&format!("devices/health/{DEVICE_ID}"), |_| true)
+        .await;
+    let hb: Value = serde_json::from_slice(&raw).unwrap();
+    assert!(hb.get("snapListHash").is_none(), "{hb}");
+    assert!(hb["refresh"].is_string(), "{hb}");
+}
