@@ -31,6 +31,21 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// The DMS topics, with their `{deviceId}`/`{orgId}` placeholders, as the
+/// AsyncAPI document names them (its test compares the two).
+pub fn documented_addresses() -> Vec<String> {
+    let placeholder = |t: Result<Topic, crate::bus::topics::BadSegment>, name: &str| {
+        t.map(|t| t.mqtt().replace("PLACEHOLDER", name))
+            .unwrap_or_default()
+    };
+    vec![
+        placeholder(topics::dms_actions("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_responses("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_health("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_metrics("PLACEHOLDER"), "{orgId}"),
+    ]
+}
+
 /// How long unregister waits for the broker to take its reply.
 const REPLY_ACK_BOUND: Duration = Duration::from_secs(10);
 
