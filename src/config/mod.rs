@@ -53,6 +53,9 @@ pub struct IdentityConfig {
     pub timeout: Duration,
     /// Longest wait between enrollment attempts.
     pub retry: IdentityRetry,
+    /// Allow a plain `http://` identity service on a host that is not
+    /// loopback (the answer carries the device's private key in clear).
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +70,7 @@ impl Default for IdentityConfig {
             ca: OptPath::default(),
             timeout: Duration::from_secs(30),
             retry: IdentityRetry::default(),
+            insecure: false,
         }
     }
 }

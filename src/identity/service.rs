@@ -23,10 +23,37 @@ pub enum SetupError {
     Ca { path: String, detail: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("refusing the identity service at {url}: plain http:// to a host that is not loopback would carry the device's private key and trust root in clear; use https:// or set identity.insecure=true")]
+    Insecure { url: String },
+}
+
+/// Plain `http://` is allowed to loopback hosts only, unless opted in.
+fn check_plain_http(url: &str, insecure: bool) -> Result<(), SetupError> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Ok(()); // the config layer validated it; reqwest reports the rest
+    };
+    if parsed.scheme() != "http" || insecure {
+        return Ok(());
+    }
+    let host = parsed.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+    if loopback {
+        Ok(())
+    } else {
+        Err(SetupError::Insecure {
+            url: url.to_string(),
+        })
+    }
 }
 
 impl IdentityService {
     pub fn new(config: &Config) -> Result<Self, SetupError> {
+        check_plain_http(config.url.as_str(), config.identity.insecure)?;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(config.identity.timeout.get())
@@ -129,4 +156,24 @@ async fn read_limited(resp: reqwest::Response) -> Result<Vec<u8>, String> {
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_plain_http;
+
+    #[test]
+    fn plain_http_only_to_loopback_or_when_opted_in() {
+        for ok in [
+            "http://localhost:8030",
+            "http://127.0.0.1:8030",
+            "http://[::1]:8030",
+            "https://identity.example.com",
+        ] {
+            assert!(check_plain_http(ok, false).is_ok(), "{ok}");
+        }
+        let e = check_plain_http("http://identity.example.com:8030", false).unwrap_err();
+        assert!(e.to_string().contains("identity.insecure=true"), "{e}");
+        assert!(check_plain_http("http://identity.example.com:8030", true).is_ok());
+    }
 }
