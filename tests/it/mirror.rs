@@ -470,6 +470,15 @@ async fn reference_agent_subjects_keep_their_shapes() {
         json!([{"active":true,"daemon":"simple","enabled":true,"name":"svc"}])
     );
     assert!(hello.get("tracking-channel").is_none(), "camelCase only");
+    // All revisions, as the reference agent asked for them.
+    assert!(
+        rig.snapd
+            .requests()
+            .iter()
+            .any(|r| r.path_and_query == "/v2/snaps?select=all"),
+        "{:?}",
+        rig.snapd.requests().iter().map(|r| r.path_and_query.clone()).collect::<Vec<_>>()
+    );
 
     let v = rig
         .ask(
