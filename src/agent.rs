@@ -59,6 +59,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut sup = Supervisor::new(Policy::default());
+    // The one reader of snapd's changes, shared by the change subsystems
+    // and the DMS (which rebuilds its heartbeat hashes when snaps change).
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
     let required = add_required(&mut sup, &config, &snapd, &bus);
     if config.dms.enabled {
         let dms = Arc::new(Dms {
@@ -68,6 +74,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             status: mqtt_status_tx,
             store,
             reload: reload.clone(),
+            poller: Some(poller.clone()),
             settings: dms::Settings {
                 heartbeat: config.dms.heartbeat.interval.get(),
                 metrics: config.dms.metrics.interval.get(),
@@ -86,7 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd);
+    add_change_subsystems(&mut sup, &config, &snapd, poller);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
@@ -152,11 +159,12 @@ fn add_required(
 }
 
 /// The change poller, the history fed by it, and the watchdog when enabled.
-fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client) {
-    let poller = Arc::new(changes::Poller::new(
-        snapd.clone(),
-        config.snaplogger.duration.between.checks.get(),
-    ));
+fn add_change_subsystems(
+    sup: &mut Supervisor,
+    config: &Config,
+    snapd: &snapd::Client,
+    poller: Arc<changes::Poller>,
+) {
     let history = Arc::new(changes::History::from_config(config));
     let rx = poller.subscribe();
     sup.add(Subsystem::new("change-history", move |t| {

@@ -568,6 +568,10 @@ async fn heartbeat_and_metrics_are_published() {
     let s = setup(&[
         ("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string()),
         ("IOT_AGENT_DMS__METRICS__INTERVAL", "1s".to_string()),
+        (
+            "IOT_AGENT_SNAPLOGGER__DURATION__BETWEEN__CHECKS",
+            "1s".to_string(),
+        ),
     ])
     .await;
     let mut dms2 = DmsClient::connect(&s.pki, s.broker.port()).await;
@@ -601,8 +605,15 @@ async fn heartbeat_and_metrics_are_published() {
         "{text}"
     );
 
-    // A new snap changes the installed-snaps hash.
+    // A snap installed from outside (`snap install` on the device): the
+    // change poller sees its change become ready, the hashes are rebuilt.
     s.snapd.add_installed("extra", "1", "1", "latest/stable");
+    s.snapd.add_change(
+        "install-snap",
+        "Install \"extra\" snap",
+        "Done",
+        &now_rfc3339(),
+    );
     let topic = format!("devices/health/{DEVICE_ID}");
     let raw = dms2
         .wait(&topic, |p| {
@@ -1028,4 +1039,52 @@ async fn the_original_dms_gets_the_unversioned_list_and_no_hashes() {
     let hb: Value = serde_json::from_slice(&raw).unwrap();
     assert!(hb.get("snapListHash").is_none(), "{hb}");
     assert!(hb["refresh"].is_string(), "{hb}");
+}
+
+fn now_rfc3339() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    crate::common::snapd_double::rfc3339(nanos)
+}
+
+/// The heartbeat does not depend on snapd: while nothing changes it lists
+/// nothing, and with snapd down it still goes out every period with the
+/// last known hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_heartbeat_goes_out_without_snapd() {
+    use crate::common::snapd_double::Fault;
+    let s = setup(&[("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string())]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let topic = format!("devices/health/{DEVICE_ID}");
+    let first: Value = serde_json::from_slice(&dms.wait(&topic, |_| true).await).unwrap();
+    assert!(first["snapListHash"].is_string(), "{first}");
+    let listings = || {
+        s.snapd
+            .requests()
+            .iter()
+            .filter(|r| r.path_and_query == "/v2/snaps")
+            .count()
+    };
+    let before = listings();
+    for _ in 0..3 {
+        let hb: Value = serde_json::from_slice(&dms.wait(&topic, |_| true).await).unwrap();
+        assert_eq!(hb["snapListHash"], first["snapListHash"], "{hb}");
+    }
+    assert_eq!(
+        listings(),
+        before,
+        "the heartbeat listed the snaps with nothing changed"
+    );
+
+    s.snapd.set_fault(Some(Fault::Status500));
+    for _ in 0..3 {
+        let hb: Value = serde_json::from_slice(&dms.wait(&topic, |_| true).await).unwrap();
+        assert_eq!(hb["snapListHash"], first["snapListHash"], "{hb}");
+        assert_eq!(
+            hb["installedSnapsHash"], first["installedSnapsHash"],
+            "{hb}"
+        );
+    }
 }

@@ -477,7 +477,11 @@ async fn reference_agent_subjects_keep_their_shapes() {
             .iter()
             .any(|r| r.path_and_query == "/v2/snaps?select=all"),
         "{:?}",
-        rig.snapd.requests().iter().map(|r| r.path_and_query.clone()).collect::<Vec<_>>()
+        rig.snapd
+            .requests()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
     );
 
     let v = rig

@@ -288,6 +288,7 @@ async fn server(ctx: &Ctx) -> ActionResult {
 /// The snap list as `deviceSnap`s, sorted by name (the heartbeat hashes
 /// it). The hashes are remembered for the heartbeat.
 pub async fn list(ctx: &Ctx) -> Result<Vec<Value>, String> {
+    let gen = ctx.hashes.generation();
     let mut all = ctx.snapd.snaps().await.map_err(snapd_err)?;
     all.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = Vec::with_capacity(all.len());
@@ -299,7 +300,7 @@ pub async fn list(ctx: &Ctx) -> Result<Vec<Value>, String> {
         };
         out.push(snaps::device_snap(&ctx.creds.device_id, &s, &config));
     }
-    ctx.hashes.store(Hashes::of(&out));
+    ctx.hashes.store(Hashes::of(&out), gen);
     Ok(out)
 }
 

@@ -74,6 +74,9 @@ pub struct Dms {
     pub status: watch::Sender<ConnectionStatus>,
     pub store: Store,
     pub reload: Arc<Notify>,
+    /// The shared change poller: a change that became ready means the
+    /// snaps may have changed, so the heartbeat hashes are built again.
+    pub poller: Option<Arc<crate::changes::Poller>>,
     pub settings: Settings,
 }
 
@@ -121,6 +124,7 @@ impl Dms {
         let reload = self.reload.clone();
         let s = self.settings.clone();
         let required = self.required.clone();
+        let change_events = self.poller.as_ref().map(|p| p.events());
         async move {
             let inbox = topics::dms_actions(&creds.device_id)?;
             let outbox = topics::dms_responses(&creds.device_id)?;
@@ -160,6 +164,13 @@ impl Dms {
                 mqtt: link.handle.clone(),
                 topic: outbox,
             };
+            if let Some(events) = change_events {
+                tokio::spawn(watch_snap_changes(
+                    events,
+                    ctx.hashes.clone(),
+                    token.clone(),
+                ));
+            }
             let (c, mqtt) = (ctx.clone(), link.handle.clone());
             tokio::spawn(periodically(s.heartbeat, token.clone(), move || {
                 let (c, mqtt, topic) = (c.clone(), mqtt.clone(), health.clone());
@@ -271,6 +282,7 @@ async fn handle(
         Next::FollowChange(change) => {
             out.send(&resp).await;
             let done = actions::completion(ctx, &req, &change).await;
+            ctx.hashes.mark_changed();
             tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
             out.send(&done).await;
         }
@@ -295,6 +307,27 @@ async fn handle(
                 Err(e) => tracing::error!(error = %e, "cannot delete the credentials"),
             }
             reload.notify_one();
+        }
+    }
+}
+
+/// Marks the heartbeat hashes stale whenever a change becomes ready (or
+/// events were missed).
+async fn watch_snap_changes(
+    mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
+    hashes: heartbeat::HashCache,
+    token: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            e = events.recv() => match e {
+                Ok(ev) if ev.change.ready => hashes.mark_changed(),
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => hashes.mark_changed(),
+                Err(RecvError::Closed) => return,
+            },
         }
     }
 }
