@@ -64,6 +64,17 @@ pub enum TlsError {
     Build(String),
 }
 
+impl TlsError {
+    /// The cause alone, for a caller whose own message already names the
+    /// file (`cannot read identity.ca /x: <this>`).
+    pub fn detail(&self) -> String {
+        match self {
+            TlsError::Read { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Parses PEM certificate text; `what` names its source in errors.
 pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())

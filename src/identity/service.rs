@@ -65,20 +65,30 @@ impl IdentityService {
                     .min(std::time::Duration::from_secs(10)),
             )
             .user_agent(concat!("iot-agent/", env!("CARGO_PKG_VERSION")));
+        // Verified TLS from the project's one builder: the system roots
+        // plus `identity.ca`.
+        let mut roots = crate::tls::Roots::new().system();
         if let Some(path) = config.identity.ca.path() {
-            let ca_err = |detail: String| SetupError::Ca {
-                path: path.display().to_string(),
-                detail,
-            };
-            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ca_err("no certificate in it".into()));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
+            roots = roots
+                .file(path, "identity.ca")
+                .map_err(|e| SetupError::Ca {
+                    path: path.display().to_string(),
+                    detail: e.detail(),
+                })?;
+        }
+        if !roots.is_empty() {
+            let tls = crate::tls::client_config(
+                roots,
+                None,
+                crate::tls::Verify::Full,
+                crate::tls::Advice {
+                    peer: "the identity service",
+                    ca_key: "identity.ca",
+                    verify_key: None,
+                },
+            )
+            .map_err(|e| SetupError::Client(e.to_string()))?;
+            builder = builder.use_preconfigured_tls((*tls).clone());
         }
         let http = builder
             .build()
