@@ -224,6 +224,24 @@ struct Verifier {
     advice: Advice,
 }
 
+impl Verifier {
+    fn new(
+        roots: Roots,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        verify: Verify,
+        advice: Advice,
+    ) -> Result<Verifier, TlsError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots.store), provider)
+            .build()
+            .map_err(|e| TlsError::Build(e.to_string()))?;
+        Ok(Verifier {
+            inner,
+            verify,
+            advice,
+        })
+    }
+}
+
 impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
@@ -399,4 +417,93 @@ pub fn dms_broker(
             verify_key: Some("dms.verify"),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    /// A CA `CN=mqtt` and a server certificate `CN=mqtt` without SAN
+    /// signed by it (the reference broker); `expired` dates it in the past.
+    fn reference_pki(expired: bool) -> (String, CertificateDer<'static>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name.push(DnType::CommonName, "mqtt");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut server = CertificateParams::new(Vec::<String>::new()).unwrap();
+        server.distinguished_name.push(DnType::CommonName, "mqtt");
+        if expired {
+            let now = time::OffsetDateTime::now_utc();
+            server.not_before = now - time::Duration::days(30);
+            server.not_after = now - time::Duration::days(1);
+        }
+        let cert = server.signed_by(&key, &issuer).unwrap();
+        (ca_pem, cert.der().clone())
+    }
+
+    fn verify(ca_pem: &str, cert: &CertificateDer<'_>, mode: Verify) -> Result<(), String> {
+        let verifier = Verifier::new(
+            Roots::new().pem(ca_pem, "test CA").unwrap(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+            mode,
+            Advice {
+                peer: "the DMS broker",
+                ca_key: "dms.ca",
+                verify_key: Some("dms.verify"),
+            },
+        )
+        .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        verifier
+            .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn chain_mode_accepts_only_the_missing_host_name() {
+        let (ca, cert) = reference_pki(false);
+        assert_eq!(verify(&ca, &cert, Verify::Chain), Ok(()));
+        let full = verify(&ca, &cert, Verify::Full).unwrap_err();
+        assert!(full.contains("set dms.verify=chain"), "{full}");
+        assert!(
+            full.contains("CN=mqtt") && full.contains("no subjectAltName"),
+            "{full}"
+        );
+
+        let (other_ca, _) = reference_pki(false);
+        let foreign = verify(&other_ca, &cert, Verify::Chain).unwrap_err();
+        assert!(foreign.contains("set dms.ca"), "{foreign}");
+
+        let (ca, old) = reference_pki(true);
+        let expired = verify(&ca, &old, Verify::Chain).unwrap_err();
+        assert!(expired.contains("expired"), "{expired}");
+    }
+
+    #[test]
+    fn no_roots_and_bad_pem_are_refused_with_the_key() {
+        let e = client_config(
+            Roots::new(),
+            None,
+            Verify::Full,
+            Advice {
+                peer: "the DMS broker",
+                ca_key: "dms.ca",
+                verify_key: None,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("set dms.ca"), "{e}");
+        let e = Roots::new()
+            .pem(
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+                "dms.ca",
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("dms.ca is not PEM"), "{e}");
+    }
 }
