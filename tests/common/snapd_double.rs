@@ -1419,13 +1419,25 @@ fn get_snaps(st: &mut State, req: &Req) -> Reply {
         Some(other) => return bad_request(format!("invalid select parameter: \"{other}\"")),
     }
     let enabled_only = req.q("select") == Some("enabled");
-    let list: Vec<Value> = st
+    let all_revisions = req.q("select") == Some("all");
+    let mut list: Vec<Value> = Vec::new();
+    for s in st
         .snaps
         .values()
         .filter(|s| wanted.is_empty() || wanted.contains(&s.name))
         .filter(|s| !enabled_only || s.active)
-        .map(Snap::to_json)
-        .collect();
+    {
+        list.push(s.to_json());
+        // `select=all` also lists the revisions kept for revert, inactive
+        // (`installed`, no install-date), as snapd does.
+        if let (true, Some((version, revision))) = (all_revisions, &s.previous) {
+            let mut old = s.clone();
+            old.version = version.clone();
+            old.revision = revision.clone();
+            old.active = false;
+            list.push(old.to_json());
+        }
+    }
     json_reply(
         200,
         json!({"type": "sync", "status-code": 200, "status": "OK", "result": list, "sources": ["local"]}),
