@@ -187,15 +187,7 @@ pub fn client_config(
         )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots.store), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Build(e.to_string()))?;
-    let verifier = Arc::new(Verifier {
-        inner,
-        verify,
-        advice,
-    });
+    let verifier = Arc::new(Verifier::new(roots, provider.clone(), verify, advice)?);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Build(e.to_string()))?
