@@ -9,6 +9,7 @@
 //! - [`services`]: what the agent answers and watches;
 //! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
 //! - [`db`]: SQLite databases and their schema migrations;
+//! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
 //! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
 //! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
 //! - [`agent`]: the `run` command that wires it all together.
@@ -26,6 +27,7 @@ pub mod export;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;
+pub mod nats_server;
 pub mod services;
 pub mod snapd;
 pub mod supervisor;

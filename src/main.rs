@@ -82,6 +82,22 @@ enum Command {
         #[command(subcommand)]
         command: ExportCommand,
     },
+    /// Write the bundled nats-server's configuration (generated from this
+    /// one, with passwords generated on first use) and print what happened:
+    /// disabled, unchanged, written, reloaded or restart.
+    NatsConfig {
+        /// Send a running server SIGHUP when only its users changed.
+        #[arg(long)]
+        reload: bool,
+        /// Outside a snap (scripts/run): when nats.url is the built-in
+        /// default, use a free loopback port instead and print the URL to
+        /// export as IOT_AGENT_NATS__URL.
+        #[arg(long, conflicts_with = "reload")]
+        local: bool,
+    },
+    /// Write the configuration as `nats-config` does, then run nats-server
+    /// with it (what the snap's `nats` daemon runs).
+    NatsServer,
     /// Print the agent's version.
     Version,
 }
@@ -154,6 +170,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::NatsConfig { reload, local } => {
+            if local {
+                commands::nats::local_url(&loaded)
+            } else {
+                commands::nats::config(&loaded, reload)
+            }
+        }
+        Command::NatsServer => commands::nats::serve(&loaded),
         Command::Enroll => commands::enroll::run(&loaded.config),
         Command::Unregister => commands::unregister::run(&loaded.config),
         Command::Status { json } => {

@@ -5,6 +5,7 @@ pub mod changes;
 pub mod config;
 pub mod enroll;
 pub mod export;
+pub mod nats;
 pub mod status;
 pub mod unregister;
 

@@ -17,7 +17,13 @@ pub const ENV_PREFIX: &str = "IOT_AGENT_";
 const DEFAULTS_NAME: &str = "built-in default";
 
 /// Keys whose values are secrets: never printed, never logged.
-pub const SECRET_KEYS: &[&str] = &["nats.snapd.password", "export.upstream.password"];
+pub const SECRET_KEYS: &[&str] = &[
+    "nats.snapd.password",
+    "nats.device.password",
+    "nats.operator.password",
+    "nats.leaf.password",
+    "export.upstream.password",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -101,9 +107,19 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
         .extract::<DirsOnly>()
         .map_err(|e| invalid(&figment, e))?
         .dirs;
-    let config: Config = values::with_dirs(dirs.data.path(), dirs.common.path(), || {
+    let mut config: Config = values::with_dirs(dirs.data.path(), dirs.common.path(), || {
         figment.extract().map_err(|e| invalid(&figment, e))
     })?;
+    // The bundled server's generated passwords, where none is configured.
+    crate::nats_server::resolve_generated(
+        |key| {
+            figment
+                .find_metadata(key)
+                .map(|m| source_of(m, key))
+                .unwrap_or(Source::Default)
+        },
+        &mut config,
+    );
     let unknown = unknown_keys(&figment)?;
     Ok(Loaded {
         config,

@@ -104,6 +104,38 @@ pub struct NatsConfig {
     /// `agent-timeout` answer after it, so it must stay below the request
     /// timeout of the NATS clients (commonly 5 to 10 s).
     pub timeout: Duration,
+    /// Run the snap's own nats-server (the `nats` daemon), configured by
+    /// `iot-agent nats-config` from these keys; `false` turns it off for
+    /// users who run their own server at `nats.url`.
+    pub bundled: bool,
+    /// JetStream's store of the bundled server (MQTT sessions).
+    pub store: ExpandPath,
+    pub mqtt: NatsMqtt,
+    /// The user for every other local client (other snaps): any subject but
+    /// the agent's trees. Its password is generated on first start.
+    pub device: NatsCredentials,
+    /// An optional user for an operator's terminal or browser (empty user:
+    /// none): it may request everything, but not serve the agent's subjects.
+    pub operator: NatsCredentials,
+    pub leaf: NatsLeaf,
+}
+
+/// The bundled server's MQTT listener (loopback).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct NatsMqtt {
+    /// Port on 127.0.0.1; 0: no MQTT listener.
+    pub port: u16,
+}
+
+/// A leaf-node connection of the bundled server toward the fleet's cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct NatsLeaf {
+    /// `nats-leaf://host:7422` or `tls://host:7422`; empty: no leaf node.
+    pub url: String,
+    pub user: String,
+    pub password: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -409,6 +441,18 @@ impl Default for NatsConfig {
             snapd: NatsCredentials::default(),
             readonly: false,
             timeout: Duration::from_secs(4),
+            bundled: true,
+            store: ExpandPath::new("$SNAP_COMMON/nats"),
+            mqtt: NatsMqtt::default(),
+            device: NatsCredentials {
+                user: "device".into(),
+                password: String::new(),
+            },
+            operator: NatsCredentials {
+                user: String::new(),
+                password: String::new(),
+            },
+            leaf: NatsLeaf::default(),
         }
     }
 }
