@@ -15,6 +15,7 @@ mod fuzz_smoke;
 mod harness;
 mod identity;
 mod mirror;
+mod nats_bundled;
 mod readme;
 mod required;
 mod snap_hook;
