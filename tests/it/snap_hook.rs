@@ -33,8 +33,10 @@ echo "$*" >> "$d/calls"
 case "$1" in
   get) cat "$d/config.json" ;;
   services) echo "Service          Startup  Current  Notes"
-            echo "$2  enabled  $(cat "$d/state")  -" ;;
+            echo "$2  $(cat "$d/startup")  $(cat "$d/state")  -" ;;
   restart) ;;
+  stop) echo disabled > "$d/startup" ;;
+  start) echo enabled > "$d/startup" ;;
   *) echo "fake snapctl: unexpected $*" >&2; exit 1 ;;
 esac
 "#,
@@ -45,6 +47,7 @@ esac
         std::fs::set_permissions(&snapctl, std::fs::Permissions::from_mode(0o755)).unwrap();
         let snap = Snap { dir };
         snap.set_state("active");
+        std::fs::write(snap.path("startup"), "enabled").unwrap();
         snap
     }
 
@@ -254,4 +257,112 @@ fn configure_rejects_bad_values_naming_the_key_and_leaves_the_agent_alone() {
     let (out, calls) = snap.configure();
     ok(&out);
     assert_eq!(restarts(&calls), 0, "{calls:?}");
+}
+
+/// The bundled NATS server through the hook, with a real nats-server
+/// running the generated configuration (as the `nats` daemon would): the
+/// configuration is regenerated on every `snap set`, the server gets SIGHUP
+/// only when its users changed, a restart when its listeners did, and
+/// `nats.bundled=false` disables the daemon (set back: enabled again).
+#[test]
+fn configure_regenerates_the_nats_configuration_and_reloads_only_on_change() {
+    use crate::nats_bundled::ServerProc;
+    let snap = Snap::new();
+    let port = crate::common::servers::free_port();
+    let base = format!(r#""url": "nats://127.0.0.1:{port}""#);
+    snap.set_config(&format!(r#"{{"nats": {{{base}}}}}"#));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.contains(".nats") && (c.starts_with("restart") || c.starts_with("stop"))),
+        "{calls:?}"
+    );
+    let conf = snap.path("data/nats/nats-server.conf");
+    let device = std::fs::read_to_string(snap.path("data/nats/device/password")).unwrap();
+    assert_eq!(device.trim().len(), 32);
+    assert_eq!(
+        std::fs::read_to_string(snap.path("data/nats/device/user")).unwrap(),
+        "device\n"
+    );
+    let server = ServerProc::start(&conf, port);
+    let reloads = || {
+        server
+            .log_text()
+            .matches("Reloaded server configuration")
+            .count()
+    };
+
+    // Nothing changed: no signal, no restart.
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert_eq!(reloads(), 0);
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("restart iot-agent.nats")),
+        "{calls:?}"
+    );
+
+    // An operator user: the server is told with SIGHUP, not restarted.
+    snap.set_config(&format!(
+        r#"{{"nats": {{{base}, "operator": {{"user": "op", "password": "op secret"}}}}}}"#
+    ));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let seen = crate::common::poll_until(deadline, || (reloads() == 1).then_some(()));
+    assert!(seen.is_some(), "no reload\n{}", server.tail());
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("restart iot-agent.nats")),
+        "{calls:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("op secret"));
+    // The device's generated password survived the regeneration.
+    assert_eq!(
+        std::fs::read_to_string(snap.path("data/nats/device/password")).unwrap(),
+        device
+    );
+
+    // A new MQTT listener: nats-server cannot reload that, so a restart.
+    let mqtt = crate::common::servers::free_port();
+    snap.set_config(&format!(
+        r#"{{"nats": {{{base}, "operator": {{"user": "op", "password": "op secret"}}, "mqtt": {{"port": {mqtt}}}}}}}"#
+    ));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert!(
+        calls.iter().any(|c| c == "restart iot-agent.nats"),
+        "{calls:?}"
+    );
+    assert_eq!(reloads(), 1);
+
+    // Turned off and on again.
+    snap.set_config(&format!(r#"{{"nats": {{{base}, "bundled": false}}}}"#));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert!(
+        calls.iter().any(|c| c == "stop --disable iot-agent.nats"),
+        "{calls:?}"
+    );
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert!(!calls.iter().any(|c| c.starts_with("stop")), "{calls:?}");
+    snap.set_config(&format!(r#"{{"nats": {{{base}}}}}"#));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert!(
+        calls.iter().any(|c| c == "start --enable iot-agent.nats"),
+        "{calls:?}"
+    );
+
+    // A bad NATS setting is refused before anything is touched.
+    snap.set_config(r#"{"nats": {"url": "nats://10.1.2.3:4222"}}"#);
+    let (out, calls) = snap.configure();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nats.bundled=false"));
+    assert!(!calls.iter().any(|c| !c.starts_with("get")), "{calls:?}");
 }

@@ -65,8 +65,26 @@ fn generated_snap_yaml_agrees_with_snapcraft_yaml_and_the_spec() {
     assert_eq!(cli["command"], "bin/iot-agent");
     assert!(cli.get("daemon").is_none());
     assert_eq!(strings(&cli["plugs"]), ["network", "snapd-control"]);
+    // The bundled NATS server: a second daemon, started before the agent.
+    let nats = &m["apps"]["nats"];
+    assert_eq!(nats["command"], "bin/iot-agent nats-server");
+    assert_eq!(nats["daemon"], "simple");
+    assert_eq!(strings(&nats["before"]), ["agent"]);
+    assert_eq!(strings(&nats["plugs"]), ["network", "network-bind"]);
     let apps: Vec<_> = m["apps"].as_mapping().unwrap().keys().collect();
-    assert_eq!(apps.len(), 3, "{apps:?}");
+    assert_eq!(apps.len(), 4, "{apps:?}");
+    // Other snaps get the device user's credentials through a content slot.
+    let slot = &m["slots"]["nats-device"];
+    assert_eq!(slot["interface"], "content");
+    assert_eq!(strings(&slot["read"]), ["$SNAP_DATA/nats/device"]);
+    // nats-server comes from Debian's package, as stage-packages would.
+    let staged = snap::staged_files(&snapcraft_yaml()).unwrap();
+    assert!(
+        staged
+            .iter()
+            .any(|f| f.package == "nats-server" && f.path == "usr/sbin/nats-server"),
+        "{staged:?}"
+    );
 
     let hooks = snap::hook_names(&Path::new(ROOT).join("snap/hooks")).unwrap();
     assert_eq!(hooks, ["configure"]);
@@ -153,6 +171,9 @@ fn laid_out_tree_passes_snapds_skeleton_check_and_the_tree_check() {
         "meta/snap.yaml agrees",
         "app agent (daemon: simple): bin/iot-agent run; plugs: network, network-bind, snapd-control, shutdown",
         "app unregister: bin/iot-agent unregister",
+        "app nats (daemon: simple): bin/iot-agent nats-server; plugs: network, network-bind",
+        "usr/sbin/nats-server (staged from package nats-server)",
+        "accepts the configuration bin/iot-agent nats-config generates",
         "hook configure: meta/hooks/configure -> snap/hooks/configure",
         "prints \"iot-agent ",
     ] {
@@ -167,12 +188,14 @@ fn laid_out_tree_passes_snapds_skeleton_check_and_the_tree_check() {
     let text = std::fs::read_to_string(&meta).unwrap();
     std::fs::write(&meta, text.replace("    - shutdown\n", "")).unwrap();
     std::fs::write(prime.join("bin/iot-agent"), "#!/bin/sh\necho iot-agent 0\n").unwrap();
+    std::fs::write(prime.join("usr/sbin/nats-server"), "not the package's").unwrap();
     let err = snap::check_tree(&src, &prime).unwrap_err();
     for want in [
         "meta/snap.yaml differs from the one generated",
         "app agent plugs",
         "hook configure:",
         "bin/iot-agent is not an ELF executable",
+        "usr/sbin/nats-server differs from package nats-server's",
     ] {
         assert!(err.contains(want), "{want:?} not in:\n{err}");
     }

@@ -42,8 +42,23 @@ pub struct Snapcraft {
     pub confinement: String,
     /// Kept as a mapping so the apps stay in the order they are written.
     pub apps: Mapping,
-    /// Build instructions only: nothing of them lands in `meta/snap.yaml`.
-    pub parts: Value,
+    /// Copied as written (snapcraft does not change slots).
+    #[serde(default)]
+    pub slots: Option<Mapping>,
+    /// Build instructions only: nothing of them lands in `meta/snap.yaml`
+    /// (the files of `stage-packages` do: [`staged_files`]).
+    pub parts: Mapping,
+}
+
+/// A part's keys this tool acts on; the others steer snapcraft's build of
+/// the agent, which `cargo build --release` stands in for.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+struct Part {
+    #[serde(default)]
+    stage_packages: Vec<String>,
+    #[serde(default)]
+    prime: Vec<String>,
 }
 
 /// An app, as written in `snapcraft.yaml` and copied into `snap.yaml`.
@@ -86,6 +101,8 @@ struct SnapYaml<'a> {
     confinement: &'a str,
     grade: &'a str,
     environment: Environment,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots: Option<&'a Mapping>,
 }
 
 /// What snapcraft sets for a strict snap that declares no environment and
@@ -150,6 +167,7 @@ pub fn generate(snapcraft_yaml: &str, arch: &str) -> Result<String> {
             ld_library_path: LD_LIBRARY_PATH,
             path: PATH,
         },
+        slots: s.slots.as_ref(),
     };
     serde_norway::to_string(&meta).map_err(|e| e.to_string())
 }
@@ -295,6 +313,13 @@ pub fn layout(src: &Sources, prime: &Path) -> Result<()> {
         .map_err(|e| io(&src.binary.display().to_string(), e))?;
     set_mode(&prime.join("bin/iot-agent"), 0o755)?;
     fs::write(prime.join("meta/snap.yaml"), meta).map_err(|e| io("meta/snap.yaml", e))?;
+    for f in staged_files(&yaml)? {
+        let to = prime.join(&f.path);
+        if let Some(dir) = to.parent() {
+            fs::create_dir_all(dir).map_err(|e| io(&f.path, e))?;
+        }
+        fs::copy(Path::new("/").join(&f.path), &to).map_err(|e| io(&f.path, e))?;
+    }
     for name in hook_names(&src.hooks)? {
         let hook = prime.join("snap/hooks").join(&name);
         fs::copy(src.hooks.join(&name), &hook).map_err(|e| io(&name, e))?;
@@ -304,6 +329,56 @@ pub fn layout(src: &Sources, prime: &Path) -> Result<()> {
         set_mode(&wrapper, 0o755)?;
     }
     Ok(())
+}
+
+/// A file a part's `stage-packages` brings into the snap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub package: String,
+    /// Relative to the snap's root (and to `/` of the build machine).
+    pub path: String,
+}
+
+/// The files of every part's `stage-packages` that its `prime` list keeps,
+/// each checked to belong to its Debian package on this machine
+/// (`dpkg-query -L`): what snapcraft would unpack from the same package.
+pub fn staged_files(snapcraft_yaml: &str) -> Result<Vec<Staged>> {
+    let s = parse_snapcraft(snapcraft_yaml)?;
+    let mut out = Vec::new();
+    for (name, part) in &s.parts {
+        let part: Part = serde_norway::from_value(part.clone())
+            .map_err(|e| format!("snap/snapcraft.yaml: part {}: {e}", show(name)))?;
+        for package in &part.stage_packages {
+            let list = Command::new("dpkg-query")
+                .args(["-L", package])
+                .output()
+                .map_err(|e| format!("cannot run dpkg-query: {e}"))?;
+            if !list.status.success() {
+                return Err(format!(
+                    "stage-packages {package}: not installed on this machine \
+                     (apt-get install {package}; scripts/setup does): {}",
+                    String::from_utf8_lossy(&list.stderr).trim()
+                ));
+            }
+            let owned: Vec<String> = String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .map(|l| l.trim_start_matches('/').to_string())
+                .collect();
+            for path in &part.prime {
+                if !owned.contains(path) {
+                    return Err(format!(
+                        "part {}: prime lists {path}, which package {package} does not have",
+                        show(name)
+                    ));
+                }
+                out.push(Staged {
+                    package: package.clone(),
+                    path: path.clone(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The hooks in `snap/hooks/`, sorted.
@@ -401,6 +476,24 @@ pub fn check_tree(src: &Sources, tree: &Path) -> Result<Vec<String>> {
         }
     }
 
+    for f in staged_files(&yaml)? {
+        let ours = fs::read(Path::new("/").join(&f.path)).map_err(|e| e.to_string())?;
+        match fs::read(tree.join(&f.path)) {
+            Ok(b) if b == ours => checked.push(format!(
+                "{} (staged from package {}): {} bytes",
+                f.path,
+                f.package,
+                b.len()
+            )),
+            Ok(_) => problems.push(format!("{} differs from package {}'s", f.path, f.package)),
+            Err(e) => problems.push(format!("{} (package {}): {e}", f.path, f.package)),
+        }
+    }
+    match bundled_server_accepts_generated_config(tree) {
+        Ok(line) => checked.push(line),
+        Err(e) => problems.push(e),
+    }
+
     let binary = tree.join("bin/iot-agent");
     match fs::read(&binary) {
         Ok(bytes) if bytes.starts_with(b"\x7fELF") => {
@@ -431,6 +524,56 @@ pub fn check_tree(src: &Sources, tree: &Path) -> Result<Vec<String>> {
         }
         Err(msg)
     }
+}
+
+/// The snap's own pair, as the `nats` daemon runs them: `bin/iot-agent
+/// nats-config` writes the configuration (defaults, in a scratch data
+/// directory) and the staged `usr/sbin/nats-server -t` accepts it.
+fn bundled_server_accepts_generated_config(tree: &Path) -> Result<String> {
+    let server = tree.join("usr/sbin/nats-server");
+    if !server.exists() {
+        return Err("usr/sbin/nats-server is not in the snap".into());
+    }
+    executable(&server)?;
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let out = Command::new(tree.join("bin/iot-agent"))
+        .arg("nats-config")
+        .env("IOT_AGENT_DIRS__DATA", scratch.path().join("data"))
+        .env("IOT_AGENT_DIRS__COMMON", scratch.path().join("common"))
+        .env_remove("SNAP")
+        .env_remove("SNAP_NAME")
+        .env_remove("SNAP_DATA")
+        .env_remove("SNAP_COMMON")
+        .output()
+        .map_err(|e| format!("cannot run bin/iot-agent nats-config: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "bin/iot-agent nats-config failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let conf = scratch.path().join("data/nats/nats-server.conf");
+    let test = Command::new(&server)
+        .arg("-t")
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .map_err(|e| format!("cannot run usr/sbin/nats-server: {e}"))?;
+    if !test.status.success() {
+        return Err(format!(
+            "usr/sbin/nats-server -t refuses the generated configuration: {}{}",
+            String::from_utf8_lossy(&test.stdout).trim(),
+            String::from_utf8_lossy(&test.stderr).trim()
+        ));
+    }
+    let version = Command::new(&server)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Ok(format!(
+        "usr/sbin/nats-server ({version}) accepts the configuration bin/iot-agent nats-config generates"
+    ))
 }
 
 fn executable(path: &Path) -> Result<()> {
