@@ -18,6 +18,7 @@ mod mirror;
 mod nats_bundled;
 mod readme;
 mod required;
+mod run_script;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;
