@@ -130,6 +130,16 @@ fn drift_between_snapcraft_yaml_and_snap_yaml_is_caught() {
         assert!(drift.contains(want), "{want:?} not in:\n{drift}");
     }
 
+    // The bundled NATS daemon or the content slot dropped from snap.yaml.
+    let start = meta.find("  nats:\n").unwrap();
+    let end = start + meta[start..].find("  unregister:\n").unwrap();
+    let no_nats = format!("{}{}", &meta[..start], &meta[end..]);
+    let no_slot = meta.replace("interface: content", "interface: dbus");
+    let drift = snap::disagreements(&project, &no_nats).unwrap().join("\n");
+    assert!(drift.contains("meta/snap.yaml lacks app nats"), "{drift}");
+    let drift = snap::disagreements(&project, &no_slot).unwrap().join("\n");
+    assert!(drift.contains("slots:"), "{drift}");
+
     // A key the generator does not know fails loudly instead of being
     // left out of the snap.
     let app_key = project.replace(
