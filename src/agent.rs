@@ -59,10 +59,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut sup = Supervisor::new(Policy::default());
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
     let required = add_required(&mut sup, &config, &snapd, &bus);
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
+            changes: poller.clone(),
             required,
             credentials: creds_rx,
             status: mqtt_status_tx,
@@ -75,6 +80,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 upload_timeout: config.dms.upload.timeout.get(),
                 upload_limit: config.dms.upload.limit,
                 scratch_dir: config.common_dir().join("tmp"),
+                keepalive: config.dms.keepalive.get(),
+                concurrency: config.dms.actions.concurrency.max(1) as usize,
+                ledger: dms::LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
+                ledger_max_age: config.dms.ledger.max.age.get(),
+                ledger_max_count: config.dms.ledger.max.count,
             },
         });
         sup.add(Subsystem::new("dms", move |t| {
@@ -82,7 +92,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd);
+    add_change_subsystems(&mut sup, &config, &snapd, poller);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
@@ -148,11 +158,12 @@ fn add_required(
 }
 
 /// The change poller, the history fed by it, and the watchdog when enabled.
-fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client) {
-    let poller = Arc::new(changes::Poller::new(
-        snapd.clone(),
-        config.snaplogger.duration.between.checks.get(),
-    ));
+fn add_change_subsystems(
+    sup: &mut Supervisor,
+    config: &Config,
+    snapd: &snapd::Client,
+    poller: Arc<changes::Poller>,
+) {
     let history = Arc::new(changes::History::from_config(config));
     let rx = poller.subscribe();
     sup.add(Subsystem::new("change-history", move |t| {
