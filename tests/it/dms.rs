@@ -19,14 +19,28 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// The DMS side: publishes actions, collects what the agent sends.
-struct DmsClient {
-    client: AsyncClient,
+pub(crate) struct DmsClient {
+    pub client: AsyncClient,
     rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     seen: Vec<(String, Vec<u8>)>,
 }
 
 impl DmsClient {
-    async fn connect(pki: &TestPki, port: u16) -> DmsClient {
+    pub(crate) async fn connect(pki: &TestPki, port: u16) -> DmsClient {
+        Self::connect_with(pki, port, "dms", true).await
+    }
+
+    /// The next message of any topic (None when nothing came within `bound`).
+    pub(crate) async fn next(&mut self, bound: Duration) -> Option<(String, Vec<u8>)> {
+        if !self.seen.is_empty() {
+            return Some(self.seen.remove(0));
+        }
+        tokio::time::timeout(bound, self.rx.recv()).await.ok().flatten()
+    }
+
+    /// With `clean` false the broker keeps the DMS client's session (and
+    /// what arrives for it) across its reconnections and broker restarts.
+    pub(crate) async fn connect_with(pki: &TestPki, port: u16, id: &str, clean: bool) -> DmsClient {
         let (cert, key) = pki.issue_client("dms");
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -42,11 +56,12 @@ impl DmsClient {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .unwrap();
-        let mut opts = MqttOptions::new("dms", "localhost", port);
+        let mut opts = MqttOptions::new(id, "localhost", port);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )))
-        .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+        .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024)
+        .set_clean_session(clean);
         let topics = [
             "devices/pub/#",
             "devices/health/#",
@@ -64,7 +79,7 @@ impl DmsClient {
         }
     }
 
-    async fn publish_raw(&self, payload: Vec<u8>) {
+    pub(crate) async fn publish_raw(&self, payload: Vec<u8>) {
         self.client
             .publish(
                 format!("devices/sub/{DEVICE_ID}"),
@@ -77,7 +92,7 @@ impl DmsClient {
     }
 
     /// The next message on `topic` that `pick` accepts (bounded wait).
-    async fn wait(&mut self, topic: &str, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    pub(crate) async fn wait(&mut self, topic: &str, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
         if let Some(i) = self.seen.iter().position(|(t, p)| t == topic && pick(p)) {
             return self.seen.remove(i).1;
         }
@@ -95,7 +110,7 @@ impl DmsClient {
     }
 
     /// A response with this id (`nth`: 0 = the first, 1 = the second).
-    async fn response(&mut self, id: &str) -> Value {
+    pub(crate) async fn response(&mut self, id: &str) -> Value {
         let topic = format!("devices/pub/{DEVICE_ID}");
         let raw = self
             .wait(&topic, |p| {
@@ -111,7 +126,7 @@ impl DmsClient {
         v
     }
 
-    async fn call(&mut self, id: &str, action: &str, snap: &str, data: &str) -> Value {
+    pub(crate) async fn call(&mut self, id: &str, action: &str, snap: &str, data: &str) -> Value {
         let req = json!({"id": id, "action": action, "snap": snap, "data": data});
         self.publish_raw(serde_json::to_vec(&req).unwrap()).await;
         let v = self.response(id).await;
@@ -121,19 +136,38 @@ impl DmsClient {
 }
 
 /// Everything a DMS test needs, with the agent enrolled and subscribed.
-struct Setup {
+pub(crate) struct Setup {
     _dir: tempfile::TempDir,
-    pki: Arc<TestPki>,
-    broker: Mosquitto,
+    pub pki: Arc<TestPki>,
+    pub broker: Mosquitto,
     identity: IdentityDouble,
-    snapd: SnapdDouble,
-    agent: AgentProcess,
+    pub snapd: SnapdDouble,
+    pub agent: AgentProcess,
     data_dir: std::path::PathBuf,
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Setup {
+    /// Starts the agent again with the same environment (after it stopped
+    /// or was killed), and waits until it is subscribed.
+    pub(crate) fn start_agent_again(&mut self) {
+        self.agent = AgentProcess::start(&self.env);
+        self.agent.wait_for("subscribed to DMS actions");
+    }
 }
 
 async fn setup(extra_env: &[(&'static str, String)]) -> Setup {
     let pki = Arc::new(TestPki::new(DEVICE_ID));
     let broker = Mosquitto::start_tls(&pki);
+    setup_on(pki, broker, extra_env).await
+}
+
+/// [`setup`] on a given broker (a persistent one for the fault tests).
+pub(crate) async fn setup_on(
+    pki: Arc<TestPki>,
+    broker: Mosquitto,
+    extra_env: &[(&'static str, String)],
+) -> Setup {
     let identity = IdentityDouble::start_with(false, pki.clone(), broker.port()).await;
     let snapd = SnapdDouble::start().await;
     snapd.set_serial(Some(SERIAL_ASSERTION.to_string()));
@@ -172,6 +206,7 @@ async fn setup(extra_env: &[(&'static str, String)]) -> Setup {
         snapd,
         agent,
         data_dir,
+        env,
     }
 }
 
