@@ -32,6 +32,12 @@ fn request(id: &str, action: &str, snap: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// A completion report (the second message of an action that started a
+/// change), as opposed to the action's reply.
+fn is_completion(v: &Value) -> bool {
+    v["result"].get("change").is_some() && v["result"].get("status").is_some()
+}
+
 /// Waits (bounded) until `cond` holds; for state of the doubles.
 async fn until(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..600 {
@@ -46,12 +52,21 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
 /// Collects replies until every id in `ids` has one; returns how many
 /// replies each id got and how many heartbeats arrived meanwhile (after
 /// the first reply, before the last).
-async fn collect(dms: &mut DmsClient, ids: &HashSet<String>) -> (HashMap<String, usize>, usize) {
+async fn collect(
+    s: &mut Setup,
+    dms: &mut DmsClient,
+    ids: &HashSet<String>,
+) -> (HashMap<String, usize>, usize) {
     let mut got: HashMap<String, usize> = HashMap::new();
     let mut heartbeats = 0;
     let health = format!("devices/health/{DEVICE_ID}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while ids.iter().any(|id| !got.contains_key(id)) {
-        let Some((topic, payload)) = dms.next(Duration::from_secs(90)).await else {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some((topic, payload)) = dms.next(left.min(Duration::from_secs(30))).await else {
+            eprintln!("only {} of {} actions answered", got.len(), ids.len());
+            // Fails with the agent's log.
+            s.agent.wait_for_within("(the agent's log)", Duration::from_secs(2));
             panic!(
                 "only {} of {} actions answered",
                 got.len(),
@@ -66,7 +81,7 @@ async fn collect(dms: &mut DmsClient, ids: &HashSet<String>) -> (HashMap<String,
         }
         let v: Value = serde_json::from_slice(&payload).unwrap();
         let id = v["id"].as_str().unwrap_or("").to_string();
-        if ids.contains(&id) && !v["result"].is_object() {
+        if ids.contains(&id) && !is_completion(&v) {
             assert_eq!(v["success"], true, "{v}");
             *got.entry(id).or_default() += 1;
         }
@@ -76,14 +91,14 @@ async fn collect(dms: &mut DmsClient, ids: &HashSet<String>) -> (HashMap<String,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_thousands_of_actions_is_answered_in_full_while_heartbeats_flow() {
-    let s = persistent_setup(&[("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".into())]).await;
+    let mut s = persistent_setup(&[("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".into())]).await;
     let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
     const N: usize = 3000;
     let ids: HashSet<String> = (0..N).map(|i| format!("burst-{i}")).collect();
     for id in &ids {
         dms.publish_raw(request(id, "list", "")).await;
     }
-    let (got, heartbeats) = collect(&mut dms, &ids).await;
+    let (got, heartbeats) = collect(&mut s, &mut dms, &ids).await;
     assert_eq!(got.len(), N);
     assert!(
         heartbeats >= 1,
@@ -108,7 +123,7 @@ async fn actions_sent_while_the_agent_is_down_are_answered_once_on_its_return() 
         .await;
     ids.insert("offline-install".into());
     s.start_agent_again();
-    let (got, _) = collect(&mut dms, &ids).await;
+    let (got, _) = collect(&mut s, &mut dms, &ids).await;
     // A round trip after the backlog: anything sent twice has arrived.
     let v = dms.call("sentinel", "device", "", "").await;
     assert_eq!(v["success"], true);
@@ -116,7 +131,7 @@ async fn actions_sent_while_the_agent_is_down_are_answered_once_on_its_return() 
         let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
         let id = v["id"].as_str().unwrap_or("");
         assert!(
-            topic != responses_topic() || !ids.contains(id) || v["result"].is_object(),
+            topic != responses_topic() || !ids.contains(id) || is_completion(&v),
             "answered twice: {v}"
         );
     }
@@ -168,7 +183,7 @@ async fn sigkill_between_the_answer_and_the_change_end_reports_completion_after_
     let raw = dms
         .wait(&responses_topic(), |p| {
             serde_json::from_slice::<Value>(p)
-                .map(|v| v["id"] == "k2" && v["result"].is_object())
+                .map(|v| v["id"] == "k2" && is_completion(&v))
                 .unwrap_or(false)
         })
         .await;
@@ -222,7 +237,7 @@ async fn broker_outage(keep_session: bool) {
     let raw = dms
         .wait(&responses_topic(), |p| {
             serde_json::from_slice::<Value>(p)
-                .map(|v| v["id"] == "out-1" && v["result"].is_object())
+                .map(|v| v["id"] == "out-1" && is_completion(&v))
                 .unwrap_or(false)
         })
         .await;

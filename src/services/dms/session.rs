@@ -87,6 +87,13 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
 
     let slots = Arc::new(Semaphore::new(p.settings.concurrency.max(1)));
     loop {
+        // Admission: a slot before each action is taken. Waiting here holds
+        // back the PUBACKs, and so the broker; a batch is only as large as
+        // the free slots (never waiting for a slot while holding a batch).
+        let mut slot = Some(tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            s = slots.clone().acquire_owned() => s?,
+        });
         let first = tokio::select! {
             _ = token.cancelled() => return Ok(()),
             m = link.messages.recv() => match m {
@@ -101,28 +108,27 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
         };
         // Serial-tree messages and unreadable requests need no slot.
         let mut actions: Vec<(MqttMessage, Request)> = Vec::new();
+        let mut permits = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             if let Some(req) = triage(&p, &mqtt, serial_base.as_ref(), &msg).await {
                 actions.push((msg, req));
+                permits.extend(slot.take());
             }
             if actions.len() >= BATCH {
                 break;
             }
+            if slot.is_none() {
+                match slots.clone().try_acquire_owned() {
+                    Ok(s) => slot = Some(s),
+                    Err(_) => break,
+                }
+            }
             next = link.messages.try_recv();
         }
+        drop(slot);
         if actions.is_empty() {
             continue;
-        }
-        // Admission: one slot per action. Waiting here holds back the
-        // PUBACKs, and so the broker.
-        let mut permits = Vec::with_capacity(actions.len());
-        for _ in 0..actions.len() {
-            let permit = tokio::select! {
-                _ = token.cancelled() => return Ok(()),
-                s = slots.clone().acquire_owned() => s?,
-            };
-            permits.push(permit);
         }
         let batch: Vec<(Request, String)> = actions
             .iter()
