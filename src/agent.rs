@@ -59,6 +59,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut sup = Supervisor::new(Policy::default());
+    // The one reader of snapd's changes, shared by the change subsystems
+    // and the DMS (which rebuilds its heartbeat hashes when snaps change, and
+    // follows the changes its actions start).
     let poller = Arc::new(changes::Poller::new(
         snapd.clone(),
         config.snaplogger.duration.between.checks.get(),
@@ -79,6 +82,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 change_timeout: config.dms.change.timeout.get(),
                 upload_timeout: config.dms.upload.timeout.get(),
                 upload_limit: config.dms.upload.limit,
+                ca: config.dms.ca.clone(),
+                verify: config.dms.verify,
+                protocol: config.dms.protocol,
+                completion: config.dms.completion,
                 scratch_dir: config.common_dir().join("tmp"),
                 keepalive: config.dms.keepalive.get(),
                 concurrency: config.dms.actions.concurrency.max(1) as usize,

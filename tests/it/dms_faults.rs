@@ -23,7 +23,7 @@ fn responses_topic() -> String {
 async fn persistent_setup(extra: &[(&'static str, String)]) -> Setup {
     let pki = Arc::new(TestPki::new(DEVICE_ID));
     let broker = Mosquitto::start_tls_persistent(&pki);
-    setup_on(pki, broker, extra).await
+    setup_on(pki, broker, extra, "subscribed to DMS actions").await
 }
 
 fn request(id: &str, action: &str, snap: &str) -> Vec<u8> {

@@ -14,17 +14,19 @@
 //! holds the rest ([`crate::bus::driver`]).
 
 pub mod actions;
+pub mod completion;
 pub mod heartbeat;
 pub mod ledger;
 pub mod metrics;
 pub mod outbox;
 pub mod request;
 mod session;
+pub mod snaps;
 pub mod upload;
 
 use crate::backoff::Backoff;
 use crate::bus::mqtt::MqttHandle;
-use crate::bus::{ConnectionStatus, Topic};
+use crate::bus::{topics, ConnectionStatus, Topic};
 use crate::changes::Poller;
 use crate::identity::{Credentials, CredentialsRx, Store};
 use crate::services::required::Required;
@@ -39,6 +41,21 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
+
+/// The DMS topics, with their `{deviceId}`/`{orgId}` placeholders, as the
+/// AsyncAPI document names them (its test compares the two).
+pub fn documented_addresses() -> Vec<String> {
+    let placeholder = |t: Result<Topic, crate::bus::topics::BadSegment>, name: &str| {
+        t.map(|t| t.mqtt().replace("PLACEHOLDER", name))
+            .unwrap_or_default()
+    };
+    vec![
+        placeholder(topics::dms_actions("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_responses("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_health("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_metrics("PLACEHOLDER"), "{orgId}"),
+    ]
+}
 
 /// How long unregister waits for the broker to take its reply.
 const REPLY_ACK_BOUND: Duration = Duration::from_secs(10);
@@ -66,6 +83,12 @@ pub struct Settings {
     pub upload_timeout: Duration,
     pub upload_limit: u64,
     pub scratch_dir: std::path::PathBuf,
+    /// `dms.ca` and `dms.verify`: how the broker is trusted.
+    pub ca: crate::config::PemSource,
+    pub verify: crate::tls::Verify,
+    pub protocol: crate::config::DmsProtocol,
+    /// `dms.completion`: report the end of changes that actions started.
+    pub completion: bool,
     pub keepalive: Duration,
     pub concurrency: usize,
     pub ledger: LedgerAt,
@@ -75,7 +98,9 @@ pub struct Settings {
 
 pub struct Dms {
     pub snapd: snapd::Client,
-    /// The shared change poller (completion reports follow changes there).
+    /// The shared change poller: completion reports follow changes there,
+    /// and a change that became ready means the snaps may have changed, so
+    /// the heartbeat hashes are built again.
     pub changes: Arc<Poller>,
     /// The per-serial action tree, served on this connection too.
     pub required: Option<Arc<Required>>,
@@ -89,6 +114,8 @@ pub struct Dms {
 /// What every action task needs.
 struct Handler {
     ctx: Arc<Ctx>,
+    /// `dms.completion`.
+    report: bool,
     outbox: Outbox,
     ledger: Arc<Ledger>,
     store: Store,
@@ -149,6 +176,7 @@ impl Dms {
             };
             let handler = Arc::new(Handler {
                 ctx: Arc::new(self.ctx(&creds)?),
+                report: self.settings.completion,
                 outbox: outbox.clone(),
                 ledger: ledger.clone(),
                 store: self.store.clone(),
@@ -169,6 +197,7 @@ impl Dms {
                     status: self.status.clone(),
                     settings: self.settings.clone(),
                     session_tx: session_tx.clone(),
+                    changes: self.changes.clone(),
                 },
                 session.clone(),
             ));
@@ -232,6 +261,8 @@ impl Dms {
             uploader,
             change_timeout: s.change_timeout,
             scratch_dir: s.scratch_dir.clone(),
+            protocol: s.protocol,
+            hashes: heartbeat::HashCache::default(),
         })
     }
 }
@@ -329,7 +360,7 @@ async fn resume_one(h: &Handler, row: Unfinished) {
             if let Some(done) = row.unacked_completion {
                 h.outbox.send(&req.id, Kind::Completion, done).await;
             }
-            if let Some(change) = row.change_to_follow {
+            if let Some(change) = row.change_to_follow.filter(|_| h.report) {
                 tracing::info!(id = %req.id, %change, "following the change of a DMS action after a restart");
                 follow(h, &req, &change).await;
             }
@@ -371,6 +402,7 @@ async fn run_action(h: &Handler, req: Request, permit: Option<OwnedSemaphorePerm
     drop(permit);
     match next {
         Next::Nothing => h.outbox.send(&req.id, Kind::Response, bytes).await,
+        Next::FollowChange(_) if !h.report => h.outbox.send(&req.id, Kind::Response, bytes).await,
         Next::FollowChange(change) => {
             h.outbox.send(&req.id, Kind::Response, bytes).await;
             follow(h, &req, &change).await;
@@ -400,6 +432,7 @@ async fn run_action(h: &Handler, req: Request, permit: Option<OwnedSemaphorePerm
 /// Waits for the change an action started and reports its end.
 async fn follow(h: &Handler, req: &Request, change: &str) {
     let done = actions::completion(&h.ctx, req, change).await;
+    h.ctx.hashes.mark_changed();
     tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
     let bytes = done.to_bytes();
     let (id, b) = (req.id.clone(), bytes.clone());

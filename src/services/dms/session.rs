@@ -31,6 +31,7 @@ pub(super) struct Params {
     pub status: watch::Sender<ConnectionStatus>,
     pub settings: Settings,
     pub session_tx: watch::Sender<Option<(MqttHandle, Topic)>>,
+    pub changes: Arc<crate::changes::Poller>,
 }
 
 pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
@@ -48,8 +49,12 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
     if let Some(base) = &serial_base {
         subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
     }
+    let s = &p.settings;
+    let tls = crate::tls::dms_broker(creds, &s.ca, s.verify)
+        .map_err(|e| anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}"))?;
     let mut link = mqtt::connect(
         creds,
+        tls,
         subscriptions,
         p.settings.keepalive,
         p.status.clone(),
@@ -61,17 +66,18 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
     if let (Some(r), Some(_)) = (&p.required, &serial_base) {
         tokio::spawn(forward_results(r.clone(), mqtt.clone(), token.clone()));
     }
+    tokio::spawn(watch_snap_changes(
+        p.changes.events(),
+        p.handler.ctx.hashes.clone(),
+        token.clone(),
+    ));
     let (c, m) = (p.handler.ctx.clone(), mqtt.clone());
     tokio::spawn(periodically(p.settings.heartbeat, token.clone(), move || {
         let (c, m, topic) = (c.clone(), m.clone(), health.clone());
         async move {
-            match heartbeat::heartbeat(&c).await {
-                Ok(doc) => {
-                    if !m.publish_telemetry(&topic, doc.to_string().into()) {
-                        tracing::debug!("heartbeat not sent: the DMS broker is not connected");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot build the heartbeat"),
+            let doc = heartbeat::heartbeat(&c).await;
+            if !m.publish_telemetry(&topic, doc.to_string().into()) {
+                tracing::debug!("heartbeat not sent: the DMS broker is not connected");
             }
         }
     }));
@@ -264,6 +270,27 @@ async fn log_subscribed(mut subscribed: watch::Receiver<bool>, token: Cancellati
         tokio::select! {
             _ = token.cancelled() => return,
             r = subscribed.wait_for(|s| !*s) => if r.is_err() { return },
+        }
+    }
+}
+
+/// Marks the heartbeat hashes stale whenever a change becomes ready (or
+/// events were missed).
+async fn watch_snap_changes(
+    mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
+    hashes: heartbeat::HashCache,
+    token: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            e = events.recv() => match e {
+                Ok(ev) if ev.change.ready => hashes.mark_changed(),
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => hashes.mark_changed(),
+                Err(RecvError::Closed) => return,
+            },
         }
     }
 }
