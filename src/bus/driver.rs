@@ -211,7 +211,16 @@ pub fn start(
         ));
     }
     let driver = tokio::spawn(async move {
-        drive(eventloop, client, settings, tx, shared, status, session.clone()).await;
+        drive(
+            eventloop,
+            client,
+            settings,
+            tx,
+            shared,
+            status,
+            session.clone(),
+        )
+        .await;
         session.cancel();
     });
     MqttLink {

@@ -304,7 +304,7 @@ impl MqttSession {
         let topic = crate::bus::Topic::fixed(&mqtt_topic(&self.prefix, &row.stream));
         let confirmation = self
             .handle
-            .publish_confirmed(&topic, row.payload.clone().into())
+            .publish_confirmed(&topic, row.payload.clone())
             .await
             .map_err(|e| UpstreamError::Publish(e.to_string()))?;
         Ok(async move { confirmation.await.map(|()| Ack { duplicate: false }) }.boxed())

@@ -47,7 +47,10 @@ impl DmsClient {
         if !self.seen.is_empty() {
             return Some(self.seen.remove(0));
         }
-        let got = tokio::time::timeout(bound, self.rx.recv()).await.ok().flatten();
+        let got = tokio::time::timeout(bound, self.rx.recv())
+            .await
+            .ok()
+            .flatten();
         if let Some((t, p)) = &got {
             self.check(t, p);
         }

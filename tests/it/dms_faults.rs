@@ -66,12 +66,9 @@ async fn collect(
         let Some((topic, payload)) = dms.next(left.min(Duration::from_secs(30))).await else {
             eprintln!("only {} of {} actions answered", got.len(), ids.len());
             // Fails with the agent's log.
-            s.agent.wait_for_within("(the agent's log)", Duration::from_secs(2));
-            panic!(
-                "only {} of {} actions answered",
-                got.len(),
-                ids.len()
-            );
+            s.agent
+                .wait_for_within("(the agent's log)", Duration::from_secs(2));
+            panic!("only {} of {} actions answered", got.len(), ids.len());
         };
         if topic == health && !got.is_empty() {
             heartbeats += 1;
@@ -144,7 +141,8 @@ async fn sigkill_while_an_action_runs_reports_it_and_never_runs_it_again() {
     let mut s = persistent_setup(&[]).await;
     let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
     // snapd takes the install and does not answer before the kill.
-    s.snapd.set_fault(Some(Fault::Slow(Duration::from_secs(60))));
+    s.snapd
+        .set_fault(Some(Fault::Slow(Duration::from_secs(60))));
     let req = request("cut", "install", "other");
     dms.publish_raw(req.clone()).await;
     let snapd = &s.snapd;
@@ -166,7 +164,11 @@ async fn sigkill_while_an_action_runs_reports_it_and_never_runs_it_again() {
     dms.publish_raw(req).await;
     let again = dms.response("cut").await;
     assert_eq!(again, v);
-    assert_eq!(s.snapd.posts_to("/v2/snaps/other"), 1, "the install ran twice");
+    assert_eq!(
+        s.snapd.posts_to("/v2/snaps/other"),
+        1,
+        "the install ran twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

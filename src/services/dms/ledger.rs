@@ -257,11 +257,11 @@ impl Ledger {
                     },
                     state: State::parse(&r.get::<_, String>(4)?),
                     unacked_response: response
-                        .filter(|_| r.get::<_, bool>(6).unwrap_or(false) == false)
+                        .filter(|_| !r.get::<_, bool>(6).unwrap_or(false))
                         .map(Bytes::from),
                     change_to_follow: change.filter(|_| completion.is_none()),
                     unacked_completion: completion
-                        .filter(|_| r.get::<_, bool>(9).unwrap_or(false) == false)
+                        .filter(|_| !r.get::<_, bool>(9).unwrap_or(false))
                         .map(Bytes::from),
                     received_ms: r.get(10)?,
                 })
@@ -294,13 +294,18 @@ impl Ledger {
     }
 
     /// How many rows the ledger holds.
-    pub fn len(&self) -> Result<u64, DbError> {
+    pub fn rows(&self) -> Result<u64, DbError> {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM actions", [], |r| r.get::<_, i64>(0)))
             .map(|n| n as u64)
     }
 
     /// Records the link state for `iot-agent status`.
-    pub fn set_link(&self, connected: bool, detail: Option<&str>, restart: bool) -> Result<(), DbError> {
+    pub fn set_link(
+        &self,
+        connected: bool,
+        detail: Option<&str>,
+        restart: bool,
+    ) -> Result<(), DbError> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO link (one, connected, detail, since_ms, restarts) VALUES (1, ?1, ?2, ?3, ?4) \
@@ -395,8 +400,8 @@ mod tests {
             }
         }
         assert_eq!(l.prune(Duration::from_secs(3600), 3).unwrap(), 7);
-        assert_eq!(l.len().unwrap(), 3, "2 unfinished + 1 finished kept");
+        assert_eq!(l.rows().unwrap(), 3, "2 unfinished + 1 finished kept");
         assert_eq!(l.prune(Duration::ZERO, 100).unwrap(), 1);
-        assert_eq!(l.len().unwrap(), 2);
+        assert_eq!(l.rows().unwrap(), 2);
     }
 }

@@ -238,9 +238,10 @@ impl Dms {
                 restart_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
                 "the DMS session ended; restarting it"
             );
-            self.status.send_replace(ConnectionStatus::disconnected(format!(
-                "the DMS session ended ({why}); the agent restarts it"
-            )));
+            self.status
+                .send_replace(ConnectionStatus::disconnected(format!(
+                    "the DMS session ended ({why}); the agent restarts it"
+                )));
             let l = ledger.clone();
             let _ = tokio::task::spawn_blocking(move || l.set_link(false, Some(&why), true)).await;
             tokio::select! {
@@ -276,10 +277,9 @@ async fn record_link(
     loop {
         let s = status.borrow_and_update().clone();
         let l = ledger.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            l.set_link(s.connected, s.error.as_deref(), false)
-        })
-        .await;
+        let written =
+            tokio::task::spawn_blocking(move || l.set_link(s.connected, s.error.as_deref(), false))
+                .await;
         if let Ok(Err(e)) = written {
             tracing::warn!(error = %e, "cannot record the DMS link state for `iot-agent status`");
         }
@@ -382,7 +382,10 @@ async fn run_action(h: &Handler, req: Request, permit: Option<OwnedSemaphorePerm
                 format!("the device cannot record the action, so it did not run it: {e}"),
             );
             tracing::error!(id = %req.id, error = %e, "cannot mark a DMS action started");
-            return h.outbox.send(&req.id, Kind::Unrecorded, resp.to_bytes()).await;
+            return h
+                .outbox
+                .send(&req.id, Kind::Unrecorded, resp.to_bytes())
+                .await;
         }
     }
     tracing::info!(id = %req.id, action = %req.action, snap = %req.snap, "DMS action");

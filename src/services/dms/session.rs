@@ -72,15 +72,19 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
         token.clone(),
     ));
     let (c, m) = (p.handler.ctx.clone(), mqtt.clone());
-    tokio::spawn(periodically(p.settings.heartbeat, token.clone(), move || {
-        let (c, m, topic) = (c.clone(), m.clone(), health.clone());
-        async move {
-            let doc = heartbeat::heartbeat(&c).await;
-            if !m.publish_telemetry(&topic, doc.to_string().into()) {
-                tracing::debug!("heartbeat not sent: the DMS broker is not connected");
+    tokio::spawn(periodically(
+        p.settings.heartbeat,
+        token.clone(),
+        move || {
+            let (c, m, topic) = (c.clone(), m.clone(), health.clone());
+            async move {
+                let doc = heartbeat::heartbeat(&c).await;
+                if !m.publish_telemetry(&topic, doc.to_string().into()) {
+                    tracing::debug!("heartbeat not sent: the DMS broker is not connected");
+                }
             }
-        }
-    }));
+        },
+    ));
     let (device, m) = (creds.device_id.clone(), mqtt.clone());
     let mut prev = metrics::cpu_sample();
     tokio::spawn(periodically(p.settings.metrics, token.clone(), move || {
@@ -160,7 +164,9 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
                     );
                     let h = p.handler.clone();
                     tokio::spawn(async move {
-                        h.outbox.send(&req.id, Kind::Unrecorded, resp.to_bytes()).await
+                        h.outbox
+                            .send(&req.id, Kind::Unrecorded, resp.to_bytes())
+                            .await
                     });
                 }
                 continue;
@@ -192,7 +198,9 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
                     );
                     tracing::warn!(id = %req.id, "DMS request id reused for a different request; refused");
                     tokio::spawn(async move {
-                        h.outbox.send(&req.id, Kind::Unrecorded, resp.to_bytes()).await
+                        h.outbox
+                            .send(&req.id, Kind::Unrecorded, resp.to_bytes())
+                            .await
                     });
                 }
             }
