@@ -95,6 +95,11 @@ pub struct NatsConfig {
     pub snapd: NatsCredentials,
     /// Refuse every mirrored snapd request but GET (`agent-read-only`).
     pub readonly: bool,
+    /// Serve writes (and the per-serial tree) even on a NATS server that
+    /// requires no authorization, or with the well-known default password:
+    /// then every local process can manage the device. Off: such a server
+    /// gets a read-only mirror and no per-serial tree.
+    pub insecure: bool,
     /// Bound on one mirrored snapd request: the requester gets an
     /// `agent-timeout` answer after it, so it must stay below the request
     /// timeout of the NATS clients (commonly 5 to 10 s).
@@ -375,6 +380,7 @@ impl Default for NatsConfig {
             url: NatsUrl::new("nats://127.0.0.1:4222"),
             snapd: NatsCredentials::default(),
             readonly: false,
+            insecure: false,
             timeout: Duration::from_secs(4),
         }
     }

@@ -96,6 +96,7 @@ async fn rig(opts: Opts) -> Rig {
     let (mqtt_status, mqtt_rx) = iot_agent::bus::status::mqtt_status_channel();
     let settings = Settings {
         read_only: opts.read_only,
+        own_snap: "iot-agent".into(),
         timeout: opts.timeout,
         max_in_flight: 16,
         follow: FollowPolicy {
@@ -836,4 +837,120 @@ fn agent_env(dir: &Path, socket: &Path, nats_url: &str) -> Vec<(&'static str, St
         ("IOT_AGENT_NATS__READONLY", "true".to_string()),
         ("IOT_AGENT_NATS__TIMEOUT", "3s".to_string()),
     ]
+}
+
+/// Every subject the agent serves or publishes on the device-local NATS,
+/// from the code's own tables (the AsyncAPI test reads the same ones), with
+/// sample values for their parameters; the export intake is left out: it
+/// is meant for every application.
+fn agent_subjects() -> Vec<String> {
+    let intake = format!(
+        "{}.",
+        iot_agent::config::ExportConfig::default().subject
+    );
+    iot_agent::services::mirror::endpoints::all()
+        .into_iter()
+        .map(|e| e.address)
+        .chain(iot_agent::services::required::documented_addresses())
+        .chain(iot_agent::export::documented_addresses())
+        .filter(|a| !a.starts_with(&intake))
+        .map(|a| {
+            a.replace("{path}", "snaps.hello")
+                .replace("{method}", "post")
+                .replace("{snap}", "hello")
+                .replace("{id}", "42")
+                .replace("{token}", "t-1")
+                .replace("{serial}", "SERIAL1")
+        })
+        .collect()
+}
+
+/// Every subject tree the agent serves is protected, and the shipped
+/// example configuration keeps the `device` user out of each, on a real
+/// nats-server: both its publish and its subscription there are refused as
+/// permission violations. A tree added to the code without protection
+/// fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_configuration_denies_every_tree_the_agent_serves() {
+    use iot_agent::bus::topics;
+    let subjects = agent_subjects();
+    assert!(subjects.len() >= 10, "{subjects:?}");
+    let unprotected: Vec<_> = subjects
+        .iter()
+        .filter(|s| !topics::is_protected(s))
+        .collect();
+    assert!(
+        unprotected.is_empty(),
+        "served outside PROTECTED_TREES: {unprotected:?}"
+    );
+
+    let nats = NatsServer::start(NatsConfig {
+        include: Some(EXAMPLE_CONF.into()),
+        ..Default::default()
+    });
+    let (tx, mut violations) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let device = async_nats::ConnectOptions::with_user_and_password(
+        "device".into(),
+        EXAMPLE_DEVICE_PASSWORD.into(),
+    )
+    .event_callback(move |e| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = e {
+                let _ = tx.send(e.to_string().to_lowercase());
+            }
+        }
+    })
+    .connect(nats.url())
+    .await
+    .unwrap();
+    // What the agent's own user would receive there.
+    let agent = connect(&nats.url(), "snapd", EXAMPLE_AGENT_PASSWORD).await;
+    let mut agent_sub = agent.subscribe(">").await.unwrap();
+    agent.flush().await.unwrap();
+
+    for subject in &subjects {
+        for (what, op) in [("publish", 0), ("subscription", 1)] {
+            if op == 0 {
+                device
+                    .publish(subject.clone(), Bytes::from_static(b"{}"))
+                    .await
+                    .unwrap();
+            } else {
+                let _sub = device.subscribe(subject.clone()).await.unwrap();
+            }
+            device.flush().await.unwrap();
+            // async-nats lower-cases the server's error text.
+            let want =
+                format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
+            loop {
+                let got = tokio::time::timeout(WAIT, violations.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("the device user's {what} on {subject} was not refused"))
+                    .unwrap();
+                if got.contains(&want) {
+                    break;
+                }
+            }
+        }
+    }
+    // Nothing the device user published reached a subscriber; a marker
+    // from the agent's user is the first message it sees.
+    agent.publish("snapd.marker", Bytes::new()).await.unwrap();
+    let first = tokio::time::timeout(WAIT, agent_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.subject.as_str(), "snapd.marker");
+
+    // The configuration file itself names each tree for both directions.
+    let conf = std::fs::read_to_string(EXAMPLE_CONF).unwrap();
+    for tree in topics::PROTECTED_TREES {
+        let nats_form = iot_agent::bus::Topic::fixed(tree).nats();
+        assert_eq!(
+            conf.matches(&format!("\"{nats_form}\"")).count(),
+            2,
+            "{nats_form} must be denied for publish and subscribe"
+        );
+    }
 }

@@ -375,6 +375,16 @@ pub async fn serve_nats(
     let serial = wait_for_serial(&snapd, &shutdown).await;
     let Some(serial) = serial else { return Ok(()) };
     let base = topics::serial_actions(&serial)?;
+    // Connected (the server's INFO is known) once a flush is answered.
+    bus.flush().await?;
+    if let Some(why) = bus.unprotected() {
+        tracing::error!(
+            subject = %base.nats(),
+            "NOT serving per-serial actions on NATS: {why}"
+        );
+        shutdown.cancelled().await;
+        return Ok(());
+    }
     let mut sub = bus
         .subscribe(&Topic::fixed(&format!("{}/#", base.mqtt())))
         .await?;
@@ -393,6 +403,11 @@ pub async fn serve_nats(
             },
             m = sub.next() => {
                 let Some(m) = m else { anyhow::bail!("the NATS subscription ended") };
+                if let Some(why) = bus.unprotected() {
+                    // Reconnected to a server that protects nothing: start
+                    // again (the check above then holds the tree back).
+                    anyhow::bail!("per-serial action on {} not taken: {why}", m.topic);
+                }
                 let immediate = required.receive(&base, &m.topic, &m.payload);
                 if let Some((topic, payload)) = &immediate {
                     bus.publish(topic, payload.clone()).await?;
