@@ -250,7 +250,12 @@ mod tests {
 
     #[test]
     fn protected_trees_cover_the_agents_roots_and_not_their_neighbours() {
-        for t in [SNAPD_MIRROR, COMPAT_SNAPS_GET, MQTT_CONNECTION_STATUS, SERVICE_PING] {
+        for t in [
+            SNAPD_MIRROR,
+            COMPAT_SNAPS_GET,
+            MQTT_CONNECTION_STATUS,
+            SERVICE_PING,
+        ] {
             assert!(is_protected(&Topic::fixed(t).nats()), "{t}");
         }
         assert!(is_protected(&serial_actions("s1").unwrap().nats()));

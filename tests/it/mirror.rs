@@ -844,10 +844,7 @@ fn agent_env(dir: &Path, socket: &Path, nats_url: &str) -> Vec<(&'static str, St
 /// sample values for their parameters; the export intake is left out: it
 /// is meant for every application.
 fn agent_subjects() -> Vec<String> {
-    let intake = format!(
-        "{}.",
-        iot_agent::config::ExportConfig::default().subject
-    );
+    let intake = format!("{}.", iot_agent::config::ExportConfig::default().subject);
     iot_agent::services::mirror::endpoints::all()
         .into_iter()
         .map(|e| e.address)
@@ -921,12 +918,13 @@ async fn the_example_configuration_denies_every_tree_the_agent_serves() {
             }
             device.flush().await.unwrap();
             // async-nats lower-cases the server's error text.
-            let want =
-                format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
+            let want = format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
             loop {
                 let got = tokio::time::timeout(WAIT, violations.recv())
                     .await
-                    .unwrap_or_else(|_| panic!("the device user's {what} on {subject} was not refused"))
+                    .unwrap_or_else(|_| {
+                        panic!("the device user's {what} on {subject} was not refused")
+                    })
                     .unwrap();
                 if got.contains(&want) {
                     break;
@@ -953,4 +951,142 @@ async fn the_example_configuration_denies_every_tree_the_agent_serves() {
             "{nats_form} must be denied for publish and subscribe"
         );
     }
+}
+
+/// A nats-server with no authorization lets every local process in: the
+/// agent serves the mirror read-only there, holds the per-serial tree back
+/// and says why; `nats.insecure=true` accepts the risk. The reference
+/// agent's well-known password counts as no protection either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprotected_server_gets_a_read_only_mirror_unless_insecure_is_set() {
+    use crate::common::snapd_double::SERIAL_ASSERTION;
+    let open = NatsServer::start(NatsConfig::default());
+    let well_known = NatsServer::start(NatsConfig {
+        users: vec![NatsUser::new(
+            "snapd",
+            iot_agent::config::WELL_KNOWN_NATS_PASSWORD,
+        )],
+        ..Default::default()
+    });
+    let double = SnapdDouble::start().await;
+    double.set_serial(Some(SERIAL_ASSERTION.to_string()));
+    double.add_installed("hello", "1.0", "3", "latest/stable");
+    let dir = tempfile::tempdir().unwrap();
+
+    let cases = [
+        (&open, PASSWORD, false, "requires no authorization"),
+        (
+            &well_known,
+            iot_agent::config::WELL_KNOWN_NATS_PASSWORD,
+            false,
+            "well-known default",
+        ),
+        (&open, PASSWORD, true, ""),
+    ];
+    for (nats, password, insecure, why) in cases {
+        let mut env: Vec<_> = agent_env(dir.path(), &double.socket(), &nats.url())
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("READONLY") && !k.ends_with("SNAPD__PASSWORD"))
+            .collect();
+        env.push(("IOT_AGENT_NATS__SNAPD__PASSWORD", password.to_string()));
+        env.push(("IOT_AGENT_NATS__INSECURE", insecure.to_string()));
+        env.push(("IOT_AGENT_DMS__ENABLED", "false".to_string()));
+        let expect = if insecure {
+            vec!["snapd mirror serving", "serving per-serial actions on NATS"]
+        } else {
+            vec!["snapd mirror READ-ONLY", "NOT serving per-serial actions"]
+        };
+        let mut agent = tokio::task::spawn_blocking(move || {
+            let mut a = AgentProcess::start(&env);
+            let lines = a.wait_for_all(&expect);
+            (a, lines)
+        })
+        .await
+        .unwrap();
+        for l in &agent.1 {
+            assert!(l.contains(why), "{l}");
+        }
+        let client = connect(&nats.url(), "snapd", password).await;
+        let v: Value = serde_json::from_slice(
+            &client
+                .request(
+                    "snapd.v2.snaps.hello.post",
+                    Bytes::from_static(br#"{"body":{"action":"remove"}}"#),
+                )
+                .await
+                .unwrap()
+                .payload,
+        )
+        .unwrap();
+        let removed = double.requests().iter().any(|r| r.method == "POST");
+        if insecure {
+            assert_eq!(v["type"], "async", "{v}");
+            assert!(removed);
+        } else {
+            assert_agent_error(&v, "agent-read-only", 403);
+            assert!(
+                v["result"]["message"].as_str().unwrap().contains(why),
+                "{v}"
+            );
+            assert!(!removed, "a write reached snapd");
+            // Reads are served.
+            let v: Value = serde_json::from_slice(
+                &client
+                    .request("snapd.v2.snaps.hello.get", Bytes::new())
+                    .await
+                    .unwrap()
+                    .payload,
+            )
+            .unwrap();
+            assert_eq!(v["type"], "sync", "{v}");
+            // The per-serial tree has no responder.
+            let r = client
+                .request(
+                    "devices.actions.A1B2-c3d45.required-install",
+                    Bytes::from_static(br#"{"id":"r1","snaps":[{"name":"x"}]}"#),
+                )
+                .await;
+            assert!(r.is_err(), "{r:?}");
+        }
+        tokio::task::spawn_blocking(move || {
+            agent.0.signal("TERM");
+            assert!(agent.0.wait_exit().success());
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The agent's own root-relevant keys cannot be set through the mirror
+/// (every spelling), while its other keys and other snaps' keys can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_reboot_command_cannot_be_set_through_the_mirror() {
+    let rig = rig(Opts::default()).await;
+    for body in [
+        r#"{"body":{"watchdog.reboot.command":"id > /tmp/pwned"}}"#,
+        r#"{"body":{"watchdog":{"reboot":{"command":"id"}}}}"#,
+        r#"{"body":{"nats.insecure":true}}"#,
+    ] {
+        let v = rig.ask("snapd.v2.snaps.iot-agent.conf.put", body).await;
+        assert_agent_error(&v, "agent-forbidden", 403);
+    }
+    assert!(rig.paths_seen().is_empty(), "{:?}", rig.paths_seen());
+    let v = rig
+        .ask(
+            "snapd.v2.snaps.iot-agent.conf.put",
+            r#"{"body":{"watchdog.threshold":"2h"}}"#,
+        )
+        .await;
+    assert_ne!(v["result"]["kind"], "agent-forbidden", "{v}");
+    let v = rig
+        .ask(
+            "snapd.v2.snaps.other.conf.put",
+            r#"{"body":{"watchdog.reboot.command":"x"}}"#,
+        )
+        .await;
+    assert_ne!(v["result"]["kind"], "agent-forbidden", "{v}");
+    assert_eq!(
+        rig.paths_seen(),
+        ["PUT /v2/snaps/iot-agent/conf", "PUT /v2/snaps/other/conf"]
+    );
 }

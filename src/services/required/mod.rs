@@ -377,13 +377,21 @@ pub async fn serve_nats(
     let base = topics::serial_actions(&serial)?;
     // Connected (the server's INFO is known) once a flush is answered.
     bus.flush().await?;
-    if let Some(why) = bus.unprotected() {
-        tracing::error!(
-            subject = %base.nats(),
-            "NOT serving per-serial actions on NATS: {why}"
-        );
-        shutdown.cancelled().await;
-        return Ok(());
+    // Held back while the server protects nothing; looked at again now and
+    // then (a reconnection may reach a configured server).
+    let mut told = false;
+    while let Some(why) = bus.unprotected() {
+        if !told {
+            tracing::error!(
+                subject = %base.nats(),
+                "NOT serving per-serial actions on NATS: {why}"
+            );
+            told = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
     }
     let mut sub = bus
         .subscribe(&Topic::fixed(&format!("{}/#", base.mqtt())))
