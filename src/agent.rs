@@ -82,7 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd);
+    add_change_subsystems(&mut sup, &config, &snapd, &bus);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
@@ -148,7 +148,7 @@ fn add_required(
 }
 
 /// The change poller, the history fed by it, and the watchdog when enabled.
-fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client) {
+fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client, bus: &Bus) {
     let poller = Arc::new(changes::Poller::new(
         snapd.clone(),
         config.snaplogger.duration.between.checks.get(),
@@ -159,7 +159,9 @@ fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::C
         history.clone().run(rx.clone(), t)
     }));
     if config.watchdog.enabled {
-        let watchdog = Arc::new(changes::Watchdog::from_config(config, snapd.clone()));
+        let watchdog = Arc::new(
+            changes::Watchdog::from_config(config, snapd.clone()).with_events(bus.clone()),
+        );
         let rx = poller.subscribe();
         sup.add(Subsystem::new("watchdog", move |t| {
             watchdog.clone().run(rx.clone(), t)

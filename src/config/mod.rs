@@ -320,11 +320,47 @@ impl Default for SnapLoggerStartup {
 #[serde(default)]
 pub struct Watchdog {
     pub enabled: bool,
-    /// A change not ready this long after its spawn time is stuck.
+    /// A change not ready whose tasks made no progress for this long
+    /// (measured from when the agent first saw it) is stuck.
     pub threshold: Duration,
     /// Change kinds that are never stuck (they legitimately retry forever).
     pub ignore: StringList,
     pub reboot: WatchdogReboot,
+    pub budget: WatchdogBudget,
+    pub boot: WatchdogBoot,
+}
+
+/// At most `reboots` reboots per `window`, across agent restarts and
+/// change ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WatchdogBudget {
+    pub reboots: u32,
+    pub window: Duration,
+}
+
+impl Default for WatchdogBudget {
+    fn default() -> Self {
+        WatchdogBudget {
+            reboots: 1,
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WatchdogBoot {
+    /// No reboot this soon after the system booted.
+    pub grace: Duration,
+}
+
+impl Default for WatchdogBoot {
+    fn default() -> Self {
+        WatchdogBoot {
+            grace: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -343,6 +379,8 @@ impl Default for Watchdog {
             // long as there is no serial (no network, a classic machine).
             ignore: StringList::new(&["become-operational"]),
             reboot: WatchdogReboot::default(),
+            budget: WatchdogBudget::default(),
+            boot: WatchdogBoot::default(),
         }
     }
 }

@@ -850,6 +850,7 @@ fn agent_subjects() -> Vec<String> {
         .map(|e| e.address)
         .chain(iot_agent::services::required::documented_addresses())
         .chain(iot_agent::export::documented_addresses())
+        .chain(iot_agent::changes::watchdog::documented_addresses())
         .filter(|a| !a.starts_with(&intake))
         .map(|a| {
             a.replace("{path}", "snaps.hello")
