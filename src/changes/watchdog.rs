@@ -211,7 +211,7 @@ impl Watchdog {
                 })
             })
             .collect();
-        out.sort_by(|a, b| b.idle.cmp(&a.idle));
+        out.sort_by_key(|s| std::cmp::Reverse(s.idle));
         out
     }
 
