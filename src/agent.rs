@@ -27,9 +27,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     prepare_dirs(&config);
-    if let Err(e) = control::write_pid(config.data_dir()) {
-        tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
-    }
+    let _pid_lock = match control::write_pid(config.data_dir()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
+            None
+        }
+    };
 
     let snapd = snapd::Client::from_config(&config);
     let identity = IdentityService::new(&config)?;
@@ -175,23 +179,16 @@ fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::C
     }));
 }
 
-/// Creates the data and common directories (0700 for data: it holds
-/// credentials). A failure is logged, not fatal: each user of a directory
-/// reports its own error with the path.
+/// Creates the data and common directories, 0700 even when they existed
+/// (data holds credentials, common the spools). A failure is logged, not
+/// fatal: each user of a directory reports its own error with the path.
 fn prepare_dirs(config: &Config) {
-    for (dir, mode) in [(config.data_dir(), 0o700), (config.common_dir(), 0o755)] {
-        if dir.is_dir() {
-            continue;
-        }
-        let made = std::fs::create_dir_all(dir).and_then(|_| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-        });
-        if let Err(e) = made {
+    for dir in [config.data_dir(), config.common_dir()] {
+        if let Err(e) = crate::fsutil::make_private_dir(dir) {
             tracing::warn!(
                 dir = %dir.display(),
                 error = %e,
-                "cannot create directory; set dirs.data / dirs.common to a writable place"
+                "cannot create directory (0700); set dirs.data / dirs.common to a writable place"
             );
         }
     }
