@@ -321,7 +321,9 @@ fn invalid_secrets_are_never_echoed() {
         "[export.upstream.password]\nsecret = \"table-secret-9731\"\n",
     )
     .unwrap();
-    let cases: Vec<(Vec<&str>, Option<(&str, &str)>, &str, &str)> = vec![
+    /// Arguments, an environment variable, the secret, its key.
+    type Case<'a> = (Vec<&'a str>, Option<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["config", "--check"],
             Some(("IOT_AGENT_NATS__SNAPD__PASSWORD", "84736251")),
