@@ -416,7 +416,11 @@ pub async fn serve_nats(
                     // again (the check above then holds the tree back).
                     anyhow::bail!("per-serial action on {} not taken: {why}", m.topic);
                 }
-                let immediate = required.receive(&base, &m.topic, &m.payload);
+                // SQLite with synchronous=FULL and an fsync: off the runtime.
+                let (r, b, topic, payload) = (required.clone(), base.clone(), m.topic.clone(), m.payload.clone());
+                let immediate = tokio::task::spawn_blocking(move || r.receive(&b, &topic, &payload))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the per-serial queue write failed: {e}"))?;
                 if let Some((topic, payload)) = &immediate {
                     bus.publish(topic, payload.clone()).await?;
                 }
