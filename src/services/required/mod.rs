@@ -172,8 +172,10 @@ impl Required {
     pub async fn run_worker(self: Arc<Self>, shutdown: CancellationToken) -> RunResult {
         if self.store.get().is_none() {
             // An error ends this run; the supervisor retries with back-off.
-            let store = Store::open(&self.db_path)?;
+            let path = self.db_path.clone();
+            let store = tokio::task::spawn_blocking(move || Store::open(&path)).await??;
             let _ = self.store.set(store);
+            tracing::info!(database = %self.db_path.display(), "per-serial queue open");
         }
         loop {
             let due = self.store().due(unix_now())?;
