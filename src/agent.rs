@@ -63,6 +63,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut sup = Supervisor::new(Policy::default());
+    // The one reader of snapd's changes, shared by the change subsystems
+    // and the DMS (which rebuilds its heartbeat hashes when snaps change).
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
     let required = add_required(&mut sup, &config, &snapd, &bus);
     if config.dms.enabled {
         let dms = Arc::new(Dms {
@@ -72,12 +78,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             status: mqtt_status_tx,
             store,
             reload: reload.clone(),
+            poller: Some(poller.clone()),
             settings: dms::Settings {
                 heartbeat: config.dms.heartbeat.interval.get(),
                 metrics: config.dms.metrics.interval.get(),
                 change_timeout: config.dms.change.timeout.get(),
                 upload_timeout: config.dms.upload.timeout.get(),
                 upload_limit: config.dms.upload.limit,
+                ca: config.dms.ca.clone(),
+                verify: config.dms.verify,
+                protocol: config.dms.protocol,
+                completion: config.dms.completion,
                 scratch_dir: config.common_dir().join("tmp"),
             },
         });
@@ -86,7 +97,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd, &bus);
+    add_change_subsystems(&mut sup, &config, &snapd, poller, &bus);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
@@ -152,11 +163,13 @@ fn add_required(
 }
 
 /// The change poller, the history fed by it, and the watchdog when enabled.
-fn add_change_subsystems(sup: &mut Supervisor, config: &Config, snapd: &snapd::Client, bus: &Bus) {
-    let poller = Arc::new(changes::Poller::new(
-        snapd.clone(),
-        config.snaplogger.duration.between.checks.get(),
-    ));
+fn add_change_subsystems(
+    sup: &mut Supervisor,
+    config: &Config,
+    snapd: &snapd::Client,
+    poller: Arc<changes::Poller>,
+    bus: &Bus,
+) {
     let history = Arc::new(changes::History::from_config(config));
     let rx = poller.subscribe();
     sup.add(Subsystem::new("change-history", move |t| {

@@ -10,6 +10,7 @@
 //! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
+//! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
 //! - [`agent`]: the `run` command that wires it all together.
 
 pub mod agent;
@@ -28,3 +29,4 @@ pub mod logging;
 pub mod services;
 pub mod snapd;
 pub mod supervisor;
+pub mod tls;

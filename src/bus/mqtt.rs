@@ -1,6 +1,6 @@
 //! The MQTT connection to the DMS broker: mutual TLS with the enrollment's
-//! credentials, the organization certificate as the only trust root, and
-//! the server verified.
+//! credentials and the server verified (the TLS configuration is built by
+//! [`crate::tls`] from the enrollment and `dms.ca` / `dms.verify`).
 //!
 //! rumqttc reconnects when its event loop is polled again after an error,
 //! but it does not restore subscriptions on a new session; the loop here
@@ -15,8 +15,6 @@ use bytes::Bytes;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,32 +119,6 @@ impl MqttHandle {
     }
 }
 
-/// Builds the TLS configuration: the organization root as the only trust
-/// anchor, the device certificate and key for client authentication.
-pub fn tls_config(c: &Credentials) -> Result<Arc<rustls::ClientConfig>, MqttError> {
-    let bad = |e: String| MqttError::Credentials(e);
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(c.root_ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| bad(format!("organization root: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(format!("organization root: {e}")))?;
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(format!("client certificate: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
-        .map_err(|e| bad(format!("client key: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| bad(format!("client certificate and key: {e}")))?;
-    Ok(Arc::new(config))
-}
-
 /// A connection that keeps itself up until cancelled.
 pub struct MqttLink {
     pub handle: MqttHandle,
@@ -158,21 +130,20 @@ pub struct MqttLink {
 /// `status` follows the connection for the outside world.
 pub fn connect(
     c: &Credentials,
+    tls: Arc<rustls::ClientConfig>,
     subscriptions: Vec<Topic>,
     status: watch::Sender<ConnectionStatus>,
     shutdown: CancellationToken,
 ) -> Result<MqttLink, MqttError> {
     let mut opts = MqttOptions::new(c.device_id.clone(), c.mqtt_host.clone(), c.mqtt_port);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        tls_config(c)?,
-    )))
-    .set_keep_alive(Duration::from_secs(30))
-    // A persistent session: the broker keeps QoS 1 actions sent while the
-    // device was offline.
-    .set_clean_session(false)
-    // Receivers acknowledge what they have made safe (persisted, answered).
-    .set_manual_acks(true)
-    .set_max_packet_size(1024 * 1024, 1024 * 1024);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
+        .set_keep_alive(Duration::from_secs(30))
+        // A persistent session: the broker keeps QoS 1 actions sent while the
+        // device was offline.
+        .set_clean_session(false)
+        // Receivers acknowledge what they have made safe (persisted, answered).
+        .set_manual_acks(true)
+        .set_max_packet_size(1024 * 1024, 1024 * 1024);
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (tx, messages) = mpsc::channel(256);
     let inflight = Arc::new(Inflight::default());

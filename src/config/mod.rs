@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
 pub use values::{
-    Duration, ExpandPath, LogLevel, NatsUrl, OptPath, ServiceUrl, StringList, UpstreamUrl,
+    Duration, ExpandPath, LogLevel, NatsUrl, OptPath, PemSource, ServiceUrl, StringList,
+    UpstreamUrl,
 };
 
 /// The password that the reference agent shipped for the `snapd` NATS user.
@@ -52,6 +53,9 @@ pub struct IdentityConfig {
     pub timeout: Duration,
     /// Longest wait between enrollment attempts.
     pub retry: IdentityRetry,
+    /// Allow a plain `http://` identity service on a host that is not
+    /// loopback (the answer carries the device's private key in clear).
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +70,7 @@ impl Default for IdentityConfig {
             ca: OptPath::default(),
             timeout: Duration::from_secs(30),
             retry: IdentityRetry::default(),
+            insecure: false,
         }
     }
 }
@@ -191,10 +196,34 @@ impl Default for RequiredConfig {
 #[serde(default)]
 pub struct DmsConfig {
     pub enabled: bool,
+    /// The CA certificate that signs the broker (a file path or the PEM
+    /// text), trusted besides the enrollment's organization certificate.
+    /// A reference deployment's broker is signed by the identity service's
+    /// CA, which the enrollment does not carry.
+    pub ca: PemSource,
+    /// `full` (chain and host name) or `chain` (chain only, for a broker
+    /// certificate such as `CN=mqtt` without subjectAltName).
+    pub verify: crate::tls::Verify,
+    /// `dmscore` (heartbeat hashes, `list` answered as `version:"2"`) or
+    /// `devicetwin` (the original DMS: no hashes, `list` as an array).
+    pub protocol: DmsProtocol,
+    /// Send a `completion` report when a change started by an action is ready.
+    pub completion: bool,
     pub heartbeat: Every,
     pub metrics: Every,
     pub change: DmsChange,
     pub upload: DmsUpload,
+}
+
+/// Which DMS generation the agent talks to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DmsProtocol {
+    /// everactive dmscore: heartbeat hashes and the versioned list reply.
+    #[default]
+    Dmscore,
+    /// canonical iot-devicetwin / iot-management: no hashes, list as an array.
+    Devicetwin,
 }
 
 /// `*.interval`.
@@ -231,6 +260,10 @@ impl Default for DmsConfig {
     fn default() -> Self {
         DmsConfig {
             enabled: true,
+            ca: PemSource::None,
+            verify: crate::tls::Verify::Full,
+            protocol: DmsProtocol::Dmscore,
+            completion: true,
             heartbeat: Every::default(),
             metrics: Every::default(),
             change: DmsChange::default(),

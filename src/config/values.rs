@@ -378,6 +378,51 @@ impl<'de> Deserialize<'de> for OptPath {
     }
 }
 
+/// A PEM value given either as a file path or as the PEM text itself, so
+/// `snap set iot-agent dms.ca="$(cat ca.crt)"` works as well as a path. The
+/// empty string means "not set". Inline text is checked to be PEM
+/// certificates when the configuration is read; a file when it is used.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PemSource {
+    #[default]
+    None,
+    Inline(String),
+    File(ExpandPath),
+}
+
+impl PemSource {
+    pub fn is_set(&self) -> bool {
+        !matches!(self, PemSource::None)
+    }
+}
+
+impl Serialize for PemSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PemSource::None => s.serialize_str(""),
+            PemSource::Inline(t) => s.serialize_str(t),
+            PemSource::File(p) => p.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PemSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a path or PEM text")?;
+        let text = raw.trim();
+        if text.is_empty() {
+            return Ok(PemSource::None);
+        }
+        if text.contains("-----BEGIN") {
+            crate::tls::certs_from_pem(text, "the PEM text").map_err(de::Error::custom)?;
+            return Ok(PemSource::Inline(text.to_string()));
+        }
+        ExpandPath::from_raw(raw)
+            .map(PemSource::File)
+            .map_err(|e| de::Error::custom(format!("{e} (or give the PEM text itself)")))
+    }
+}
+
 thread_local! {
     /// `dirs.data` and `dirs.common` while the rest of the configuration is
     /// extracted (set by [`with_dirs`]): `$SNAP_DATA`/`$SNAP_COMMON` fall

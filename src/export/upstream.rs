@@ -361,35 +361,31 @@ impl MqttSession {
     }
 }
 
-/// rustls with ring: the system's roots plus `export.upstream.ca`.
+/// Verified TLS from the project's one builder: the system's roots plus
+/// `export.upstream.ca`.
 fn tls_config(cfg: &ExportUpstream) -> Result<rustls::ClientConfig, UpstreamError> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
+    let mut roots = crate::tls::Roots::new().system();
     if let Some(ca) = cfg.ca.path() {
-        let ca_err = |detail: String| UpstreamError::Ca {
-            path: ca.display().to_string(),
-            detail,
-        };
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
-            .map_err(|e| ca_err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ca_err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(ca_err("no certificate in it".into()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| ca_err(e.to_string()))?;
-        }
+        roots = roots
+            .file(ca, "export.upstream.ca")
+            .map_err(|e| UpstreamError::Ca {
+                path: ca.display().to_string(),
+                detail: e.detail(),
+            })?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamError::Connect {
-            url: cfg.url.as_str().into(),
-            detail: e.to_string(),
-        })
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    crate::tls::client_config(
+        roots,
+        None,
+        crate::tls::Verify::Full,
+        crate::tls::Advice {
+            peer: "the export upstream",
+            ca_key: "export.upstream.ca",
+            verify_key: None,
+        },
+    )
+    .map(|c| (*c).clone())
+    .map_err(|e| UpstreamError::Connect {
+        url: cfg.url.as_str().into(),
+        detail: e.to_string(),
+    })
 }

@@ -134,9 +134,21 @@ fn keys_match(
         })
 }
 
-/// Decodes `deviceData` (base64) for `device-data.bin`.
+/// `deviceData` for `device-data.bin`: decoded when it is base64, else
+/// kept as the raw text. It is whatever the operator registered (the
+/// identity service's own tests use `abc`), and once the service answered
+/// the device is enrolled there for good: refusing the answer would leave
+/// it stuck ("already enrolled" on every later attempt).
 pub fn device_data(e: &Enrollment) -> Result<Vec<u8>, Unusable> {
-    base64::engine::general_purpose::STANDARD
-        .decode(e.device_data.trim())
-        .map_err(|err| bad(format!("deviceData is not base64 ({err})")))
+    let text = e.device_data.trim();
+    match base64::engine::general_purpose::STANDARD.decode(text) {
+        Ok(bytes) => Ok(bytes),
+        Err(_) => {
+            tracing::info!(
+                bytes = text.len(),
+                "deviceData is not base64; storing it as given"
+            );
+            Ok(text.as_bytes().to_vec())
+        }
+    }
 }

@@ -34,10 +34,8 @@ pub async fn enroll_once(
         .assertions_text("serial", &[])
         .await
         .map_err(snapd_err)?;
-    if serial.trim().is_empty() {
-        return Err(EnrollState::NoSerial);
-    }
-    let enrollment = service.enroll(format!("{model}\n{serial}")).await?;
+    let body = enrollment_body(&model, &serial)?;
+    let enrollment = service.enroll(body).await?;
     let credentials =
         Credentials::from_enrollment(&enrollment).map_err(|e| EnrollState::BadAnswer {
             detail: e.to_string(),
@@ -52,6 +50,54 @@ pub async fn enroll_once(
             detail: e.to_string(),
         })?;
     Ok(credentials)
+}
+
+/// The request body: the current model assertion, a blank line, and the
+/// serial assertion that belongs to it, each verbatim. The identity service
+/// refuses a third assertion, and snapd may hold several of each (a
+/// remodelled or re-registered device): the serial is the newest one, the
+/// model the one it names (the latest revision of it).
+pub fn enrollment_body(model: &str, serial: &str) -> Result<String, EnrollState> {
+    let unreadable = |what: &str, e: snapd::AssertionError| EnrollState::SnapdUnreachable {
+        detail: format!("snapd's {what} assertions cannot be read: {e}"),
+    };
+    let serials = snapd::Assertion::parse_all_raw(serial).map_err(|e| unreadable("serial", e))?;
+    let models = snapd::Assertion::parse_all_raw(model).map_err(|e| unreadable("model", e))?;
+    let Some((serial, serial_raw)) = serials
+        .iter()
+        .filter(|(a, _)| a.kind() == "serial")
+        .max_by_key(|(a, _)| timestamp(a))
+    else {
+        return Err(EnrollState::NoSerial);
+    };
+    let same = |a: &snapd::Assertion, k: &str| a.header(k) == serial.header(k);
+    let revision = |a: &snapd::Assertion| {
+        a.header("revision")
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (_, model_raw) = models
+        .iter()
+        .filter(|(a, _)| a.kind() == "model" && same(a, "brand-id") && same(a, "model"))
+        .max_by_key(|(a, _)| revision(a))
+        .ok_or_else(|| EnrollState::SnapdUnreachable {
+            detail: format!(
+                "snapd holds no model assertion for {}/{} (the model of the serial assertion)",
+                serial.header("brand-id").unwrap_or(""),
+                serial.header("model").unwrap_or("")
+            ),
+        })?;
+    Ok(format!("{model_raw}\n\n{serial_raw}\n"))
+}
+
+/// An assertion's `timestamp` as Unix seconds (0 when missing or odd).
+fn timestamp(a: &snapd::Assertion) -> i64 {
+    a.header("timestamp")
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(|t| t.unix_timestamp())
+        .unwrap_or(0)
 }
 
 /// The enrollment subsystem.
@@ -146,5 +192,46 @@ impl Enroller {
             s if s.is_permanent() => tracing::error!(state = s.name(), "{s}"),
             s => tracing::warn!(state = s.name(), "{s}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let text = std::fs::read_to_string(format!(
+            "{}/tests/fixtures/reference/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        text.split_once("\n# ---\n").unwrap().1.to_string()
+    }
+
+    #[test]
+    fn one_model_and_one_serial_even_when_snapd_holds_several() {
+        // The identity service's own request bodies: model + serial.
+        let both = fixture("01-identity-enroll-body-model-serial.txt");
+        let all = snapd::Assertion::parse_all_raw(&both).unwrap();
+        let (model, serial) = (all[0].1, all[1].1);
+        let old_serial = serial
+            .replace("2019-01-10T17:40:44.771564Z", "2018-01-01T00:00:00Z")
+            .replace("serial: d75f7300", "serial: 0ld5e71a1");
+        let other_model = model.replace("model: ubuntu-core-18-amd64", "model: other-model");
+        let body = enrollment_body(
+            &format!("{other_model}\n\n{model}\n"),
+            &format!("{old_serial}\n\n{serial}\n"),
+        )
+        .unwrap();
+        let sent = snapd::Assertion::parse_all(&body).unwrap();
+        assert_eq!(sent.len(), 2, "{body}");
+        assert_eq!(sent[0].kind(), "model");
+        assert_eq!(sent[0].header("model"), Some("ubuntu-core-18-amd64"));
+        assert_eq!(
+            sent[1].header("serial"),
+            Some("d75f7300-abbf-4c11-bf0a-8b7103038490")
+        );
+        assert!(body.starts_with(model) && body.contains(serial), "verbatim");
+        assert_eq!(enrollment_body(model, ""), Err(EnrollState::NoSerial));
     }
 }

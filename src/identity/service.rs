@@ -23,10 +23,37 @@ pub enum SetupError {
     Ca { path: String, detail: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("refusing the identity service at {url}: plain http:// to a host that is not loopback would carry the device's private key and trust root in clear; use https:// or set identity.insecure=true")]
+    Insecure { url: String },
+}
+
+/// Plain `http://` is allowed to loopback hosts only, unless opted in.
+fn check_plain_http(url: &str, insecure: bool) -> Result<(), SetupError> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Ok(()); // the config layer validated it; reqwest reports the rest
+    };
+    if parsed.scheme() != "http" || insecure {
+        return Ok(());
+    }
+    let host = parsed.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+    if loopback {
+        Ok(())
+    } else {
+        Err(SetupError::Insecure {
+            url: url.to_string(),
+        })
+    }
 }
 
 impl IdentityService {
     pub fn new(config: &Config) -> Result<Self, SetupError> {
+        check_plain_http(config.url.as_str(), config.identity.insecure)?;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(config.identity.timeout.get())
@@ -38,20 +65,30 @@ impl IdentityService {
                     .min(std::time::Duration::from_secs(10)),
             )
             .user_agent(concat!("iot-agent/", env!("CARGO_PKG_VERSION")));
+        // Verified TLS from the project's one builder: the system roots
+        // plus `identity.ca`.
+        let mut roots = crate::tls::Roots::new().system();
         if let Some(path) = config.identity.ca.path() {
-            let ca_err = |detail: String| SetupError::Ca {
-                path: path.display().to_string(),
-                detail,
-            };
-            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ca_err("no certificate in it".into()));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
+            roots = roots
+                .file(path, "identity.ca")
+                .map_err(|e| SetupError::Ca {
+                    path: path.display().to_string(),
+                    detail: e.detail(),
+                })?;
+        }
+        if !roots.is_empty() {
+            let tls = crate::tls::client_config(
+                roots,
+                None,
+                crate::tls::Verify::Full,
+                crate::tls::Advice {
+                    peer: "the identity service",
+                    ca_key: "identity.ca",
+                    verify_key: None,
+                },
+            )
+            .map_err(|e| SetupError::Client(e.to_string()))?;
+            builder = builder.use_preconfigured_tls((*tls).clone());
         }
         let http = builder
             .build()
@@ -129,4 +166,24 @@ async fn read_limited(resp: reqwest::Response) -> Result<Vec<u8>, String> {
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_plain_http;
+
+    #[test]
+    fn plain_http_only_to_loopback_or_when_opted_in() {
+        for ok in [
+            "http://localhost:8030",
+            "http://127.0.0.1:8030",
+            "http://[::1]:8030",
+            "https://identity.example.com",
+        ] {
+            assert!(check_plain_http(ok, false).is_ok(), "{ok}");
+        }
+        let e = check_plain_http("http://identity.example.com:8030", false).unwrap_err();
+        assert!(e.to_string().contains("identity.insecure=true"), "{e}");
+        assert!(check_plain_http("http://identity.example.com:8030", true).is_ok());
+    }
 }

@@ -87,12 +87,40 @@ impl Store {
             Ok(e) => e,
             Err(e) => return Stored::Corrupt(format!("it is not an enrollment ({e})")),
         };
+        self.scrub(&bytes, &enrollment);
         match Credentials::from_enrollment(&enrollment) {
             Ok(credentials) => Stored::Valid {
                 credentials,
                 enrollment: Box::new(enrollment),
             },
             Err(e) => Stored::Corrupt(e.to_string()),
+        }
+    }
+
+    /// Rewrites a `.secret` that holds the organization's private key (the
+    /// reference agent stored the whole answer, key `"-"` included) without
+    /// it. Parsing already dropped the key; writing the parsed enrollment
+    /// back removes it from the disk too.
+    fn scrub(&self, bytes: &[u8], enrollment: &Enrollment) {
+        let holds_key = serde_json::from_slice::<serde_json::Value>(bytes)
+            .map(|v| has_key(&v, "-"))
+            .unwrap_or(false);
+        if !holds_key {
+            return;
+        }
+        let written = serde_json::to_vec(enrollment)
+            .map_err(io::Error::other)
+            .and_then(|clean| write_atomic(&self.secret_path(), &clean, SECRET_MODE));
+        match written {
+            Ok(()) => tracing::info!(
+                file = %self.secret_path().display(),
+                "removed the organization's private key from the stored enrollment"
+            ),
+            Err(e) => tracing::warn!(
+                file = %self.secret_path().display(),
+                error = %e,
+                "the stored enrollment holds the organization's private key and cannot be rewritten without it"
+            ),
         }
     }
 
@@ -144,5 +172,14 @@ impl Store {
     pub fn read_state(&self) -> Option<StateRecord> {
         let bytes = std::fs::read(self.state_path()).ok()?;
         serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Whether `key` names a member of any object in `v`.
+fn has_key(v: &serde_json::Value, key: &str) -> bool {
+    match v {
+        serde_json::Value::Object(m) => m.contains_key(key) || m.values().any(|x| has_key(x, key)),
+        serde_json::Value::Array(a) => a.iter().any(|x| has_key(x, key)),
+        _ => false,
     }
 }

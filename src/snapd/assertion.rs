@@ -57,6 +57,23 @@ impl Assertion {
         Ok(out)
     }
 
+    /// Reads every assertion of a bundle with its own text, verbatim
+    /// (without the blank lines that separate it from the next).
+    pub fn parse_all_raw(text: &str) -> Result<Vec<(Assertion, &str)>, AssertionError> {
+        let mut out = Vec::new();
+        let mut rest = text.trim_start_matches('\n');
+        while !rest.trim().is_empty() {
+            if out.len() == MAX_ASSERTIONS {
+                return Err(err("too many assertions"));
+            }
+            let (a, tail) = parse_one(rest)?;
+            let raw = rest[..rest.len() - tail.len()].trim_end_matches('\n');
+            out.push((a, raw));
+            rest = tail.trim_start_matches('\n');
+        }
+        Ok(out)
+    }
+
     /// Reads exactly one assertion.
     pub fn parse(text: &str) -> Result<Assertion, AssertionError> {
         let mut all = Self::parse_all(text)?;

@@ -15,7 +15,7 @@ pub mod names;
 mod transport;
 
 pub use api::{parse_json_seq, ChangeSelect, CreateUser, Notices, SnapshotStarted};
-pub use assertion::Assertion;
+pub use assertion::{Assertion, AssertionError};
 pub use error::{ApiError, Error, ErrorKind};
 pub use models::*;
 pub use names::SnapName;

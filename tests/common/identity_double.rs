@@ -38,6 +38,9 @@ pub enum Behaviour {
     Garbage,
     /// Status 2, but the key does not belong to the certificate.
     WrongKey,
+    /// Status 2 with this `deviceData`, as the operator registered it (the
+    /// service's own tests use `abc`, which is not base64).
+    DeviceData(String),
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +216,11 @@ async fn handle(
         Ok(a) => a,
         Err(e) => return refuse(&format!("cannot decode assertions: {e}")),
     };
+    // The service decodes the stream and refuses anything past the model
+    // and the serial (iot-identity web/device_test.go req4).
+    if assertions.len() > 2 {
+        return refuse("unexpected assertion in the request stream");
+    }
     let model = assertions.iter().find(|a| a.kind() == "model");
     let serial = assertions.iter().find(|a| a.kind() == "serial");
     let (Some(model), Some(serial)) = (model, serial) else {
@@ -226,7 +234,7 @@ async fn handle(
         "deviceKey": serial.header("device-key").unwrap_or_default(),
     });
     let status = match behaviour {
-        Behaviour::Enroll | Behaviour::WrongKey => 2,
+        Behaviour::Enroll | Behaviour::WrongKey | Behaviour::DeviceData(_) => 2,
         Behaviour::Status(s) => s,
         Behaviour::Refuse(m) => return refuse(&m),
         Behaviour::ServerError => {
@@ -259,7 +267,10 @@ async fn handle(
             "enrollment": {
                 "id": DEVICE_ID,
                 "status": status,
-                "deviceData": b64("opaque device data"),
+                "deviceData": match &behaviour {
+                    Behaviour::DeviceData(d) => d.clone(),
+                    _ => b64("opaque device data"),
+                },
                 "device": device,
                 "credentials": {
                     "privateKey": b64(&key),
@@ -270,7 +281,7 @@ async fn handle(
                 "organization": {
                     "id": ORG_ID,
                     "name": "Example Org",
-                    "rootcert": b64(&pki.ca_pem),
+                    "rootcert": b64(&pki.org_pem),
                     "-": ORG_PRIVATE_KEY_MARKER,
                 },
                 "-": ORG_PRIVATE_KEY_MARKER,

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agent_proc;
+pub mod dms_types;
 pub mod identity_double;
 pub mod mqtt_client;
 pub mod servers;
@@ -206,5 +207,19 @@ pub fn poll_until<T>(deadline: Instant, mut probe: impl FnMut() -> Option<T>) ->
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The payload of a reference fixture (`tests/fixtures/reference/NAME`):
+/// what follows its `# ---` line.
+pub fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    match text.split_once("\n# ---\n") {
+        Some((_, payload)) => payload.to_string(),
+        None => panic!("{} has no `# ---` line", path.display()),
     }
 }

@@ -212,6 +212,15 @@ impl SnapdDouble {
         );
     }
 
+    /// Installs a snap that is disabled (`status: installed`, no
+    /// `install-date`), as `snap disable` leaves it.
+    pub fn add_disabled(&self, name: &str, version: &str, revision: &str, channel: &str) {
+        self.add_installed(name, version, revision, channel);
+        if let Some(s) = self.lock().snaps.get_mut(name) {
+            s.active = false;
+        }
+    }
+
     /// Adds a `simple` system service `app` to installed `snap` (enabled;
     /// active as given). Panics if the snap is not installed.
     pub fn add_service(&self, snap: &str, app: &str, active: bool) {
@@ -496,7 +505,6 @@ impl Snap {
             "summary": format!("The {} snap", self.name),
             "description": format!("The {} snap, installed by the snapd test double.", self.name),
             "installed-size": 12345,
-            "install-date": rfc3339(self.install_date),
             "name": self.name,
             "publisher": {
                 "id": "canonical",
@@ -520,6 +528,11 @@ impl Snap {
             "mounted-from": format!("/var/lib/snapd/snaps/{}_{}.snap", self.name, self.revision),
             "links": null
         });
+        // snapd leaves `install-date` out for a snap that is not active
+        // (a disabled one): the date is that of the active revision.
+        if self.active {
+            v["install-date"] = json!(rfc3339(self.install_date));
+        }
         if self.snap_type() == "app" {
             v["base"] = json!("core24");
         }
@@ -1424,13 +1437,25 @@ fn get_snaps(st: &mut State, req: &Req) -> Reply {
         Some(other) => return bad_request(format!("invalid select parameter: \"{other}\"")),
     }
     let enabled_only = req.q("select") == Some("enabled");
-    let list: Vec<Value> = st
+    let all_revisions = req.q("select") == Some("all");
+    let mut list: Vec<Value> = Vec::new();
+    for s in st
         .snaps
         .values()
         .filter(|s| wanted.is_empty() || wanted.contains(&s.name))
         .filter(|s| !enabled_only || s.active)
-        .map(Snap::to_json)
-        .collect();
+    {
+        list.push(s.to_json());
+        // `select=all` also lists the revisions kept for revert, inactive
+        // (`installed`, no install-date), as snapd does.
+        if let (true, Some((version, revision))) = (all_revisions, &s.previous) {
+            let mut old = s.clone();
+            old.version = version.clone();
+            old.revision = revision.clone();
+            old.active = false;
+            list.push(old.to_json());
+        }
+    }
     json_reply(
         200,
         json!({"type": "sync", "status-code": 200, "status": "OK", "result": list, "sources": ["local"]}),

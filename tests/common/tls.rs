@@ -24,8 +24,24 @@ pub struct TestPki {
     pub ca_pem: String,
     pub client_cert_pem: String,
     pub client_key_pem: String,
+    /// What the identity double hands out as the organization certificate
+    /// (`rootcert`): the CA itself in the default layout, a leaf signed by
+    /// the CA in the reference layout.
+    pub org_pem: String,
     /// Kept so more client certificates can be issued later.
     issuer: Issuer<'static, KeyPair>,
+}
+
+/// How the PKI is laid out.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    /// As the reference deployment (iot-identity's `ca.crt` and the
+    /// broker certificate it makes): the CA has `CN=mqtt`, the server
+    /// certificate `CN=mqtt` and no subjectAltName, the organization
+    /// certificate is a leaf signed by the CA.
+    pub reference: bool,
+    /// The server certificate expired yesterday.
+    pub expired_server: bool,
 }
 
 impl TestPki {
@@ -33,6 +49,21 @@ impl TestPki {
     /// CN = `client_cn`. Panics with a clear message if generation fails:
     /// nothing sensible can be tested without the PKI.
     pub fn new(client_cn: &str) -> TestPki {
+        Self::with_layout(client_cn, Layout::default())
+    }
+
+    /// The PKI of a reference deployment (see [`Layout::reference`]).
+    pub fn reference(client_cn: &str) -> TestPki {
+        Self::with_layout(
+            client_cn,
+            Layout {
+                reference: true,
+                ..Layout::default()
+            },
+        )
+    }
+
+    pub fn with_layout(client_cn: &str, layout: Layout) -> TestPki {
         let dir = tempfile::Builder::new()
             .prefix("iot-agent-pki-")
             .tempdir()
@@ -40,9 +71,14 @@ impl TestPki {
 
         let ca_key = KeyPair::generate().expect("cannot generate the CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "iot-agent test CA");
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            if layout.reference {
+                "mqtt"
+            } else {
+                "iot-agent test CA"
+            },
+        );
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -57,12 +93,23 @@ impl TestPki {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate().expect("cannot generate the server key");
-        let mut server_params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .expect("server params");
+        let (names, cn) = if layout.reference {
+            (Vec::new(), "mqtt")
+        } else {
+            (
+                vec!["localhost".to_string(), "127.0.0.1".to_string()],
+                "localhost",
+            )
+        };
+        let mut server_params = CertificateParams::new(names).expect("server params");
         server_params
             .distinguished_name
-            .push(DnType::CommonName, "localhost");
+            .push(DnType::CommonName, cn);
+        if layout.expired_server {
+            let now = time::OffsetDateTime::now_utc();
+            server_params.not_before = now - time::Duration::days(30);
+            server_params.not_after = now - time::Duration::days(1);
+        }
         server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         server_params.use_authority_key_identifier_extension = true;
@@ -81,7 +128,13 @@ impl TestPki {
             ca_pem,
             client_cert_pem: String::new(),
             client_key_pem: String::new(),
+            org_pem: String::new(),
             issuer,
+        };
+        pki.org_pem = if layout.reference {
+            pki.issue_client("Example Org").0
+        } else {
+            pki.ca_pem.clone()
         };
         let (client_cert_pem, client_key_pem) = pki.issue_client(client_cn);
         write(&pki.ca_cert, &pki.ca_pem);

@@ -184,6 +184,9 @@ fn invalid_values_stop_with_key_value_and_source() {
             "$NOT_SET_ANYWHERE/x.db",
             "snaplogger.database.location",
         ),
+        ("IOT_AGENT_DMS__VERIFY", "sometimes", "dms.verify"),
+        ("IOT_AGENT_DMS__PROTOCOL", "v3", "dms.protocol"),
+        ("IOT_AGENT_DMS__CA", "ca.crt", "dms.ca"),
     ];
     for (var, value, key) in cases {
         let out = agent(&["config", "--check"])
@@ -197,6 +200,17 @@ fn invalid_values_stop_with_key_value_and_source() {
         assert!(err.contains(var), "{var}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A dms.ca given as PEM text that is not a certificate.
+    let out = agent(&["config", "--check"])
+        .env(
+            "IOT_AGENT_DMS__CA",
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("dms.ca") && err.contains("not PEM"), "{err}");
     // `run` refuses too, before doing anything.
     let out = agent(&["run"])
         .env("IOT_AGENT_SNAPD__TIMEOUT", "soon")

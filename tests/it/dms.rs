@@ -4,6 +4,7 @@
 //! client drives every action through it against the snapd double.
 
 use crate::common::agent_proc::AgentProcess;
+use crate::common::dms_types::{self, Decoded};
 use crate::common::identity_double::{IdentityDouble, DEVICE_ID, ORG_ID};
 use crate::common::mqtt_client::{connect_and_subscribe, TestMqtt};
 use crate::common::servers::{free_port, Mosquitto};
@@ -11,42 +12,54 @@ use crate::common::snapd_double::{ChangeMode, SnapdDouble, MODEL_ASSERTION, SERI
 use crate::common::tls::TestPki;
 use crate::common::upload_sink::{Hanging, UploadSink};
 use rumqttc::{AsyncClient, MqttOptions, QoS, TlsConfiguration, Transport};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// The DMS side: publishes actions, collects what the agent sends.
+/// The DMS side: publishes actions, collects what the agent sends, and
+/// reads every reply and heartbeat with the DMS's own types
+/// ([`dms_types`]): a message the DMS could not decode fails the test.
+/// Like the reference DMS it keeps a record per action id, routed by the
+/// reply's `action` (iot-devicetwin `ActionResponse`): `requested` when
+/// sent, `complete` from a reply that decodes with `success:true`, `error`
+/// otherwise; replies under actions it does not know leave records alone.
 struct DmsClient {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     seen: Vec<(String, Vec<u8>)>,
+    records: std::collections::HashMap<String, String>,
 }
+
+/// The actions the reference DMS records replies of.
+const ROUTED: [&str; 12] = [
+    "device", "list", "install", "remove", "refresh", "revert", "enable", "disable", "setconf",
+    "conf", "info", "server",
+];
 
 impl DmsClient {
     async fn connect(pki: &TestPki, port: u16) -> DmsClient {
+        use iot_agent::tls;
         let (cert, key) = pki.issue_client("dms");
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-            .unwrap();
-        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
+        // The reference DMS did not check the broker's name at all; the
+        // test DMS checks the chain (the reference broker has no SAN).
+        let tls = tls::client_config(
+            tls::Roots::new().pem(&pki.ca_pem, "test CA").unwrap(),
+            Some(tls::ClientCert {
+                cert_pem: &cert,
+                key_pem: &key,
+            }),
+            tls::Verify::Chain,
+            tls::Advice {
+                peer: "the test broker",
+                ca_key: "-",
+                verify_key: None,
+            },
+        )
         .unwrap();
         let mut opts = MqttOptions::new("dms", "localhost", port);
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )))
-        .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
+            .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
         let topics = [
             "devices/pub/#",
             "devices/health/#",
@@ -61,7 +74,34 @@ impl DmsClient {
             client,
             rx,
             seen: Vec::new(),
+            records: Default::default(),
         }
+    }
+
+    /// Reads a message as the DMS would; panics when the DMS could not.
+    fn check(&mut self, topic: &str, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload);
+        if topic.starts_with("devices/pub/") {
+            let (head, _decoded) = dms_types::decode_reply(payload)
+                .unwrap_or_else(|e| panic!("the DMS cannot decode a reply: {e}\n{text}"));
+            let (id, action) = (head.id.unwrap_or_default(), head.action.unwrap_or_default());
+            if ROUTED.contains(&action.as_str()) {
+                let status = if head.success == Some(true) {
+                    "complete"
+                } else {
+                    "error"
+                };
+                self.records.insert(id, status.to_string());
+            }
+        } else if topic.starts_with("devices/health/") {
+            dms_types::decode_health(payload)
+                .unwrap_or_else(|e| panic!("the DMS cannot decode a heartbeat: {e}\n{text}"));
+        }
+    }
+
+    /// The DMS's record of an action.
+    fn record(&self, id: &str) -> Option<&str> {
+        self.records.get(id).map(String::as_str)
     }
 
     async fn publish_raw(&self, payload: Vec<u8>) {
@@ -87,6 +127,7 @@ impl DmsClient {
                 .await
                 .unwrap_or_else(|_| panic!("nothing on {topic}; saw {:?}", self.seen))
                 .unwrap();
+            self.check(&got.0, &got.1);
             if got.0 == topic && pick(&got.1) {
                 return got.1;
             }
@@ -112,6 +153,7 @@ impl DmsClient {
     }
 
     async fn call(&mut self, id: &str, action: &str, snap: &str, data: &str) -> Value {
+        self.records.insert(id.to_string(), "requested".to_string());
         let req = json!({"id": id, "action": action, "snap": snap, "data": data});
         self.publish_raw(serde_json::to_vec(&req).unwrap()).await;
         let v = self.response(id).await;
@@ -129,16 +171,31 @@ struct Setup {
     snapd: SnapdDouble,
     agent: AgentProcess,
     data_dir: std::path::PathBuf,
+    /// The log line `setup_with` waited for.
+    ready_line: String,
 }
 
 async fn setup(extra_env: &[(&'static str, String)]) -> Setup {
-    let pki = Arc::new(TestPki::new(DEVICE_ID));
+    setup_with(
+        TestPki::new(DEVICE_ID),
+        extra_env,
+        "subscribed to DMS actions",
+    )
+    .await
+}
+
+/// [`setup`] with a PKI of its own; returns once the agent logged `ready`.
+async fn setup_with(pki: TestPki, extra_env: &[(&'static str, String)], ready: &str) -> Setup {
+    let pki = Arc::new(pki);
     let broker = Mosquitto::start_tls(&pki);
     let identity = IdentityDouble::start_with(false, pki.clone(), broker.port()).await;
     let snapd = SnapdDouble::start().await;
     snapd.set_serial(Some(SERIAL_ASSERTION.to_string()));
     snapd.add_installed("hello-world", "6.4", "29", "latest/stable");
     snapd.add_service("hello-world", "daemon", true);
+    // As real snapd answers for a disabled snap: no install-date; and a
+    // local revision.
+    snapd.add_disabled("sleepy", "0.1", "x1", "latest/stable");
     snapd.set_conf("hello-world", json!({"greeting": "hello"}));
     snapd.add_log("hello-world.daemon", "started");
     snapd.add_store_snap("other");
@@ -163,8 +220,9 @@ async fn setup(extra_env: &[(&'static str, String)]) -> Setup {
     ];
     env.extend(extra_env.iter().cloned());
     let mut agent = AgentProcess::start(&env);
-    agent.wait_for("subscribed to DMS actions");
+    let ready_line = agent.wait_for(ready);
     Setup {
+        ready_line,
         _dir: dir,
         pki,
         broker,
@@ -206,7 +264,17 @@ async fn every_action_answers_in_the_contract_shape() {
     }
 
     let v = dms.call("3", "list", "", "").await;
-    let hw = v["result"]
+    assert_eq!(v["version"], "2", "dmscore's versioned list: {v}");
+    let sleepy = v["result"]["snaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "sleepy")
+        .unwrap()
+        .clone();
+    assert_eq!(sleepy["installedDate"], "0001-01-01T00:00:00Z", "{sleepy}");
+    assert_eq!(sleepy["revision"], -1, "{sleepy}");
+    let hw = v["result"]["snaps"]
         .as_array()
         .unwrap()
         .iter()
@@ -234,8 +302,10 @@ async fn every_action_answers_in_the_contract_shape() {
 
     let v = dms.call("4", "info", "hello-world", "").await;
     assert_eq!(v["result"]["name"], "hello-world");
+    assert_eq!(v["result"]["revision"], 29, "{v}");
     let v = dms.call("5", "conf", "hello-world", "").await;
-    assert_eq!(v["result"]["greeting"], "hello");
+    let conf: Value = serde_json::from_str(v["result"]["config"].as_str().unwrap()).unwrap();
+    assert_eq!(conf["greeting"], "hello", "{v}");
 
     // Actions that start a change: the change id now, its end later.
     let cases = [
@@ -259,9 +329,14 @@ async fn every_action_answers_in_the_contract_shape() {
             .unwrap_or_else(|| panic!("{action}: no change id: {v}"))
             .to_string();
         let done = dms.response(id).await;
+        assert_eq!(done["action"], "completion", "{done}");
         assert_eq!(done["success"], true, "{action} completion: {done}");
+        assert_eq!(done["result"]["action"], action, "{done}");
         assert_eq!(done["result"]["change"], change.as_str());
         assert_eq!(done["result"]["status"], "Done");
+        if ROUTED.contains(&action) {
+            assert_eq!(dms.record(id), Some("complete"), "{action}");
+        }
     }
     assert_eq!(s.snapd.conf("hello-world")["greeting"], "hi");
     assert!(!s.snapd.installed().contains(&"other".to_string()));
@@ -406,6 +481,13 @@ async fn bad_input_always_gets_an_answer_and_never_reaches_snapd_raw() {
         ("b12", "logs", "", r#"{"url":"file:///etc/passwd"}"#, "http"),
         ("b13", "ack", "", "garbage", "ack"),
         ("b14", "install", "nowhere", "", "not found"),
+        (
+            "b15",
+            "start",
+            "helloworld",
+            r#"{"services":["helloworld.service1","jelloworld.service2"]}"#,
+            "belongs to snap \"jelloworld\"",
+        ),
     ] {
         let v = dms.call(id, action, snap, data).await;
         assert_eq!(v["success"], false, "{id}: {v}");
@@ -486,6 +568,10 @@ async fn heartbeat_and_metrics_are_published() {
     let s = setup(&[
         ("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string()),
         ("IOT_AGENT_DMS__METRICS__INTERVAL", "1s".to_string()),
+        (
+            "IOT_AGENT_SNAPLOGGER__DURATION__BETWEEN__CHECKS",
+            "1s".to_string(),
+        ),
     ])
     .await;
     let mut dms2 = DmsClient::connect(&s.pki, s.broker.port()).await;
@@ -499,7 +585,7 @@ async fn heartbeat_and_metrics_are_published() {
         humantime::parse_rfc3339(hb["refresh"].as_str().unwrap()).is_ok(),
         "{hb}"
     );
-    let names = json!(["hello-world"]).to_string();
+    let names = json!(["hello-world", "sleepy"]).to_string();
     assert_eq!(
         hb["installedSnapsHash"],
         iot_agent::services::dms::heartbeat::sha256_hex(names.as_bytes())
@@ -519,8 +605,15 @@ async fn heartbeat_and_metrics_are_published() {
         "{text}"
     );
 
-    // A new snap changes the installed-snaps hash.
+    // A snap installed from outside (`snap install` on the device): the
+    // change poller sees its change become ready, the hashes are rebuilt.
     s.snapd.add_installed("extra", "1", "1", "latest/stable");
+    s.snapd.add_change(
+        "install-snap",
+        "Install \"extra\" snap",
+        "Done",
+        &now_rfc3339(),
+    );
     let topic = format!("devices/health/{DEVICE_ID}");
     let raw = dms2
         .wait(&topic, |p| {
@@ -530,7 +623,7 @@ async fn heartbeat_and_metrics_are_published() {
         })
         .await;
     let hb2: Value = serde_json::from_slice(&raw).unwrap();
-    let names = json!(["extra", "hello-world"]).to_string();
+    let names = json!(["extra", "hello-world", "sleepy"]).to_string();
     assert_eq!(
         hb2["installedSnapsHash"],
         iot_agent::services::dms::heartbeat::sha256_hex(names.as_bytes())
@@ -618,4 +711,380 @@ async fn the_dms_connection_state_is_served_on_nats() {
         !v["errorInfo"]["message"].as_str().unwrap().is_empty(),
         "{v}"
     );
+}
+
+/// The decoder is the DMS's: it reads what the DMS's own tests feed it
+/// and refuses the types the DMS refuses (so the tests above can fail).
+#[test]
+fn the_dms_types_read_the_reference_payloads_and_refuse_wrong_types() {
+    use crate::common::fixture;
+    for name in [
+        "21-dms-expects-device-response.json",
+        "22-dms-expects-list-response.json",
+        "23-dms-expects-install-response.json",
+        "24-dms-expects-conf-response.json",
+        "25-dms-expects-server-response.json",
+        "26-dms-expects-unregister-response.json",
+    ] {
+        let text = fixture(name);
+        dms_types::decode_reply(text.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let v2 = fixture("32-DERIVED-dmscore-list-response-v2.json");
+    match dms_types::decode_reply(v2.as_bytes()).unwrap().1 {
+        Decoded::SnapsV2(r) => assert_eq!(r.snaps.unwrap()[0].revision.0, 1033),
+        other => panic!("{other:?}"),
+    }
+    dms_types::decode_health(fixture("27-dms-health-minimal.json").as_bytes())
+        .expect_err("refresh is required by the health schema");
+    for bad in [
+        r#"{"id":"a","action":"list","success":true,"result":[{"name":"x","revision":"33"}]}"#,
+        r#"{"id":"a","action":"list","success":true,"result":[{"name":"x","installedDate":""}]}"#,
+        r#"{"id":"a","action":"list","success":true,"result":[{"name":"x","services":[{"name":"d","active":true,"enabled":true}]}]}"#,
+        r#"{"id":"a","action":"install","success":true,"result":{"change":"5"}}"#,
+        r#"{"id":"a","action":"device","success":true,"result":{"deviceId":"d","version":{"version":"1"}}}"#,
+        r#"{"id":"a","action":"conf","success":true,"result":{"greeting":"hi","revision":"1"}}"#,
+        r#"{"id":"a","action":"list","version":"2","success":true,"message":"","result":[]}"#,
+    ] {
+        assert!(dms_types::decode_reply(bad.as_bytes()).is_err(), "{bad}");
+    }
+}
+
+/// A deployment made like the reference: the identity service's CA
+/// (`CN=mqtt`) signs the broker (`CN=mqtt`, no subjectAltName) and every
+/// device; the enrollment's organization certificate is a leaf. With
+/// `dms.ca` (inline PEM, as `snap set dms.ca="$(cat ca.crt)"`) and
+/// `dms.verify=chain` the agent connects and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reference_broker_is_trusted_through_dms_ca_and_chain_verification() {
+    let pki = TestPki::reference(DEVICE_ID);
+    let ca = pki.ca_pem.clone();
+    let s = setup_with(
+        pki,
+        &[
+            ("IOT_AGENT_DMS__CA", ca),
+            ("IOT_AGENT_DMS__VERIFY", "chain".to_string()),
+        ],
+        "subscribed to DMS actions",
+    )
+    .await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let v = dms.call("ref-1", "device", "", "").await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["result"]["version"]["deviceId"], DEVICE_ID, "{v}");
+    assert_eq!(dms.record("ref-1"), Some("complete"));
+
+    // dms.ca as a file path works the same.
+    drop(s);
+    let pki = TestPki::reference(DEVICE_ID);
+    let path = pki.ca_cert.display().to_string();
+    let _s = setup_with(
+        pki,
+        &[
+            ("IOT_AGENT_DMS__CA", path),
+            ("IOT_AGENT_DMS__VERIFY", "chain".to_string()),
+        ],
+        "subscribed to DMS actions",
+    )
+    .await;
+}
+
+/// A broker certificate that does not verify is refused, and the log
+/// says what was presented and which key to set; never a silent skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_does_not_verify_is_refused_with_the_key_to_set() {
+    // The reference broker without dms.ca: only the organization leaf is
+    // trusted, which does not sign the broker.
+    let s = setup_with(
+        TestPki::reference(DEVICE_ID),
+        &[("IOT_AGENT_DMS__VERIFY", "chain".to_string())],
+        "DMS broker connection failed",
+    )
+    .await;
+    let line = &s.ready_line;
+    assert!(line.contains("set dms.ca"), "{line}");
+    assert!(line.contains("CN=mqtt"), "what was presented: {line}");
+    assert_eq!(s.agent.count("subscribed to DMS actions"), 0);
+    drop(s);
+
+    // dms.ca right but the host-name check on: the CN-only certificate
+    // cannot pass it; the log names dms.verify=chain.
+    let pki = TestPki::reference(DEVICE_ID);
+    let ca = pki.ca_pem.clone();
+    let s = setup_with(
+        pki,
+        &[("IOT_AGENT_DMS__CA", ca)],
+        "DMS broker connection failed",
+    )
+    .await;
+    let line = &s.ready_line;
+    assert!(line.contains("set dms.verify=chain"), "{line}");
+    assert!(line.contains("no subjectAltName"), "{line}");
+    drop(s);
+
+    // The CA of another deployment.
+    let other = TestPki::reference("someone-else");
+    let s = setup_with(
+        TestPki::reference(DEVICE_ID),
+        &[
+            ("IOT_AGENT_DMS__CA", other.ca_pem.clone()),
+            ("IOT_AGENT_DMS__VERIFY", "chain".to_string()),
+        ],
+        "DMS broker connection failed",
+    )
+    .await;
+    let line = &s.ready_line;
+    assert!(line.contains("not signed by a trusted root"), "{line}");
+    drop(s);
+
+    // An expired broker certificate, even in chain mode.
+    let pki = TestPki::with_layout(
+        DEVICE_ID,
+        crate::common::tls::Layout {
+            expired_server: true,
+            ..Default::default()
+        },
+    );
+    let s = setup_with(
+        pki,
+        &[("IOT_AGENT_DMS__VERIFY", "chain".to_string())],
+        "DMS broker connection failed",
+    )
+    .await;
+    let line = &s.ready_line;
+    assert!(line.contains("expired"), "{line}");
+}
+
+/// The reference's action semantics: fully qualified service names (as
+/// the DMS sends them) go to snapd as given; `switch` refreshes onto the
+/// channel, so the snap moves now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qualified_services_and_switch_as_a_refresh() {
+    use crate::common::fixture;
+    let s = setup(&[]).await;
+    s.snapd
+        .add_installed("helloworld", "1", "3", "latest/stable");
+    s.snapd.add_service("helloworld", "service1", false);
+    s.snapd.add_service("helloworld", "service2", false);
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+
+    let req = fixture("16-dms-req-start-services-qualified.json");
+    let req: Value = serde_json::from_str(&req).unwrap();
+    let v = dms
+        .call("q1", "start", "helloworld", req["data"].as_str().unwrap())
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+    let apps = s
+        .snapd
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "POST" && r.path_and_query == "/v2/apps")
+        .unwrap()
+        .json();
+    assert_eq!(
+        apps["names"],
+        json!(["helloworld.service1", "helloworld.service2"]),
+        "{apps}"
+    );
+
+    let v = dms.call("sw", "switch", "hello-world", "latest/beta").await;
+    assert_eq!(v["success"], true, "{v}");
+    let done = dms.response("sw").await;
+    assert_eq!(done["action"], "completion");
+    let post = s
+        .snapd
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "POST" && r.path_and_query == "/v2/snaps/hello-world")
+        .unwrap()
+        .json();
+    assert_eq!(post["action"], "refresh", "{post}");
+    assert_eq!(post["channel"], "latest/beta", "{post}");
+    assert_eq!(
+        s.snapd.snap("hello-world").unwrap()["tracking-channel"],
+        "latest/beta"
+    );
+}
+
+/// With `dms.completion=false` no completion report is sent; the reply
+/// alone completes the DMS's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completion_reports_can_be_turned_off() {
+    let s = setup(&[("IOT_AGENT_DMS__COMPLETION", "false".to_string())]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let v = dms.call("nc", "install", "other", "").await;
+    assert_eq!(v["success"], true, "{v}");
+    let change = v["result"].as_str().unwrap().to_string();
+    // A report starts by reading the change at once, before the reply
+    // to a later request (which itself takes several snapd calls).
+    let v = dms.call("after", "device", "", "").await;
+    assert_eq!(v["success"], true, "{v}");
+    let polled = s
+        .snapd
+        .requests()
+        .iter()
+        .any(|r| r.path_and_query == format!("/v2/changes/{change}"));
+    assert!(!polled, "the agent followed the change for a report");
+    assert!(
+        !dms.seen
+            .iter()
+            .any(|(_, p)| String::from_utf8_lossy(p).contains("\"completion\"")),
+        "{:?}",
+        dms.seen
+    );
+    assert_eq!(dms.record("nc"), Some("complete"));
+}
+
+impl DmsClient {
+    /// The next message from the broker, read as the DMS reads it.
+    async fn next_message(&mut self) -> (String, Vec<u8>) {
+        let got = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+            .await
+            .expect("nothing from the agent within 30 s")
+            .unwrap();
+        self.check(&got.0, &got.1);
+        got
+    }
+}
+
+/// dmscore's hash keeping (pkg/devicetwin/service.go): the first heartbeat
+/// with hashes is stored; a later one whose hashes differ from the stored
+/// ones makes it ask for `list`; only a `version:"2"` list reply updates
+/// the stored hashes. So after a snap change the device must be asked
+/// once, and then its heartbeats must match again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_snap_change_dmscore_asks_for_the_list_once() {
+    let s = setup(&[("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string())]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let health = format!("devices/health/{DEVICE_ID}");
+    let hashes = |v: &Value| {
+        (
+            v["snapListHash"].as_str().unwrap_or("").to_string(),
+            v["installedSnapsHash"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let mut stored: Option<(String, String)> = None;
+    let mut asked = 0;
+    // Heartbeats after the last stored list reply, and whether a change
+    // has happened yet.
+    let mut matching_after_reply = 0;
+    let mut changed = false;
+    let mut replies_stored = 0;
+    let mut heartbeats = 0;
+    while !(changed && replies_stored > 0 && matching_after_reply >= 3) {
+        assert!(
+            heartbeats < 30,
+            "no steady state after {heartbeats} heartbeats"
+        );
+        let (topic, payload) = dms.next_message().await;
+        let v: Value = serde_json::from_slice(&payload).unwrap();
+        if topic == health {
+            heartbeats += 1;
+            let h = hashes(&v);
+            assert!(!h.0.is_empty() && !h.1.is_empty(), "dmscore hashes: {v}");
+            match &stored {
+                None => stored = Some(h),
+                Some(known) if *known == h => {
+                    if replies_stored > 0 {
+                        matching_after_reply += 1;
+                    }
+                    if !changed && stored.is_some() {
+                        // Steady: now change a snap through snapd.
+                        changed = true;
+                        let req = json!({"id": "chg", "action": "install", "snap": "other"});
+                        dms.publish_raw(req.to_string().into_bytes()).await;
+                    }
+                }
+                Some(_) => {
+                    assert!(
+                        replies_stored == 0 || matching_after_reply == 0,
+                        "the heartbeat differs from the stored list reply again: {v}"
+                    );
+                    assert!(asked < 10, "asked for list on every heartbeat: {v}");
+                    asked += 1;
+                    matching_after_reply = 0;
+                    let req = json!({"id": format!("list-{asked}"), "action": "list"});
+                    dms.publish_raw(req.to_string().into_bytes()).await;
+                }
+            }
+        } else if v["action"] == "list" && v["version"] == "2" && changed {
+            stored = Some(hashes(&v["result"]));
+            replies_stored += 1;
+            matching_after_reply = 0;
+        }
+    }
+    assert!(asked >= 1, "the snap change never changed the hashes");
+    assert!(
+        asked <= 2,
+        "asked for list {asked} times for one change (once, or twice if a heartbeat overtook the reply)"
+    );
+    assert!(s.snapd.installed().contains(&"other".to_string()));
+}
+
+/// `dms.protocol=devicetwin`: the original DMS gets heartbeats without
+/// hashes and the unversioned list array.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_original_dms_gets_the_unversioned_list_and_no_hashes() {
+    let s = setup(&[
+        ("IOT_AGENT_DMS__PROTOCOL", "devicetwin".to_string()),
+        ("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string()),
+    ])
+    .await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let v = dms.call("l", "list", "", "").await;
+    assert!(v.get("version").is_none(), "{v}");
+    assert!(v["result"].as_array().unwrap().len() >= 2, "{v}");
+    let raw = dms
+        .wait(&format!("devices/health/{DEVICE_ID}"), |_| true)
+        .await;
+    let hb: Value = serde_json::from_slice(&raw).unwrap();
+    assert!(hb.get("snapListHash").is_none(), "{hb}");
+    assert!(hb["refresh"].is_string(), "{hb}");
+}
+
+fn now_rfc3339() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    crate::common::snapd_double::rfc3339(nanos)
+}
+
+/// The heartbeat does not depend on snapd: while nothing changes it lists
+/// nothing, and with snapd down it still goes out every period with the
+/// last known hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_heartbeat_goes_out_without_snapd() {
+    use crate::common::snapd_double::Fault;
+    let s = setup(&[("IOT_AGENT_DMS__HEARTBEAT__INTERVAL", "1s".to_string())]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    let topic = format!("devices/health/{DEVICE_ID}");
+    let first: Value = serde_json::from_slice(&dms.wait(&topic, |_| true).await).unwrap();
+    assert!(first["snapListHash"].is_string(), "{first}");
+    let listings = || {
+        s.snapd
+            .requests()
+            .iter()
+            .filter(|r| r.path_and_query == "/v2/snaps")
+            .count()
+    };
+    let before = listings();
+    for _ in 0..3 {
+        let hb: Value = serde_json::from_slice(&dms.wait(&topic, |_| true).await).unwrap();
+        assert_eq!(hb["snapListHash"], first["snapListHash"], "{hb}");
+    }
+    assert_eq!(
+        listings(),
+        before,
+        "the heartbeat listed the snaps with nothing changed"
+    );
+
+    s.snapd.set_fault(Some(Fault::Status500));
+    for _ in 0..3 {
+        let hb: Value = serde_json::from_slice(&dms.wait(&topic, |_| true).await).unwrap();
+        assert_eq!(hb["snapListHash"], first["snapListHash"], "{hb}");
+        assert_eq!(
+            hb["installedSnapsHash"], first["installedSnapsHash"],
+            "{hb}"
+        );
+    }
 }

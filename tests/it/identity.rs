@@ -337,3 +337,78 @@ async fn a_corrupt_secret_is_detected_and_replaced() {
     agent.signal("TERM");
     assert!(agent.wait_exit().success());
 }
+
+/// The real service's edge cases: snapd holding two serial assertions
+/// (a re-registered device) still sends exactly one model and one serial
+/// (the service refuses a third); a `deviceData` that is not base64 is
+/// stored as given; a 400 answer is quoted to the operator.
+#[tokio::test]
+async fn enrollment_edge_cases_of_the_real_service() {
+    let snapd = registered_snapd().await;
+    let older = SERIAL_ASSERTION
+        .replace("serial: A1B2-c3d4/5", "serial: OLD-0001")
+        .replace("timestamp: ", "timestamp: 1");
+    // `timestamp: 1...` is not a time: the newest readable one wins.
+    snapd.set_serial(Some(format!("{}\n\n{SERIAL_ASSERTION}", older.trim_end())));
+    let id = IdentityDouble::start(false).await;
+    id.set(Behaviour::DeviceData("abc".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let c = reparse_with_socket(dir.path(), id.url(), &snapd.socket(), &[]);
+    let creds = attempt(&c).await.unwrap();
+    assert_eq!(creds.device_id, DEVICE_ID);
+    let body = &id.calls()[0].body;
+    let sent = snapd::Assertion::parse_all(body).unwrap();
+    assert_eq!(sent.len(), 2, "{body}");
+    assert_eq!(sent[1].header("serial"), Some("A1B2-c3d4/5"));
+    let store = Store::from_config(&c);
+    assert_eq!(std::fs::read(store.device_data_path()).unwrap(), b"abc");
+    assert!(matches!(store.load(), Stored::Valid { .. }));
+
+    // 400 with the service's own message.
+    let dir = tempfile::tempdir().unwrap();
+    let c = reparse_with_socket(dir.path(), id.url(), &snapd.socket(), &[]);
+    let message = "the device `canonical/ubuntu-core-18-amd64/d75f7300` is already enrolled";
+    id.set(Behaviour::Refuse(message.into()));
+    match attempt(&c).await {
+        Err(e @ EnrollState::Refused { .. }) => {
+            assert!(e.to_string().contains(message), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A `.secret` written by the reference agent holds the organization's
+/// private key under `"-"`: the first load rewrites it without the key.
+#[tokio::test]
+async fn a_reference_secret_is_scrubbed_on_first_load() {
+    let snapd = registered_snapd().await;
+    let id = IdentityDouble::start(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = reparse_with_socket(dir.path(), id.url(), &snapd.socket(), &[]);
+    attempt(&c).await.unwrap();
+    let store = Store::from_config(&c);
+    let mut secret: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.secret_path()).unwrap()).unwrap();
+    secret["organization"]["-"] = ORG_PRIVATE_KEY_MARKER.into();
+    secret["-"] = ORG_PRIVATE_KEY_MARKER.into();
+    std::fs::write(store.secret_path(), secret.to_string()).unwrap();
+    assert!(matches!(store.load(), Stored::Valid { .. }));
+    let after = std::fs::read_to_string(store.secret_path()).unwrap();
+    assert!(!after.contains(ORG_PRIVATE_KEY_MARKER), "{after}");
+    assert_eq!(mode(&store.secret_path()), 0o600);
+    assert!(matches!(store.load(), Stored::Valid { .. }));
+}
+
+/// Plain http:// to a host that is not loopback is refused, naming the
+/// key that allows it; loopback and the opt-in work.
+#[test]
+fn plain_http_to_a_remote_identity_service_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("snapd.socket");
+    let c = reparse_with_socket(dir.path(), "http://identity.example.com:8030", &socket, &[]);
+    let e = IdentityService::new(&c).err().expect("refused");
+    assert!(e.to_string().contains("identity.insecure=true"), "{e}");
+    let mut c = c;
+    c.identity.insecure = true;
+    assert!(IdentityService::new(&c).is_ok());
+}

@@ -471,6 +471,19 @@ async fn reference_agent_subjects_keep_their_shapes() {
         json!([{"active":true,"daemon":"simple","enabled":true,"name":"svc"}])
     );
     assert!(hello.get("tracking-channel").is_none(), "camelCase only");
+    // All revisions, as the reference agent asked for them.
+    assert!(
+        rig.snapd
+            .requests()
+            .iter()
+            .any(|r| r.path_and_query == "/v2/snaps?select=all"),
+        "{:?}",
+        rig.snapd
+            .requests()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
 
     let v = rig
         .ask(
@@ -1089,5 +1102,41 @@ async fn the_agents_reboot_command_cannot_be_set_through_the_mirror() {
     assert_eq!(
         rig.paths_seen(),
         ["PUT /v2/snaps/iot-agent/conf", "PUT /v2/snaps/other/conf"]
+    );
+}
+
+/// `v1.snapd.v2.snaps.get` lists every revision (`select=all`), as the
+/// reference agent did: after a refresh, the previous revision too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_v1_snap_list_has_every_revision() {
+    let rig = rig(Opts::default()).await;
+    rig.snapd
+        .add_installed("hello", "1.0", "3", "latest/stable");
+    rig.snapd.add_store_snap_version("hello", "1.1", "4");
+    let v = rig
+        .ask("v1.snapd.v2.snaps.hello.post", r#"{"action":"refresh"}"#)
+        .await;
+    assert!(v.get("error").is_none(), "{v}");
+    let v = rig.ask("v1.snapd.v2.snaps.get", "{}").await;
+    let mut revisions: Vec<(String, String)> = v["snaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "hello")
+        .map(|s| {
+            (
+                s["revision"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    revisions.sort();
+    assert_eq!(
+        revisions,
+        [
+            ("3".to_string(), "installed".to_string()),
+            ("4".to_string(), "active".to_string())
+        ],
+        "{v}"
     );
 }

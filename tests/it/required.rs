@@ -323,3 +323,47 @@ async fn an_unusable_queue_is_retried_and_requests_are_refused_meanwhile() {
     // retries the queue.
     s.agent.wait_for("subsystem failed; restarting");
 }
+
+/// The required-install dmscore sends (fixture 30: `{"channel":"latest",
+/// "track":"stable"}`) installs from `latest/stable`; a snap already on
+/// that channel is left alone; an unknown risk never reaches snapd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dms_channel_pair_installs_from_latest_stable() {
+    let s = setup(&[]).await;
+    s.snapd.add_store_snap("network-manager");
+    let req: Value = serde_json::from_str(&crate::common::fixture(
+        "30-DERIVED-required-install-as-dms-sends-it.json",
+    ))
+    .unwrap();
+    let v = require(&s, req).await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["snaps"][0]["status"], "installed", "{v}");
+    let post = s
+        .snapd
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path_and_query == "/v2/snaps/network-manager")
+        .unwrap()
+        .json();
+    assert_eq!(post["channel"], "latest/stable", "{post}");
+
+    let req = json!({"id": "same", "snaps": [{"name": "hello-world", "channel": "latest", "track": "stable"}]});
+    let v = require(&s, req).await;
+    assert_eq!(v["snaps"][0]["status"], "already-installed", "{v}");
+    assert_eq!(s.snapd.posts_to("/v2/snaps/hello-world"), 0);
+
+    let before = s.snapd.requests().len();
+    let req = json!({"id": "bad", "snaps": [{"name": "other", "channel": "latest", "track": "hardened"}]});
+    let v = require(&s, req).await;
+    assert_eq!(v["success"], false, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("names no risk"),
+        "{v}"
+    );
+    assert!(
+        s.snapd.requests()[before..]
+            .iter()
+            .all(|r| r.method == "GET"),
+        "an unknown risk reached snapd"
+    );
+}

@@ -1,7 +1,9 @@
 //! The 21 actions of the DMS contract, each mapped onto the snapd client.
 
 use super::request::{Request, Response};
+use super::snaps::{self, Hashes};
 use super::upload::Uploader;
+use crate::config::DmsProtocol;
 use crate::identity::Credentials;
 use crate::snapd::{self, Assertion, CreateUser, SnapAction, SnapName, Status};
 use serde::Deserialize;
@@ -29,6 +31,10 @@ pub struct Ctx {
     pub change_timeout: Duration,
     /// Where snapshot exports are staged before upload.
     pub scratch_dir: std::path::PathBuf,
+    /// Which DMS generation: the shape of the `list` reply.
+    pub protocol: DmsProtocol,
+    /// The hashes of the last list built, for the heartbeat.
+    pub hashes: super::heartbeat::HashCache,
 }
 
 type ActionResult = Result<(Value, Next), String>;
@@ -46,7 +52,7 @@ pub async fn execute(ctx: &Ctx, req: &Request) -> (Response, Next) {
         "info" => info(ctx, req).await,
         "ack" => ack(ctx, req).await,
         "device" => device(ctx).await.map(|v| (v, Next::Nothing)),
-        "list" => list(ctx).await.map(|v| (v, Next::Nothing)),
+        "list" => return list_reply(ctx, req).await,
         "server" => server(ctx).await,
         "logs" => logs(ctx, req).await,
         "snapshot" => snapshot(ctx, req).await,
@@ -108,13 +114,39 @@ async fn switch(ctx: &Ctx, req: &Request) -> ActionResult {
             req.data
         ));
     }
-    let action = SnapAction::new("switch").channel(Some(channel.to_string()));
+    // As the reference agent: a refresh onto the channel, so the snap moves
+    // now (snapd's own `switch` only changes what it tracks).
+    let action = SnapAction::new("refresh").channel(Some(channel.to_string()));
     let change = ctx
         .snapd
         .snap_action(&name, &action)
         .await
         .map_err(snapd_err)?;
     Ok((json!(change), Next::FollowChange(change)))
+}
+
+/// `app` or `snap.app` as snapd's `snap.app`; a name of another snap is
+/// refused (the DMS sends fully qualified names, the reference agent
+/// checked that each belongs to `snap`).
+fn qualified_service(snap: &SnapName, given: &str) -> Result<String, String> {
+    let invalid = || format!("service name {given:?} is not valid");
+    let app = match given.split_once('.') {
+        Some((owner, app)) if owner == snap.as_str() => app,
+        Some((owner, _)) if SnapName::parse(owner).is_ok() => {
+            return Err(format!(
+                "service {given:?} belongs to snap {owner:?}, not to {snap}; name services of {snap} only"
+            ))
+        }
+        Some(_) => return Err(invalid()),
+        None => given,
+    };
+    let ok = !app.is_empty()
+        && app.len() <= 64
+        && app.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !ok {
+        return Err(invalid());
+    }
+    Ok(format!("{snap}.{app}"))
 }
 
 #[derive(Deserialize)]
@@ -132,13 +164,7 @@ async fn services(ctx: &Ctx, req: &Request) -> ActionResult {
     };
     let mut names = Vec::new();
     for s in &services {
-        let ok = !s.is_empty()
-            && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !ok {
-            return Err(format!("service name {s:?} is not valid"));
-        }
-        names.push(format!("{name}.{s}"));
+        names.push(qualified_service(&name, s)?);
     }
     if names.is_empty() {
         names.push(name.to_string());
@@ -162,17 +188,24 @@ async fn setconf(ctx: &Ctx, req: &Request) -> ActionResult {
     Ok((json!(change), Next::FollowChange(change)))
 }
 
+/// `conf` and `info` are both answered with the snap as a `deviceSnap`
+/// (its configuration in `config`): the DMS decodes both replies so.
 async fn conf(ctx: &Ctx, req: &Request) -> ActionResult {
     let name = snap_name(req)?;
+    let snap = ctx.snapd.snap(&name).await.map_err(snapd_err)?;
     let conf = ctx.snapd.conf(&name, &[]).await.map_err(snapd_err)?;
-    Ok((Value::Object(conf), Next::Nothing))
+    Ok((
+        snaps::device_snap(&ctx.creds.device_id, &snap, &conf),
+        Next::Nothing,
+    ))
 }
 
 async fn info(ctx: &Ctx, req: &Request) -> ActionResult {
     let name = snap_name(req)?;
     let snap = ctx.snapd.snap(&name).await.map_err(snapd_err)?;
+    let conf = ctx.snapd.conf(&name, &[]).await.unwrap_or_default();
     Ok((
-        serde_json::to_value(snap).unwrap_or_default(),
+        snaps::device_snap(&ctx.creds.device_id, &snap, &conf),
         Next::Nothing,
     ))
 }
@@ -223,8 +256,14 @@ pub async fn device(ctx: &Ctx) -> Result<Value, String> {
         "serial": h(&serial, "serial"),
         "store": h(&model, "store"),
         "deviceKey": h(&serial, "device-key"),
-        "version": version(&info),
+        "version": with_device_id(version(&info), &c.device_id),
     }))
+}
+
+/// The DMS stores the OS version only when `version.deviceId` is set.
+fn with_device_id(mut v: Value, device_id: &str) -> Value {
+    v["deviceId"] = json!(device_id);
+    v
 }
 
 fn version(info: &snapd::SystemInfo) -> Value {
@@ -240,44 +279,56 @@ fn version(info: &snapd::SystemInfo) -> Value {
 
 async fn server(ctx: &Ctx) -> ActionResult {
     let info = ctx.snapd.system_info().await.map_err(snapd_err)?;
-    let mut v = version(&info);
-    v["deviceId"] = json!(ctx.creds.device_id);
-    Ok((v, Next::Nothing))
+    Ok((
+        with_device_id(version(&info), &ctx.creds.device_id),
+        Next::Nothing,
+    ))
 }
 
-/// The snap list in the DMS's shape, sorted by name (the heartbeat hashes it).
-pub async fn list(ctx: &Ctx) -> Result<Value, String> {
-    let mut snaps = ctx.snapd.snaps().await.map_err(snapd_err)?;
-    snaps.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut out = Vec::with_capacity(snaps.len());
-    for s in snaps {
+/// The snap list as `deviceSnap`s, sorted by name (the heartbeat hashes
+/// it). The hashes are remembered for the heartbeat.
+pub async fn list(ctx: &Ctx) -> Result<Vec<Value>, String> {
+    let gen = ctx.hashes.generation();
+    let mut all = ctx.snapd.snaps().await.map_err(snapd_err)?;
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::with_capacity(all.len());
+    for s in all {
         // A snap without configuration (or one snapd will not tell) is `{}`.
         let config = match SnapName::parse(&s.name) {
             Ok(n) => ctx.snapd.conf(&n, &[]).await.unwrap_or_default(),
             Err(_) => Map::new(),
         };
-        let services: Vec<Value> = s
-            .apps
-            .iter()
-            .filter(|a| a.daemon.is_some())
-            .map(|a| json!({"name": a.name, "enabled": a.enabled, "active": a.active}))
-            .collect();
-        out.push(json!({
-            "deviceId": ctx.creds.device_id,
-            "name": s.name,
-            "installedSize": s.installed_size,
-            "installedDate": s.install_date,
-            "status": s.status,
-            "channel": s.channel,
-            "confinement": s.confinement,
-            "version": s.version,
-            "revision": s.revision,
-            "devmode": s.devmode,
-            "config": Value::Object(config).to_string(),
-            "services": services,
-        }));
+        out.push(snaps::device_snap(&ctx.creds.device_id, &s, &config));
     }
-    Ok(Value::Array(out))
+    ctx.hashes.store(Hashes::of(&out), gen);
+    Ok(out)
+}
+
+/// The `list` reply: dmscore's versioned `{"version":"2","result":
+/// {snapListHash, installedSnapsHash, snaps}}` (it updates its stored
+/// hashes only from this shape), or the original DMS's bare array.
+async fn list_reply(ctx: &Ctx, req: &Request) -> (Response, Next) {
+    let list = match list(ctx).await {
+        Ok(l) => l,
+        Err(m) => return (Response::fail(&req.id, &req.action, m), Next::Nothing),
+    };
+    let resp = match ctx.protocol {
+        DmsProtocol::Devicetwin => Response::ok(req, Value::Array(list)),
+        DmsProtocol::Dmscore => {
+            let h = Hashes::of(&list);
+            let mut r = Response::ok(
+                req,
+                json!({
+                    "snapListHash": h.snap_list,
+                    "installedSnapsHash": h.installed_snaps,
+                    "snaps": list,
+                }),
+            );
+            r.version = Some("2".into());
+            r
+        }
+    };
+    (resp, Next::Nothing)
 }
 
 #[derive(Deserialize)]
@@ -465,20 +516,6 @@ pub async fn wait_ready(ctx: &Ctx, id: &str) -> Result<snapd::Change, String> {
 
 /// The second message: the final status of a change an action started.
 pub async fn completion(ctx: &Ctx, req: &Request, change_id: &str) -> Response {
-    match wait_ready(ctx, change_id).await {
-        Ok(ch) => Response {
-            id: req.id.clone(),
-            action: req.action.clone(),
-            success: ch.status == Status::Done,
-            message: ch.err.clone().unwrap_or_default(),
-            result: json!({
-                "change": ch.id,
-                "kind": ch.kind,
-                "summary": ch.summary,
-                "status": ch.status,
-                "ready-time": ch.ready_time,
-            }),
-        },
-        Err(message) => Response::fail(&req.id, &req.action, message),
-    }
+    let outcome = wait_ready(ctx, change_id).await;
+    super::completion::report(req, outcome.as_ref().map_err(Clone::clone))
 }

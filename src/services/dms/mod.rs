@@ -8,10 +8,12 @@
 //! loop or other requests.
 
 pub mod actions;
+pub mod completion;
 pub mod dedupe;
 pub mod heartbeat;
 pub mod metrics;
 pub mod request;
+pub mod snaps;
 pub mod upload;
 
 use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
@@ -29,6 +31,21 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// The DMS topics, with their `{deviceId}`/`{orgId}` placeholders, as the
+/// AsyncAPI document names them (its test compares the two).
+pub fn documented_addresses() -> Vec<String> {
+    let placeholder = |t: Result<Topic, crate::bus::topics::BadSegment>, name: &str| {
+        t.map(|t| t.mqtt().replace("PLACEHOLDER", name))
+            .unwrap_or_default()
+    };
+    vec![
+        placeholder(topics::dms_actions("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_responses("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_health("PLACEHOLDER"), "{deviceId}"),
+        placeholder(topics::dms_metrics("PLACEHOLDER"), "{orgId}"),
+    ]
+}
+
 /// How long unregister waits for the broker to take its reply.
 const REPLY_ACK_BOUND: Duration = Duration::from_secs(10);
 
@@ -41,6 +58,12 @@ pub struct Settings {
     pub upload_timeout: Duration,
     pub upload_limit: u64,
     pub scratch_dir: std::path::PathBuf,
+    /// `dms.ca` and `dms.verify`: how the broker is trusted.
+    pub ca: crate::config::PemSource,
+    pub verify: crate::tls::Verify,
+    pub protocol: crate::config::DmsProtocol,
+    /// `dms.completion`: report the end of changes that actions started.
+    pub completion: bool,
 }
 
 pub struct Dms {
@@ -51,6 +74,9 @@ pub struct Dms {
     pub status: watch::Sender<ConnectionStatus>,
     pub store: Store,
     pub reload: Arc<Notify>,
+    /// The shared change poller: a change that became ready means the
+    /// snaps may have changed, so the heartbeat hashes are built again.
+    pub poller: Option<Arc<crate::changes::Poller>>,
     pub settings: Settings,
 }
 
@@ -98,6 +124,7 @@ impl Dms {
         let reload = self.reload.clone();
         let s = self.settings.clone();
         let required = self.required.clone();
+        let change_events = self.poller.as_ref().map(|p| p.events());
         async move {
             let inbox = topics::dms_actions(&creds.device_id)?;
             let outbox = topics::dms_responses(&creds.device_id)?;
@@ -111,6 +138,8 @@ impl Dms {
                 uploader,
                 change_timeout: s.change_timeout,
                 scratch_dir: s.scratch_dir.clone(),
+                protocol: s.protocol,
+                hashes: heartbeat::HashCache::default(),
             });
             // The per-serial tree, when the enrollment names the serial.
             let serial_base = match (&required, creds.device.serial.as_str()) {
@@ -121,7 +150,9 @@ impl Dms {
             if let Some(base) = &serial_base {
                 subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
             }
-            let mut link = mqtt::connect(&creds, subscriptions, status, token.clone())?;
+            let tls = crate::tls::dms_broker(&creds, &s.ca, s.verify)
+                .map_err(|e| anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}"))?;
+            let mut link = mqtt::connect(&creds, tls, subscriptions, status, token.clone())?;
             if let (Some(r), Some(_)) = (&required, &serial_base) {
                 tokio::spawn(forward_results(
                     r.clone(),
@@ -133,18 +164,21 @@ impl Dms {
                 mqtt: link.handle.clone(),
                 topic: outbox,
             };
+            if let Some(events) = change_events {
+                tokio::spawn(watch_snap_changes(
+                    events,
+                    ctx.hashes.clone(),
+                    token.clone(),
+                ));
+            }
             let (c, mqtt) = (ctx.clone(), link.handle.clone());
             tokio::spawn(periodically(s.heartbeat, token.clone(), move || {
                 let (c, mqtt, topic) = (c.clone(), mqtt.clone(), health.clone());
                 async move {
-                    match heartbeat::heartbeat(&c).await {
-                        Ok(doc) => {
-                            let _ = mqtt
-                                .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
-                                .await;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot build the heartbeat"),
-                    }
+                    let doc = heartbeat::heartbeat(&c).await;
+                    let _ = mqtt
+                        .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
+                        .await;
                 }
             }));
             let (device, mqtt) = (creds.device_id.clone(), link.handle.clone());
@@ -179,8 +213,9 @@ impl Dms {
                 link.handle.ack(&msg).await;
                 let (ctx, out, dedupe) = (ctx.clone(), out.clone(), dedupe.clone());
                 let (store, reload) = (store.clone(), reload.clone());
+                let report = s.completion;
                 tokio::spawn(async move {
-                    handle(&ctx, &out, &dedupe, &msg.payload, &store, &reload).await;
+                    handle(&ctx, &out, &dedupe, &msg.payload, &store, &reload, report).await;
                 });
             }
         }
@@ -205,8 +240,8 @@ impl Outbox {
     }
 }
 
-/// One request, start to finish: exactly one response (two when it starts
-/// a change: the second reports the change's end).
+/// One request, start to finish: exactly one response, and a completion
+/// report (see [`completion`]) when it started a change and `report` is on.
 async fn handle(
     ctx: &Ctx,
     out: &Outbox,
@@ -214,6 +249,7 @@ async fn handle(
     payload: &[u8],
     store: &Store,
     reload: &Notify,
+    report: bool,
 ) {
     let req = match request::parse(payload) {
         Ok(r) => r,
@@ -242,9 +278,11 @@ async fn handle(
     first.done(resp.to_bytes());
     match next {
         Next::Nothing => out.send(&resp).await,
+        Next::FollowChange(_) if !report => out.send(&resp).await,
         Next::FollowChange(change) => {
             out.send(&resp).await;
             let done = actions::completion(ctx, &req, &change).await;
+            ctx.hashes.mark_changed();
             tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
             out.send(&done).await;
         }
@@ -269,6 +307,27 @@ async fn handle(
                 Err(e) => tracing::error!(error = %e, "cannot delete the credentials"),
             }
             reload.notify_one();
+        }
+    }
+}
+
+/// Marks the heartbeat hashes stale whenever a change becomes ready (or
+/// events were missed).
+async fn watch_snap_changes(
+    mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
+    hashes: heartbeat::HashCache,
+    token: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            e = events.recv() => match e {
+                Ok(ev) if ev.change.ready => hashes.mark_changed(),
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => hashes.mark_changed(),
+                Err(RecvError::Closed) => return,
+            },
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct Response {
     pub success: bool,
     pub message: String,
     pub result: Value,
+    /// `"2"` on dmscore's versioned `list` reply; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 impl Response {
@@ -62,6 +65,7 @@ impl Response {
             success: true,
             message: String::new(),
             result,
+            version: None,
         }
     }
 
@@ -72,6 +76,7 @@ impl Response {
             success: false,
             message: message.into(),
             result: Value::Null,
+            version: None,
         }
     }
 

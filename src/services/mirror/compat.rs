@@ -156,9 +156,10 @@ fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String> {
     serde_json::from_slice(payload).map_err(|e| format!("invalid request: {e}"))
 }
 
-/// `v1.snapd.v2.snaps.get`.
+/// `v1.snapd.v2.snaps.get`: all revisions (`select=all`), disabled ones
+/// included, as the reference agent listed them.
 pub async fn snaps_get(snapd: &snapd::Client) -> SnapsResponse {
-    match snapd.snaps().await {
+    match snapd.snaps_all_revisions().await {
         Ok(snaps) => SnapsResponse {
             snaps: snaps.into_iter().map(ref_snap).collect(),
             error: String::new(),

@@ -61,7 +61,13 @@ pub struct Required {
     settings: Settings,
     wake: Notify,
     results: broadcast::Sender<(Topic, Bytes)>,
+    /// True once the worker opened the queue.
+    opened: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long serving waits at start for the queue to open; after it,
+/// requests are served (and refused while the queue stays closed).
+const OPEN_WAIT: Duration = Duration::from_secs(3);
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -92,6 +98,7 @@ impl Required {
             settings,
             wake: Notify::new(),
             results,
+            opened: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -176,6 +183,7 @@ impl Required {
             let store = tokio::task::spawn_blocking(move || Store::open(&path)).await??;
             let _ = self.store.set(store);
             tracing::info!(database = %self.db_path.display(), "per-serial queue open");
+            self.opened.send_replace(true);
         }
         loop {
             let due = self.store().due(unix_now())?;
@@ -395,6 +403,10 @@ pub async fn serve_nats(
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
     }
+    // Requests that arrive before the worker opened the queue would be
+    // refused: at start, give it a moment (it opens in milliseconds).
+    let mut opened = required.opened.subscribe();
+    let _ = tokio::time::timeout(OPEN_WAIT, opened.wait_for(|o| *o)).await;
     let mut sub = bus
         .subscribe(&Topic::fixed(&format!("{}/#", base.mqtt())))
         .await?;

@@ -84,7 +84,21 @@ pub fn parse(payload: &[u8]) -> Result<RequiredInstall, Refusal> {
     Ok(RequiredInstall { id, snaps })
 }
 
-/// `track/risk[/branch]` from the payload's track and channel.
+/// snapd's risk levels, most stable first.
+pub const RISKS: [&str; 4] = ["stable", "candidate", "beta", "edge"];
+
+fn is_risk(s: &str) -> bool {
+    RISKS.contains(&s)
+}
+
+/// `track/risk` from the payload's `track` and `channel`.
+///
+/// The two DMS generations fill the pair differently: the schema says
+/// `{"channel":"stable","track":"latest"}`, dmscore sends
+/// `{"channel":"latest","track":"stable"}`. So the risk is whichever of the
+/// two is a risk, the other is the track; a risk is never taken as a track
+/// and no branch is ever built from the pair. A complete channel
+/// (`4.0/candidate`, `latest/stable/fix`) may be given in `channel` alone.
 fn channel(track: Option<String>, channel: Option<String>) -> Result<String, String> {
     let ok = |s: &str| {
         !s.is_empty()
@@ -95,14 +109,41 @@ fn channel(track: Option<String>, channel: Option<String>) -> Result<String, Str
             && !s.starts_with('/')
             && !s.ends_with('/')
     };
+    let unknown = |given: &str| {
+        format!(
+            "channel {given:?} names no risk: give one of {} (with a track or not)",
+            RISKS.join(", ")
+        )
+    };
     let full = match (track, channel) {
-        // A channel with a track in it is complete.
-        (None, Some(c)) if c.contains('/') => c,
-        (t, c) => format!(
-            "{}/{}",
-            t.unwrap_or_else(|| "latest".into()),
-            c.unwrap_or_else(|| "stable".into())
-        ),
+        (None, None) => "latest/stable".to_string(),
+        (None, Some(c)) if c.contains('/') => {
+            let parts: Vec<&str> = c.split('/').collect();
+            match parts.as_slice() {
+                // risk/branch
+                [risk, _] if is_risk(risk) => format!("latest/{c}"),
+                [_, risk] | [_, risk, _] if is_risk(risk) => c.clone(),
+                _ => return Err(unknown(&c)),
+            }
+        }
+        (Some(t), Some(c)) if t.contains('/') || c.contains('/') => {
+            return Err(format!(
+                "give a complete channel in \"channel\" alone, or a track and a risk: not track {t:?} with channel {c:?}"
+            ))
+        }
+        (None, Some(one)) | (Some(one), None) if is_risk(&one) => format!("latest/{one}"),
+        (Some(track), None) => format!("{track}/stable"),
+        (None, Some(c)) => return Err(unknown(&c)),
+        (Some(a), Some(b)) => match (is_risk(&a), is_risk(&b)) {
+            (false, true) => format!("{a}/{b}"),
+            (true, false) => format!("{b}/{a}"),
+            (true, true) => {
+                return Err(format!(
+                    "track {a:?} and channel {b:?} are both risks; one must be the track"
+                ))
+            }
+            (false, false) => return Err(unknown(&format!("{a}/{b}"))),
+        },
     };
     if ok(&full) && full.split('/').count() <= 3 {
         Ok(full)
@@ -128,6 +169,54 @@ mod tests {
         .unwrap();
         let ch: Vec<&str> = many.snaps.iter().map(|s| s.channel.as_str()).collect();
         assert_eq!(ch, ["latest/edge", "22/beta", "4.0/candidate", "2/stable"]);
+    }
+
+    #[test]
+    fn both_orders_of_the_pair_mean_the_same_channel() {
+        let ch = |p: &str| parse(p.as_bytes()).map(|r| r.snaps[0].channel.clone());
+        // dmscore's order (fixture 30) and the schema's.
+        for p in [
+            r#"{"id":"a","snaps":[{"channel":"latest","name":"x","track":"stable"}]}"#,
+            r#"{"id":"a","snaps":[{"channel":"stable","name":"x","track":"latest"}]}"#,
+            r#"{"id":"a","snaps":[{"name":"x","track":"stable"}]}"#,
+            r#"{"id":"a","snaps":[{"name":"x","channel":"latest/stable"}]}"#,
+        ] {
+            assert_eq!(ch(p).unwrap(), "latest/stable", "{p}");
+        }
+        assert_eq!(
+            ch(r#"{"id":"a","snaps":[{"name":"x","track":"edge","channel":"22"}]}"#).unwrap(),
+            "22/edge"
+        );
+        assert_eq!(
+            ch(r#"{"id":"a","snaps":[{"name":"x","channel":"stable/hotfix-1"}]}"#).unwrap(),
+            "latest/stable/hotfix-1"
+        );
+        // Never a risk as a track, never a branch from the pair.
+        for (p, m) in [
+            (
+                r#"{"id":"a","snaps":[{"name":"x","channel":"latest"}]}"#,
+                "names no risk",
+            ),
+            (
+                r#"{"id":"a","snaps":[{"name":"x","channel":"hardened","track":"latest"}]}"#,
+                "names no risk",
+            ),
+            (
+                r#"{"id":"a","snaps":[{"name":"x","channel":"stable","track":"edge"}]}"#,
+                "both risks",
+            ),
+            (
+                r#"{"id":"a","snaps":[{"name":"x","channel":"stable/x","track":"latest"}]}"#,
+                "alone",
+            ),
+            (
+                r#"{"id":"a","snaps":[{"name":"x","channel":"latest/hardened"}]}"#,
+                "names no risk",
+            ),
+        ] {
+            let e = ch(p).unwrap_err();
+            assert!(e.message.contains(m), "{p}: {}", e.message);
+        }
     }
 
     #[test]

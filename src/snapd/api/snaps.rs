@@ -11,6 +11,16 @@ impl Client {
         self.get_result(&Request::get("/v2/snaps")).await
     }
 
+    /// Every installed revision of every snap (`select=all`): disabled
+    /// revisions too, each with its status.
+    pub async fn snaps_all_revisions(&self) -> Result<Vec<Snap>, Error> {
+        self.get_result(&Request::get(format!(
+            "/v2/snaps{}",
+            query([("select", "all")])
+        )))
+        .await
+    }
+
     /// The installed snaps among `names`.
     pub async fn snaps_named(&self, names: &[SnapName]) -> Result<Vec<Snap>, Error> {
         let list = names

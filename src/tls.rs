@@ -1,0 +1,501 @@
+//! The project's one TLS client builder: trusted roots (a file, inline PEM,
+//! the system store), an optional client certificate, and the verification
+//! mode. Every TLS client of the agent (the DMS broker, the identity
+//! service, the export upstream) is built here, so "TLS verified always"
+//! is decided in one place.
+//!
+//! Two modes, never a skip:
+//! - [`Verify::Full`]: webpki's chain verification and the host name;
+//! - [`Verify::Chain`]: the same chain verification, with only a host-name
+//!   mismatch accepted. The reference deployment's broker certificate has
+//!   `CN=mqtt` and no subjectAltName, which no host-name check can pass.
+//!
+//! A certificate that does not verify is refused with an error that says
+//! what the server presented and which configuration key would fix it.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How a server certificate is checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verify {
+    /// The chain to a trusted root and the host name.
+    #[default]
+    Full,
+    /// The chain to a trusted root; the host name is not checked.
+    Chain,
+}
+
+impl Verify {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verify::Full => "full",
+            Verify::Chain => "chain",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} is not PEM certificate text: {detail}")]
+    NotPem { what: String, detail: String },
+    #[error("{what} holds no certificate")]
+    Empty { what: String },
+    #[error("cannot read {what} {path}: {detail}")]
+    Read {
+        what: String,
+        path: String,
+        detail: String,
+    },
+    #[error("{what} cannot be a trust root: {detail}")]
+    BadRoot { what: String, detail: String },
+    #[error("the client certificate and key cannot be used: {0}")]
+    ClientCert(String),
+    #[error("no trusted root certificate for {0}")]
+    NoRoots(String),
+    #[error("cannot build the TLS configuration: {0}")]
+    Build(String),
+}
+
+impl TlsError {
+    /// The cause alone, for a caller whose own message already names the
+    /// file (`cannot read identity.ca /x: <this>`).
+    pub fn detail(&self) -> String {
+        match self {
+            TlsError::Read { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Parses PEM certificate text; `what` names its source in errors.
+pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::NotPem {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what: what.to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The trust anchors of one client.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    store: rustls::RootCertStore,
+}
+
+impl Default for Roots {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Roots {
+    pub fn new() -> Self {
+        Roots {
+            store: rustls::RootCertStore::empty(),
+        }
+    }
+
+    /// Adds every certificate in PEM text. A leaf certificate is accepted
+    /// as an anchor too (the organization certificate of an enrollment is
+    /// one): webpki anchors on subject and key, not on the CA flag.
+    pub fn pem(mut self, pem: &str, what: &str) -> Result<Self, TlsError> {
+        for cert in certs_from_pem(pem, what)? {
+            self.store.add(cert).map_err(|e| TlsError::BadRoot {
+                what: what.to_string(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(self)
+    }
+
+    /// Adds every certificate in a PEM file.
+    pub fn file(self, path: &Path, what: &str) -> Result<Self, TlsError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TlsError::Read {
+            what: what.to_string(),
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        self.pem(&text, &format!("{what} ({})", path.display()))
+    }
+
+    /// Adds a configured PEM value (a path or the text itself).
+    pub fn source(self, src: &crate::config::PemSource, what: &str) -> Result<Self, TlsError> {
+        match src {
+            crate::config::PemSource::None => Ok(self),
+            crate::config::PemSource::Inline(text) => self.pem(text, what),
+            crate::config::PemSource::File(p) => self.file(p.path(), what),
+        }
+    }
+
+    /// Adds the system's trusted roots (unreadable ones are skipped).
+    pub fn system(mut self) -> Self {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = self.store.add(cert);
+        }
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+}
+
+/// Which configuration keys fix a refused server certificate, for the
+/// error message.
+#[derive(Debug, Clone, Copy)]
+pub struct Advice {
+    /// What the server is, e.g. "the DMS broker".
+    pub peer: &'static str,
+    /// The key that adds a trusted CA, e.g. `dms.ca`.
+    pub ca_key: &'static str,
+    /// The key that selects [`Verify`], when the client has one.
+    pub verify_key: Option<&'static str>,
+}
+
+/// A client certificate chain and its key, as PEM text.
+pub struct ClientCert<'a> {
+    pub cert_pem: &'a str,
+    pub key_pem: &'a str,
+}
+
+/// Builds a rustls client configuration (ring provider).
+pub fn client_config(
+    roots: Roots,
+    client: Option<ClientCert<'_>>,
+    verify: Verify,
+    advice: Advice,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots(format!(
+            "{}; set {}",
+            advice.peer, advice.ca_key
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Verifier::new(roots, provider.clone(), verify, advice)?);
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Build(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let chain = certs_from_pem(c.cert_pem, "the client certificate")?;
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
+                .map_err(|e| TlsError::ClientCert(format!("client key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::ClientCert(e.to_string()))?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// webpki's verifier, with the host-name mismatch accepted in chain mode
+/// and refusals explained.
+#[derive(Debug)]
+struct Verifier {
+    inner: Arc<WebPkiServerVerifier>,
+    verify: Verify,
+    advice: Advice,
+}
+
+impl Verifier {
+    fn new(
+        roots: Roots,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        verify: Verify,
+        advice: Advice,
+    ) -> Result<Verifier, TlsError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots.store), provider)
+            .build()
+            .map_err(|e| TlsError::Build(e.to_string()))?;
+        Ok(Verifier {
+            inner,
+            verify,
+            advice,
+        })
+    }
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // webpki checks the chain (and validity dates) first and the name
+        // last, so a name error means everything else verified.
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(v) => Ok(v),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if self.verify == Verify::Chain => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(cause)) => {
+                let refused = Refused {
+                    advice: self.advice,
+                    server_name: server_name.to_str().into_owned(),
+                    presented: describe(end_entity),
+                    cause,
+                };
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(refused)),
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A refused server certificate: what was presented, why, what to set.
+struct Refused {
+    advice: Advice,
+    server_name: String,
+    presented: String,
+    cause: CertificateError,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = &self.advice;
+        write!(
+            f,
+            "{} presented a certificate that does not verify ({}): ",
+            a.peer, self.presented
+        )?;
+        match &self.cause {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => write!(
+                f,
+                "it is not signed by a trusted root; set {} to the CA certificate that signs it (a file path or the PEM text)",
+                a.ca_key
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                write!(f, "it is not valid for the name {:?}", self.server_name)?;
+                match a.verify_key {
+                    Some(k) => write!(
+                        f,
+                        "; set {k}=chain to accept a certificate without that name (such as CN=mqtt without subjectAltName), or connect by a name it carries"
+                    ),
+                    None => write!(f, "; connect by a name the certificate carries"),
+                }
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => write!(
+                f,
+                "it has expired; renew the server's certificate (or check the device clock)"
+            ),
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => write!(
+                f,
+                "it is not valid yet; check the device clock"
+            ),
+            other => write!(f, "{other:?}; check the server's certificate and {}", a.ca_key),
+        }
+    }
+}
+
+/// rustls shows an `Other` certificate error with `{:?}`: the message.
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// `subject ..., issuer ..., names ...` of a DER certificate, for messages.
+fn describe(der: &CertificateDer<'_>) -> String {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        return "an unreadable certificate".into();
+    };
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(d.to_string()),
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => Some(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_string()),
+                        _ => Some(format!("{ip:02x?}")),
+                    },
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let names = if names.is_empty() {
+        "no subjectAltName".to_string()
+    } else {
+        format!("subjectAltName {}", names.join(", "))
+    };
+    format!(
+        "subject {}, issuer {}, {names}, valid until {}",
+        cert.subject(),
+        cert.issuer(),
+        cert.validity().not_after
+    )
+}
+
+/// The DMS broker: the enrollment's client certificate; trusted roots
+/// `dms.ca` (when set) and the organization certificate of the enrollment.
+pub fn dms_broker(
+    creds: &crate::identity::Credentials,
+    ca: &crate::config::PemSource,
+    verify: Verify,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = Roots::new()
+        .source(ca, "dms.ca")?
+        .pem(&creds.root_ca_pem, "the organization certificate")?;
+    client_config(
+        roots,
+        Some(ClientCert {
+            cert_pem: &creds.cert_pem,
+            key_pem: &creds.key_pem,
+        }),
+        verify,
+        Advice {
+            peer: "the DMS broker",
+            ca_key: "dms.ca",
+            verify_key: Some("dms.verify"),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    /// A CA `CN=mqtt` and a server certificate `CN=mqtt` without SAN
+    /// signed by it (the reference broker); `expired` dates it in the past.
+    fn reference_pki(expired: bool) -> (String, CertificateDer<'static>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name.push(DnType::CommonName, "mqtt");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut server = CertificateParams::new(Vec::<String>::new()).unwrap();
+        server.distinguished_name.push(DnType::CommonName, "mqtt");
+        if expired {
+            let now = time::OffsetDateTime::now_utc();
+            server.not_before = now - time::Duration::days(30);
+            server.not_after = now - time::Duration::days(1);
+        }
+        let cert = server.signed_by(&key, &issuer).unwrap();
+        (ca_pem, cert.der().clone())
+    }
+
+    fn verify(ca_pem: &str, cert: &CertificateDer<'_>, mode: Verify) -> Result<(), String> {
+        let verifier = Verifier::new(
+            Roots::new().pem(ca_pem, "test CA").unwrap(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+            mode,
+            Advice {
+                peer: "the DMS broker",
+                ca_key: "dms.ca",
+                verify_key: Some("dms.verify"),
+            },
+        )
+        .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        verifier
+            .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn chain_mode_accepts_only_the_missing_host_name() {
+        let (ca, cert) = reference_pki(false);
+        assert_eq!(verify(&ca, &cert, Verify::Chain), Ok(()));
+        let full = verify(&ca, &cert, Verify::Full).unwrap_err();
+        assert!(full.contains("set dms.verify=chain"), "{full}");
+        assert!(
+            full.contains("CN=mqtt") && full.contains("no subjectAltName"),
+            "{full}"
+        );
+
+        let (other_ca, _) = reference_pki(false);
+        let foreign = verify(&other_ca, &cert, Verify::Chain).unwrap_err();
+        assert!(foreign.contains("set dms.ca"), "{foreign}");
+
+        let (ca, old) = reference_pki(true);
+        let expired = verify(&ca, &old, Verify::Chain).unwrap_err();
+        assert!(expired.contains("expired"), "{expired}");
+    }
+
+    #[test]
+    fn no_roots_and_bad_pem_are_refused_with_the_key() {
+        let e = client_config(
+            Roots::new(),
+            None,
+            Verify::Full,
+            Advice {
+                peer: "the DMS broker",
+                ca_key: "dms.ca",
+                verify_key: None,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("set dms.ca"), "{e}");
+        let e = Roots::new()
+            .pem(
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+                "dms.ca",
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("dms.ca is not PEM"), "{e}");
+    }
+}
