@@ -27,9 +27,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     prepare_dirs(&config);
-    if let Err(e) = control::write_pid(config.data_dir()) {
-        tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
-    }
+    let _pid_lock = match control::write_pid(config.data_dir()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
+            None
+        }
+    };
 
     let snapd = snapd::Client::from_config(&config);
     let identity = IdentityService::new(&config)?;
@@ -99,7 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd, poller);
+    add_change_subsystems(&mut sup, &config, &snapd, poller, &bus);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
@@ -170,6 +174,7 @@ fn add_change_subsystems(
     config: &Config,
     snapd: &snapd::Client,
     poller: Arc<changes::Poller>,
+    bus: &Bus,
 ) {
     let history = Arc::new(changes::History::from_config(config));
     let rx = poller.subscribe();
@@ -177,7 +182,9 @@ fn add_change_subsystems(
         history.clone().run(rx.clone(), t)
     }));
     if config.watchdog.enabled {
-        let watchdog = Arc::new(changes::Watchdog::from_config(config, snapd.clone()));
+        let watchdog = Arc::new(
+            changes::Watchdog::from_config(config, snapd.clone()).with_events(bus.clone()),
+        );
         let rx = poller.subscribe();
         sup.add(Subsystem::new("watchdog", move |t| {
             watchdog.clone().run(rx.clone(), t)
@@ -191,23 +198,16 @@ fn add_change_subsystems(
     }));
 }
 
-/// Creates the data and common directories (0700 for data: it holds
-/// credentials). A failure is logged, not fatal: each user of a directory
-/// reports its own error with the path.
+/// Creates the data and common directories, 0700 even when they existed
+/// (data holds credentials, common the spools). A failure is logged, not
+/// fatal: each user of a directory reports its own error with the path.
 fn prepare_dirs(config: &Config) {
-    for (dir, mode) in [(config.data_dir(), 0o700), (config.common_dir(), 0o755)] {
-        if dir.is_dir() {
-            continue;
-        }
-        let made = std::fs::create_dir_all(dir).and_then(|_| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-        });
-        if let Err(e) = made {
+    for dir in [config.data_dir(), config.common_dir()] {
+        if let Err(e) = crate::fsutil::make_private_dir(dir) {
             tracing::warn!(
                 dir = %dir.display(),
                 error = %e,
-                "cannot create directory; set dirs.data / dirs.common to a writable place"
+                "cannot create directory (0700); set dirs.data / dirs.common to a writable place"
             );
         }
     }

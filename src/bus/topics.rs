@@ -165,6 +165,8 @@ pub fn export_intake(prefix: &str) -> Result<Topic, BadSegment> {
 /// Export status (backlog, drops, rates), published periodically. Outside
 /// any intake prefix made of one segment, so it is never spooled itself.
 pub const EXPORT_STATUS: &str = "iot/agent/export/status";
+/// The watchdog's events (a reboot held back), published.
+pub const WATCHDOG_EVENTS: &str = "iot/agent/watchdog/events";
 /// MQTT connection state of the DMS channel.
 pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
 /// The NATS micro-service protocol's discovery subjects, answered by
@@ -172,6 +174,30 @@ pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
 pub const SERVICE_PING: &str = "$SRV/PING";
 pub const SERVICE_INFO: &str = "$SRV/INFO";
 pub const SERVICE_STATS: &str = "$SRV/STATS";
+
+/// The trees that let a client manage the device as if it held
+/// snapd-control (or read what the agent answers there): only the agent's
+/// own NATS user, and the snaps trusted to manage the device, may publish
+/// or subscribe in them. `docs/nats-server.conf` denies each to ordinary
+/// users; a test checks that every subject the agent serves lies in one.
+pub const PROTECTED_TREES: [&str; 5] = [
+    "snapd/#",
+    "v1/snapd/#",
+    "iot/agent/#",
+    "devices/actions/#",
+    "$SRV/#",
+];
+
+/// Whether a NATS subject lies in one of [`PROTECTED_TREES`].
+pub fn is_protected(subject: &str) -> bool {
+    PROTECTED_TREES.iter().any(|tree| {
+        let root = tree.trim_end_matches("/#");
+        let root = Topic::fixed(root).nats();
+        subject
+            .strip_prefix(root.as_str())
+            .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
 
 /// `snapd/events/changes/{id}`.
 pub fn change_events(change_id: &str) -> Result<Topic, BadSegment> {
@@ -222,6 +248,22 @@ mod tests {
         for bad in ["", "a.>", "a..b", "*", "a b"] {
             assert!(export_intake(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn protected_trees_cover_the_agents_roots_and_not_their_neighbours() {
+        for t in [
+            SNAPD_MIRROR,
+            COMPAT_SNAPS_GET,
+            MQTT_CONNECTION_STATUS,
+            SERVICE_PING,
+        ] {
+            assert!(is_protected(&Topic::fixed(t).nats()), "{t}");
+        }
+        assert!(is_protected(&serial_actions("s1").unwrap().nats()));
+        assert!(!is_protected("snapdx.v2"));
+        assert!(!is_protected("snapd"));
+        assert!(!is_protected("export.app"));
     }
 
     #[test]

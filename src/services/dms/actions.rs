@@ -412,7 +412,21 @@ async fn stage_export(ctx: &Ctx, set: u64) -> Result<tempfile::NamedTempFile, St
     let mut body = http_body_util::BodyStream::new(resp.into_body());
     let mut file = tokio::fs::File::from_std(staged.reopen().map_err(|e| e.to_string())?);
     let mut total = 0u64;
-    while let Some(frame) = body.next().await {
+    // A stalled export must not hold the action forever: each read is
+    // bounded by the snapd timeout (snapd.timeout).
+    let stall = ctx.snapd.timeout();
+    loop {
+        let Some(frame) = tokio::time::timeout(stall, body.next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "snapd's snapshot export sent nothing for {} (snapd.timeout); try again",
+                    humantime::format_duration(stall)
+                )
+            })?
+        else {
+            break;
+        };
         let frame = frame.map_err(|e| format!("snapshot export broke off: {e}"))?;
         if let Ok(data) = frame.into_data() {
             total += data.len() as u64;
