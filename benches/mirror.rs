@@ -131,6 +131,7 @@ fn main() {
         let (_tx, status) = iot_agent::bus::status::mqtt_status_channel();
         let settings = Settings {
             read_only: false,
+            own_snap: "iot-agent".into(),
             timeout: Duration::from_secs(10),
             max_in_flight: iot_agent::services::mirror::MAX_IN_FLIGHT,
             follow: Default::default(),

@@ -27,9 +27,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     prepare_dirs(&config);
-    if let Err(e) = control::write_pid(config.data_dir()) {
-        tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
-    }
+    let _pid_lock = match control::write_pid(config.data_dir()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the pid file; `iot-agent unregister` will not find this agent");
+            None
+        }
+    };
 
     let snapd = snapd::Client::from_config(&config);
     let identity = IdentityService::new(&config)?;
@@ -60,7 +64,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut sup = Supervisor::new(Policy::default());
     // The one reader of snapd's changes, shared by the change subsystems
-    // and the DMS (which rebuilds its heartbeat hashes when snaps change).
+    // and the DMS (which rebuilds its heartbeat hashes when snaps change, and
+    // follows the changes its actions start).
     let poller = Arc::new(changes::Poller::new(
         snapd.clone(),
         config.snaplogger.duration.between.checks.get(),
@@ -69,12 +74,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
+            changes: poller.clone(),
             required,
             credentials: creds_rx,
             status: mqtt_status_tx,
             store,
             reload: reload.clone(),
-            poller: Some(poller.clone()),
             settings: dms::Settings {
                 heartbeat: config.dms.heartbeat.interval.get(),
                 metrics: config.dms.metrics.interval.get(),
@@ -86,6 +91,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 protocol: config.dms.protocol,
                 completion: config.dms.completion,
                 scratch_dir: config.common_dir().join("tmp"),
+                keepalive: config.dms.keepalive.get(),
+                concurrency: config.dms.actions.concurrency.max(1) as usize,
+                ledger: dms::LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
+                ledger_max_age: config.dms.ledger.max.age.get(),
+                ledger_max_count: config.dms.ledger.max.count,
             },
         });
         sup.add(Subsystem::new("dms", move |t| {
@@ -93,7 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { d.run(t).await }
         }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd, poller);
+    add_change_subsystems(&mut sup, &config, &snapd, poller, &bus);
     sup.add(Subsystem::new("snapd-mirror", move |t| {
         mirror.clone().run(t)
     }));
@@ -164,6 +174,7 @@ fn add_change_subsystems(
     config: &Config,
     snapd: &snapd::Client,
     poller: Arc<changes::Poller>,
+    bus: &Bus,
 ) {
     let history = Arc::new(changes::History::from_config(config));
     let rx = poller.subscribe();
@@ -171,7 +182,9 @@ fn add_change_subsystems(
         history.clone().run(rx.clone(), t)
     }));
     if config.watchdog.enabled {
-        let watchdog = Arc::new(changes::Watchdog::from_config(config, snapd.clone()));
+        let watchdog = Arc::new(
+            changes::Watchdog::from_config(config, snapd.clone()).with_events(bus.clone()),
+        );
         let rx = poller.subscribe();
         sup.add(Subsystem::new("watchdog", move |t| {
             watchdog.clone().run(rx.clone(), t)
@@ -185,23 +198,16 @@ fn add_change_subsystems(
     }));
 }
 
-/// Creates the data and common directories (0700 for data: it holds
-/// credentials). A failure is logged, not fatal: each user of a directory
-/// reports its own error with the path.
+/// Creates the data and common directories, 0700 even when they existed
+/// (data holds credentials, common the spools). A failure is logged, not
+/// fatal: each user of a directory reports its own error with the path.
 fn prepare_dirs(config: &Config) {
-    for (dir, mode) in [(config.data_dir(), 0o700), (config.common_dir(), 0o755)] {
-        if dir.is_dir() {
-            continue;
-        }
-        let made = std::fs::create_dir_all(dir).and_then(|_| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-        });
-        if let Err(e) = made {
+    for dir in [config.data_dir(), config.common_dir()] {
+        if let Err(e) = crate::fsutil::make_private_dir(dir) {
             tracing::warn!(
                 dir = %dir.display(),
                 error = %e,
-                "cannot create directory; set dirs.data / dirs.common to a writable place"
+                "cannot create directory (0700); set dirs.data / dirs.common to a writable place"
             );
         }
     }

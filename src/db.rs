@@ -66,6 +66,11 @@ pub enum DbError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("database {path}: cannot create it or make it private (0600): {source}")]
+    Private {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("database {path}: migration {name} failed: {source}")]
     Migration {
         path: PathBuf,
@@ -123,6 +128,11 @@ pub fn open(path: &Path, migrations: &[Migration]) -> Result<Connection, DbError
             source,
         })?;
     }
+    // 0600 before SQLite writes a byte (it gives -wal/-shm the same mode).
+    crate::fsutil::make_private_file(path).map_err(|source| DbError::Private {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let err = |e| DbError::classify(path, e);
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;

@@ -48,6 +48,28 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// Makes `path` a state file only root can read, before anything is
+/// written to it: created 0600 when missing (no window with the umask's
+/// mode), and set to 0600 when it existed with another mode.
+pub fn make_private_file(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(SECRET_MODE)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SECRET_MODE))
+}
+
+/// Creates a directory the agent owns (and its parents), 0700 even when it
+/// existed before with a wider mode.
+pub fn make_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Removes a file; a file that is already gone is fine.
 pub fn remove_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
@@ -76,5 +98,33 @@ mod tests {
         assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
         remove_if_exists(&p).unwrap();
         remove_if_exists(&p).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod private_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn state_files_and_dirs_are_private_even_when_they_existed() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        make_private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let f = dir.join("x.db");
+        make_private_file(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&f, b"kept").unwrap();
+        make_private_file(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        assert_eq!(std::fs::read(&f).unwrap(), b"kept");
     }
 }

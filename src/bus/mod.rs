@@ -5,6 +5,7 @@
 //! device-local NATS connection; [`mqtt`] is the DMS broker connection,
 //! which exists only while the device has credentials.
 
+pub mod driver;
 pub mod mqtt;
 pub mod status;
 pub mod topics;
@@ -40,6 +41,19 @@ const RECONNECT_CAP: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub struct Bus {
     nats: async_nats::Client,
+    guard: Guard,
+}
+
+/// What decides whether the device-changing subjects may be served on this
+/// connection: the agent is root on the device, and a server that lets
+/// anyone in (or the well-known password) would hand that to every local
+/// process.
+#[derive(Clone, Debug, Default)]
+struct Guard {
+    /// `nats.insecure`: serve anyway.
+    insecure: bool,
+    /// `nats.snapd.password` is the reference agent's published default.
+    default_password: bool,
 }
 
 /// A message received on a subscription.
@@ -132,12 +146,50 @@ impl Bus {
                 url,
                 detail: e.to_string(),
             })?;
-        Ok(Bus { nats })
+        let guard = Guard {
+            insecure: cfg.insecure,
+            default_password: cfg.snapd.password == crate::config::WELL_KNOWN_NATS_PASSWORD,
+        };
+        Ok(Bus { nats, guard })
     }
 
     /// Wraps an existing NATS client (tests, tools).
     pub fn from_nats(nats: async_nats::Client) -> Bus {
-        Bus { nats }
+        Bus {
+            nats,
+            guard: Guard::default(),
+        }
+    }
+
+    /// Why subjects that change the device (mirror writes, the per-serial
+    /// tree) must not be served on this connection; `None` when they may.
+    /// Read from the server's latest INFO on every call, so a reconnection
+    /// to a differently configured server is noticed. Until the first INFO
+    /// arrives the answer is "not yet" (the safe side).
+    pub fn unprotected(&self) -> Option<String> {
+        if self.guard.insecure {
+            return None;
+        }
+        let info = self.nats.server_info();
+        if info.server_id.is_empty() {
+            return Some("the agent is not connected to NATS yet".into());
+        }
+        if !info.auth_required {
+            return Some(
+                "the NATS server requires no authorization, so every local process could use \
+                 the agent's subjects (configure users as in docs/nats-server.conf, or set \
+                 nats.insecure=true to accept this)"
+                    .into(),
+            );
+        }
+        if self.guard.default_password {
+            return Some(
+                "nats.snapd.password is the reference agent's well-known default, which anyone \
+                 can use (set your own, or set nats.insecure=true to accept this)"
+                    .into(),
+            );
+        }
+        None
     }
 
     /// The underlying NATS client, for APIs the handle does not wrap

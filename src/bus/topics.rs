@@ -165,6 +165,8 @@ pub fn export_intake(prefix: &str) -> Result<Topic, BadSegment> {
 /// Export status (backlog, drops, rates), published periodically. Outside
 /// any intake prefix made of one segment, so it is never spooled itself.
 pub const EXPORT_STATUS: &str = "iot/agent/export/status";
+/// The watchdog's events (a reboot held back), published.
+pub const WATCHDOG_EVENTS: &str = "iot/agent/watchdog/events";
 /// MQTT connection state of the DMS channel.
 pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
 /// The NATS micro-service protocol's discovery subjects, answered by

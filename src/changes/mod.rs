@@ -8,6 +8,7 @@
 //!                                  \--broadcast<ChangeEvent>--> mirror (NATS)
 //! ```
 
+pub mod guard;
 pub mod history;
 pub mod poller;
 pub mod store;

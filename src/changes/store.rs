@@ -93,6 +93,8 @@ pub struct RebootRecord {
     pub summary: String,
     pub spawn_time: String,
     pub report: String,
+    /// When the reboot was decided (Unix ns, the watchdog's clock).
+    pub at_ns: i64,
 }
 
 impl Store {
@@ -102,6 +104,25 @@ impl Store {
             conn: db::open(path, MIGRATIONS)?,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Opens the history for the watchdog: every commit with
+    /// `synchronous=FULL`, so the memory of a reboot is on disk before the
+    /// reboot is asked for (WAL's `normal` may lose the last commits in a
+    /// power cut, and a hardware watchdog reset is one).
+    pub fn open_durable(path: &Path) -> Result<Store, DbError> {
+        let s = Store::open(path)?;
+        s.conn
+            .pragma_update(None, "synchronous", "full")
+            .map_err(|e| s.err(e))?;
+        Ok(s)
+    }
+
+    /// The connection's `synchronous` setting (0 off, 1 normal, 2 full).
+    pub fn synchronous(&self) -> Result<i64, DbError> {
+        self.conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 
     /// Opens the history read-only (the CLI, while the daemon writes).
@@ -283,6 +304,24 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Every remembered reboot: change id and when (Unix ns; a time that
+    /// does not parse counts as now, inside any window).
+    pub fn reboot_times(&self) -> Result<Vec<(String, i64)>, DbError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT change_id, triggered_at FROM watchdog_reboots")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at) = row.map_err(|e| self.err(e))?;
+            out.push((id, times::parse_ns(&at).unwrap_or_else(times::now_ns)));
+        }
+        Ok(out)
+    }
+
     /// Remembers that this change caused a reboot (durably: committed
     /// before the reboot is asked for).
     pub fn record_reboot(&self, r: &RebootRecord) -> Result<(), DbError> {
@@ -296,7 +335,7 @@ impl Store {
                     r.kind,
                     r.summary,
                     r.spawn_time,
-                    times::now_rfc3339(),
+                    times::format_ns(r.at_ns),
                     r.report
                 ],
             )
@@ -447,9 +486,18 @@ mod tests {
     }
 
     #[test]
-    fn reboots_are_remembered() {
+    fn reboots_are_remembered_durably_with_their_time() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("h.db")).unwrap();
+        let s = Store::open_durable(&dir.path().join("h.db")).unwrap();
+        assert_eq!(s.synchronous().unwrap(), 2, "synchronous=FULL");
+        assert_eq!(
+            Store::open(&dir.path().join("x.db"))
+                .unwrap()
+                .synchronous()
+                .unwrap(),
+            1,
+            "the history itself stays at normal"
+        );
         assert!(!s.rebooted_for("7").unwrap());
         let r = RebootRecord {
             change_id: "7".into(),
@@ -457,11 +505,16 @@ mod tests {
             summary: "s".into(),
             spawn_time: "t".into(),
             report: "/r".into(),
+            at_ns: 1_700_000_000_123_456_789,
         };
         s.record_reboot(&r).unwrap();
         s.record_reboot(&r).unwrap();
         drop(s);
         let s = Store::open_read_only(&dir.path().join("h.db")).unwrap();
         assert!(s.rebooted_for("7").unwrap());
+        assert_eq!(
+            s.reboot_times().unwrap(),
+            [("7".to_string(), 1_700_000_000_123_456_789)]
+        );
     }
 }

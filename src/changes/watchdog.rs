@@ -1,17 +1,22 @@
-//! The watchdog: a snapd change that is not ready `watchdog.threshold`
-//! after its spawn time is stuck; the watchdog then writes every change
-//! snapd knows (with tasks) to `$SNAP_DATA/snap_changes_{X}.json`, fsync'd,
-//! and reboots the device.
+//! The watchdog: a snapd change that is not ready and made no progress for
+//! `watchdog.threshold` is stuck ([`guard`](crate::changes::guard): progress
+//! on the monotonic clock, boot grace, reboot budget); the watchdog then
+//! writes every change snapd knows (with tasks) to
+//! `$SNAP_DATA/snap_changes_{X}.json`, fsync'd, and reboots the device.
 //!
 //! A reboot loop must be impossible: before asking for the reboot the
 //! watchdog remembers change X twice over, in the history database and by
 //! the report file itself, and a change remembered either way never causes
 //! another reboot. If neither could be written, it does not reboot (and
-//! says so): a reboot it could not remember could repeat forever.
+//! says so): a reboot it could not remember could repeat forever. The same
+//! memory counts the reboots of the budget; a reboot held back is logged at
+//! ERROR and published on `iot.agent.watchdog.events`.
 //!
 //! Kinds listed in `watchdog.ignore` are never stuck: `become-operational`
 //! retries the device registration for as long as there is no serial.
 
+use crate::bus::{topics, Bus, Topic};
+use crate::changes::guard::{self, Budget, Clock, Hold, Progress};
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, RebootRecord, Store};
 use crate::changes::times;
@@ -20,7 +25,7 @@ use crate::snapd::{self, Change, ChangeSelect};
 use crate::supervisor::RunResult;
 use crate::{errors, fsutil};
 use serde_json::json;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,7 +53,16 @@ pub struct Watchdog {
     reboot: Reboot,
     db_path: PathBuf,
     data_dir: PathBuf,
+    grace: Duration,
+    budget: Budget,
+    clock: Clock,
+    events: Option<Bus>,
     state: Mutex<State>,
+}
+
+/// The NATS subjects the watchdog publishes on (the AsyncAPI test).
+pub fn documented_addresses() -> Vec<String> {
+    vec![Topic::fixed(topics::WATCHDOG_EVENTS).nats()]
 }
 
 #[derive(Default)]
@@ -60,13 +74,20 @@ struct State {
     rebooting: bool,
     /// The database fault was logged (once, not on every look).
     db_warned: bool,
+    /// When each watched change last moved.
+    progress: Progress,
+    /// Holds already told, by change and reason (logged once each).
+    held: HashSet<(String, &'static str)>,
+    /// Look again then: a hold ends.
+    recheck_at: Option<tokio::time::Instant>,
 }
 
 /// Why a change is stuck.
 #[derive(Debug, Clone)]
 pub struct Stuck {
     pub change: Change,
-    pub age: Duration,
+    /// How long it has not moved.
+    pub idle: Duration,
 }
 
 impl Watchdog {
@@ -84,8 +105,27 @@ impl Watchdog {
             },
             db_path: config.snaplogger.database.location.path().to_path_buf(),
             data_dir: config.data_dir().to_path_buf(),
+            grace: w.boot.grace.get(),
+            budget: Budget {
+                reboots: w.budget.reboots,
+                window: w.budget.window.get(),
+            },
+            clock: Clock::new(guard::system_uptime()),
+            events: None,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Publishes held-back reboots on this bus.
+    pub fn with_events(mut self, bus: Bus) -> Watchdog {
+        self.events = Some(bus);
+        self
+    }
+
+    /// Measures the boot grace from a system up this long now (tests).
+    pub fn with_uptime(mut self, uptime: Duration) -> Watchdog {
+        self.clock = Clock::new(uptime);
+        self
     }
 
     /// The report of a stuck change.
@@ -102,19 +142,34 @@ impl Watchdog {
         tracing::info!(
             threshold = %humantime::format_duration(self.threshold),
             ignore = ?self.ignore,
+            budget = %format!("{} per {}", self.budget.reboots, humantime::format_duration(self.budget.window)),
+            boot_grace = %humantime::format_duration(self.grace),
             reboot = %match &self.reboot { Reboot::Snapd => "through snapd".to_string(), Reboot::Command(c) => format!("command {c:?}") },
             "change watchdog on"
         );
+        // Each snapshot is observed once: looked at again later it would
+        // be older than what `act` fetched since, and seem to move.
+        let mut observed = None;
         loop {
             let snapshot = rx.borrow_and_update().clone();
             let mut wake = IDLE_RECHECK;
             if let Some(snapshot) = snapshot {
-                let now = times::now_ns();
+                let now = tokio::time::Instant::now();
+                if observed != Some(snapshot.seq) {
+                    self.observe(&snapshot, now);
+                    observed = Some(snapshot.seq);
+                }
                 for stuck in self.stuck(&snapshot, now) {
                     self.clone().act(stuck).await;
                 }
+                let now = tokio::time::Instant::now();
                 if let Some(next) = self.next_deadline(&snapshot, now) {
                     wake = wake.min(next);
+                }
+                let mut st = self.state();
+                match st.recheck_at {
+                    Some(at) if at > now => wake = wake.min(at - now),
+                    _ => st.recheck_at = None,
                 }
             }
             tokio::select! {
@@ -125,46 +180,52 @@ impl Watchdog {
         }
     }
 
-    fn watched<'a>(&'a self, snapshot: &'a Snapshot) -> impl Iterator<Item = (&'a Change, i64)> {
+    fn watched<'a>(&'a self, snapshot: &'a Snapshot) -> impl Iterator<Item = &'a Change> {
         snapshot
             .changes
             .iter()
             .filter(|c| !c.ready && !self.ignore.contains(&c.kind))
-            .filter_map(|c| Some((c, times::parse_ns(&c.spawn_time)?)))
     }
 
-    /// The stuck changes of a snapshot, oldest first.
-    pub fn stuck(&self, snapshot: &Snapshot, now_ns: i64) -> Vec<Stuck> {
-        let threshold = times::duration_ns(self.threshold);
-        let mut out: Vec<(i64, Stuck)> = self
+    /// Takes note of which watched changes moved; forgets the others.
+    pub fn observe(&self, snapshot: &Snapshot, now: tokio::time::Instant) {
+        let mut st = self.state();
+        let ids: Vec<&str> = self.watched(snapshot).map(|c| c.id.as_str()).collect();
+        st.progress.retain(&ids);
+        for c in self.watched(snapshot) {
+            st.progress.observe(c, now);
+        }
+    }
+
+    /// The stuck changes of a snapshot (observed before), longest idle
+    /// first.
+    pub fn stuck(&self, snapshot: &Snapshot, now: tokio::time::Instant) -> Vec<Stuck> {
+        let st = self.state();
+        let mut out: Vec<Stuck> = self
             .watched(snapshot)
-            .filter(|(_, spawn)| now_ns.saturating_sub(*spawn) >= threshold)
-            .map(|(c, spawn)| {
-                let age = u64::try_from(now_ns.saturating_sub(spawn)).unwrap_or(0);
-                (
-                    spawn,
-                    Stuck {
-                        change: c.clone(),
-                        age: Duration::from_nanos(age),
-                    },
-                )
+            .filter_map(|c| {
+                let idle = st.progress.idle(&c.id, now)?;
+                (idle >= self.threshold).then(|| Stuck {
+                    change: c.clone(),
+                    idle,
+                })
             })
             .collect();
-        out.sort_by_key(|(spawn, _)| *spawn);
-        out.into_iter().map(|(_, s)| s).collect()
+        out.sort_by_key(|s| std::cmp::Reverse(s.idle));
+        out
     }
 
-    /// How long until the next watched change crosses the threshold.
-    fn next_deadline(&self, snapshot: &Snapshot, now_ns: i64) -> Option<Duration> {
-        let threshold = times::duration_ns(self.threshold);
+    /// How long until the next watched change has been still for the
+    /// threshold.
+    fn next_deadline(&self, snapshot: &Snapshot, now: tokio::time::Instant) -> Option<Duration> {
+        let st = self.state();
         self.watched(snapshot)
-            .map(|(_, spawn)| spawn.saturating_add(threshold).saturating_sub(now_ns))
-            .filter(|left| *left > 0)
+            .filter_map(|c| st.progress.idle(&c.id, now))
+            .filter(|idle| *idle < self.threshold)
+            .map(|idle| self.threshold - idle)
             .min()
             // A few milliseconds late rather than early.
-            .map(|left| {
-                Duration::from_nanos(u64::try_from(left).unwrap_or(0)) + Duration::from_millis(5)
-            })
+            .map(|left| left + Duration::from_millis(5))
     }
 
     /// Handles one stuck change: report, remember, reboot.
@@ -195,18 +256,37 @@ impl Watchdog {
             tracing::info!(change = %id, status = %status_name(&now), "watchdog: the change became ready; not rebooting");
             return;
         }
+        if self
+            .state()
+            .progress
+            .observe(&now, tokio::time::Instant::now())
+        {
+            tracing::info!(change = %id, kind = %now.kind, "watchdog: the change made progress since the last look; not stuck");
+            return;
+        }
         let threshold = humantime::format_duration(self.threshold).to_string();
-        let age = humantime::format_duration(Duration::from_secs(stuck.age.as_secs())).to_string();
+        let idle =
+            humantime::format_duration(Duration::from_secs(stuck.idle.as_secs())).to_string();
         let reason = format!(
-            "change {id} ({}: {}) is {} after {age}, past the watchdog threshold of {threshold}",
+            "change {id} ({}: {}) is {} and made no progress for {idle}, past the watchdog \
+             threshold of {threshold}",
             now.kind,
             now.summary,
             status_name(&now)
         );
         let me = self.clone();
+        let past = tokio::task::spawn_blocking(move || me.past_reboots())
+            .await
+            .unwrap_or_default();
+        if let Some(hold) = guard::hold(&self.clock, self.grace, self.budget, &past) {
+            self.held_back(&now, &hold, &reason).await;
+            return;
+        }
+        let at_ns = self.clock.wall_ns();
+        let me = self.clone();
         let (now_c, reason_c) = (now.clone(), reason.clone());
         let remembered =
-            tokio::task::spawn_blocking(move || me.remember(&now_c, &fresh, &reason_c))
+            tokio::task::spawn_blocking(move || me.remember(&now_c, &fresh, &reason_c, at_ns))
                 .await
                 .unwrap_or(false);
         if !remembered {
@@ -216,7 +296,7 @@ impl Watchdog {
         self.state().rebooting = true;
         tracing::error!(
             change = %id, kind = %now.kind, summary = %now.summary, status = %status_name(&now),
-            spawn = %now.spawn_time, age = %age, threshold = %threshold,
+            spawn = %now.spawn_time, idle = %idle, threshold = %threshold,
             report = %self.report_path(&id).display(),
             "watchdog: snap change stuck; rebooting the device: {reason}"
         );
@@ -243,7 +323,7 @@ impl Watchdog {
             return true;
         }
         if st.store.is_none() {
-            match Store::open(&self.db_path) {
+            match Store::open_durable(&self.db_path) {
                 Ok(s) => {
                     st.store = Some(s);
                     st.db_warned = false;
@@ -276,9 +356,106 @@ impl Watchdog {
         known
     }
 
+    /// The wall times (Unix ns) of the reboots remembered: the database's
+    /// and the report files' (by modification time), one per change.
+    fn past_reboots(&self) -> Vec<i64> {
+        let mut by_id: HashMap<String, i64> = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir(&self.data_dir) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(id) = name
+                    .strip_prefix("snap_changes_")
+                    .and_then(|n| n.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                let at = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+                    .unwrap_or_else(|| self.clock.wall_ns());
+                by_id.insert(id.to_string(), at);
+            }
+        }
+        let mut st = self.state();
+        match st.store.as_ref().map(|s| s.reboot_times()) {
+            Some(Ok(rows)) => by_id.extend(rows),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "watchdog: cannot read the reboots from the database; counting the report files");
+                st.store = None;
+            }
+            None => {}
+        }
+        by_id.into_values().collect()
+    }
+
+    /// A reboot held back: said once per change and reason, at ERROR for
+    /// the budget (a device that needed a reboot did not get one), and
+    /// published as an event.
+    async fn held_back(&self, change: &Change, hold: &Hold, reason: &str) {
+        let (retry, message) = match hold {
+            Hold::Grace { left } => (
+                *left,
+                format!(
+                    "watchdog: reboot held back: the system booted less than {} ago \
+                     (watchdog.boot.grace); {reason}",
+                    humantime::format_duration(self.grace)
+                ),
+            ),
+            Hold::Budget { used, frees_at_ns } => {
+                let left = u64::try_from(frees_at_ns.saturating_sub(self.clock.wall_ns()))
+                    .map(Duration::from_nanos)
+                    .unwrap_or(Duration::ZERO);
+                (
+                    left,
+                    format!(
+                        "watchdog: reboot held back: {used} reboot(s) in the last {} already, \
+                         the budget is {} (watchdog.budget.reboots, watchdog.budget.window); \
+                         look at the device: {reason}",
+                        humantime::format_duration(self.budget.window),
+                        self.budget.reboots
+                    ),
+                )
+            }
+        };
+        {
+            let mut st = self.state();
+            let at = tokio::time::Instant::now() + retry + Duration::from_millis(5);
+            st.recheck_at = Some(st.recheck_at.map_or(at, |t| t.min(at)));
+            if !st.held.insert((change.id.clone(), hold.name())) {
+                return;
+            }
+        }
+        match hold {
+            Hold::Grace { .. } => {
+                tracing::warn!(change = %change.id, hold = hold.name(), "{message}")
+            }
+            Hold::Budget { .. } => {
+                tracing::error!(change = %change.id, hold = hold.name(), "{message}")
+            }
+        }
+        if let Some(bus) = &self.events {
+            let event = json!({
+                "event": "reboot-held",
+                "reason": hold.name(),
+                "change": change.id,
+                "kind": change.kind,
+                "summary": change.summary,
+                "message": message,
+                "retry-after-s": retry.as_secs(),
+            });
+            let topic = Topic::fixed(topics::WATCHDOG_EVENTS);
+            if let Err(e) = bus.publish(&topic, event.to_string().into()).await {
+                tracing::warn!(error = %e, "watchdog: cannot publish the event");
+            }
+        }
+    }
+
     /// Writes the report and records the reboot. True when at least one of
     /// the two is durable.
-    fn remember(&self, stuck: &Change, all: &[Change], reason: &str) -> bool {
+    fn remember(&self, stuck: &Change, all: &[Change], reason: &str, at_ns: i64) -> bool {
         let path = self.report_path(&stuck.id);
         let doc = json!({
             "stuck-change": stuck.id,
@@ -288,7 +465,7 @@ impl Watchdog {
             "changes": all,
         });
         let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
-        let report_ok = match fsutil::write_atomic(&path, &body, 0o644) {
+        let report_ok = match fsutil::write_atomic(&path, &body, 0o600) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %errors::chain(&e), "watchdog: cannot write the report");
@@ -301,6 +478,7 @@ impl Watchdog {
             summary: stuck.summary.clone(),
             spawn_time: stuck.spawn_time.clone(),
             report: path.display().to_string(),
+            at_ns,
         };
         let mut st = self.state();
         let db_ok = match st.store.as_ref().map(|s| s.record_reboot(&record)) {
@@ -380,44 +558,59 @@ mod tests {
         )
     }
 
-    #[test]
-    fn only_old_unready_watched_changes_are_stuck() {
+    /// Spawn times do not matter (one is from 1970, before an RTC-less
+    /// board set its clock): a change is stuck once it has not moved for
+    /// the threshold since the watchdog first saw it.
+    #[tokio::test(start_paused = true)]
+    async fn only_still_unready_watched_changes_are_stuck() {
+        use tokio::time::{advance, Instant};
         let d = dog();
-        let t = |s: &str| times::parse_ns(s).unwrap();
-        let snap = Snapshot {
+        let snap = |changes| Snapshot {
             seq: 1,
             taken_ns: 0,
-            changes: vec![
-                change("1", "install-snap", "Doing", false, "2026-11-21T03:00:00Z"),
-                change("2", "install-snap", "Done", true, "2026-11-21T01:00:00Z"),
-                change(
-                    "3",
-                    "become-operational",
-                    "Doing",
-                    false,
-                    "2026-11-21T01:00:00Z",
-                ),
-                change("4", "refresh-snap", "Wait", false, "2026-11-21T02:00:00Z"),
-                change("5", "install-snap", "Do", false, "2026-11-21T04:30:00Z"),
-                change("6", "install-snap", "Do", false, "not a time"),
-            ],
+            changes,
         };
-        let now = t("2026-11-21T05:00:00Z");
-        let ids: Vec<String> = d
-            .stuck(&snap, now)
-            .into_iter()
-            .map(|s| s.change.id)
-            .collect();
-        assert_eq!(
-            ids,
-            ["4", "1"],
-            "oldest first; ready and ignored kinds are not stuck"
-        );
-        // Change 5 crosses the threshold in 30 minutes.
-        let next = d.next_deadline(&snap, now).unwrap();
+        let first = snap(vec![
+            change("1", "install-snap", "Doing", false, "1970-01-01T00:00:05Z"),
+            change("2", "install-snap", "Done", true, "2026-11-21T01:00:00Z"),
+            change(
+                "3",
+                "become-operational",
+                "Doing",
+                false,
+                "2026-11-21T01:00:00Z",
+            ),
+            change("4", "refresh-snap", "Wait", false, "2026-11-21T02:00:00Z"),
+        ]);
+        d.observe(&first, Instant::now());
+        assert!(d.stuck(&first, Instant::now()).is_empty(), "just seen");
+        advance(Duration::from_secs(1800)).await;
+        // Change 5 appears; change 4 moves (Wait -> Doing).
+        let mut later = first.changes.clone();
+        later[3] = change("4", "refresh-snap", "Doing", false, "2026-11-21T02:00:00Z");
+        later.push(change(
+            "5",
+            "install-snap",
+            "Do",
+            false,
+            "2026-11-21T04:30:00Z",
+        ));
+        let later = snap(later);
+        d.observe(&later, Instant::now());
+        advance(Duration::from_secs(1800)).await;
+        let ids = |v: Vec<Stuck>| v.into_iter().map(|s| s.change.id).collect::<Vec<_>>();
+        assert_eq!(ids(d.stuck(&later, Instant::now())), ["1"]);
+        // Change 4 and 5 cross the threshold in 30 minutes.
+        let next = d.next_deadline(&later, Instant::now()).unwrap();
         assert!(
             next >= Duration::from_secs(1800) && next < Duration::from_secs(1801),
             "{next:?}"
+        );
+        advance(Duration::from_secs(1800)).await;
+        assert_eq!(
+            ids(d.stuck(&later, Instant::now())),
+            ["1", "4", "5"],
+            "longest still first; ready and ignored kinds are never stuck"
         );
     }
 

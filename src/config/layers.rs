@@ -268,6 +268,22 @@ fn invalid(figment: &Figment, err: figment::Error) -> ConfigError {
             message: err.kind.to_string(),
         };
     }
+    if is_secret(&key) {
+        // figment's text quotes the value ("found unsigned int `1234`"):
+        // say only what was expected.
+        let message = match &err.kind {
+            figment::error::Kind::InvalidType(_, expected) => {
+                format!("invalid type, expected {expected} (quote a numeric password)")
+            }
+            _ => "the value is not valid".to_string(),
+        };
+        return ConfigError::Invalid {
+            origin: from.unwrap_or(Source::Default),
+            key,
+            value: "(secret, not shown)".into(),
+            message,
+        };
+    }
     let value = figment
         .find_value(&key)
         .ok()
@@ -279,6 +295,16 @@ fn invalid(figment: &Figment, err: figment::Error) -> ConfigError {
         value,
         message: err.kind.to_string(),
     }
+}
+
+/// A secret key, or a key inside one (a table given where a secret goes).
+fn is_secret(key: &str) -> bool {
+    SECRET_KEYS.iter().any(|s| {
+        key == *s
+            || key
+                .strip_prefix(s)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 fn unknown_keys(figment: &Figment) -> Result<Vec<(String, Source)>, ConfigError> {

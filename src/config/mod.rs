@@ -100,6 +100,11 @@ pub struct NatsConfig {
     pub snapd: NatsCredentials,
     /// Refuse every mirrored snapd request but GET (`agent-read-only`).
     pub readonly: bool,
+    /// Serve writes (and the per-serial tree) even on a NATS server that
+    /// requires no authorization, or with the well-known default password:
+    /// then every local process can manage the device. Off: such a server
+    /// gets a read-only mirror and no per-serial tree.
+    pub insecure: bool,
     /// Bound on one mirrored snapd request: the requester gets an
     /// `agent-timeout` answer after it, so it must stay below the request
     /// timeout of the NATS clients (commonly 5 to 10 s).
@@ -240,6 +245,60 @@ pub struct DmsConfig {
     pub metrics: Every,
     pub change: DmsChange,
     pub upload: DmsUpload,
+    /// MQTT keep-alive with the DMS broker: a silent broker is noticed
+    /// after about 1.5 times this.
+    pub keepalive: Duration,
+    pub actions: DmsActions,
+    pub ledger: DmsLedger,
+}
+
+/// `dms.actions.*`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsActions {
+    /// Actions running at once; beyond it the agent stops acknowledging,
+    /// so the broker holds the rest.
+    pub concurrency: u32,
+}
+
+impl Default for DmsActions {
+    fn default() -> Self {
+        DmsActions { concurrency: 16 }
+    }
+}
+
+/// `dms.ledger.*`: the durable record of DMS actions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsLedger {
+    pub location: ExpandPath,
+    pub max: DmsLedgerMax,
+}
+
+/// `dms.ledger.max.*`: finished actions are pruned beyond either bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsLedgerMax {
+    pub age: Duration,
+    pub count: u64,
+}
+
+impl Default for DmsLedger {
+    fn default() -> Self {
+        DmsLedger {
+            location: ExpandPath::new("$SNAP_DATA/dms.db"),
+            max: DmsLedgerMax::default(),
+        }
+    }
+}
+
+impl Default for DmsLedgerMax {
+    fn default() -> Self {
+        DmsLedgerMax {
+            age: Duration::from_secs(30 * 24 * 3600),
+            count: 10_000,
+        }
+    }
 }
 
 /// Which DMS generation the agent talks to.
@@ -295,6 +354,9 @@ impl Default for DmsConfig {
             metrics: Every::default(),
             change: DmsChange::default(),
             upload: DmsUpload::default(),
+            keepalive: Duration::from_secs(30),
+            actions: DmsActions::default(),
+            ledger: DmsLedger::default(),
         }
     }
 }
@@ -380,11 +442,47 @@ impl Default for SnapLoggerStartup {
 #[serde(default)]
 pub struct Watchdog {
     pub enabled: bool,
-    /// A change not ready this long after its spawn time is stuck.
+    /// A change not ready whose tasks made no progress for this long
+    /// (measured from when the agent first saw it) is stuck.
     pub threshold: Duration,
     /// Change kinds that are never stuck (they legitimately retry forever).
     pub ignore: StringList,
     pub reboot: WatchdogReboot,
+    pub budget: WatchdogBudget,
+    pub boot: WatchdogBoot,
+}
+
+/// At most `reboots` reboots per `window`, across agent restarts and
+/// change ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WatchdogBudget {
+    pub reboots: u32,
+    pub window: Duration,
+}
+
+impl Default for WatchdogBudget {
+    fn default() -> Self {
+        WatchdogBudget {
+            reboots: 1,
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WatchdogBoot {
+    /// No reboot this soon after the system booted.
+    pub grace: Duration,
+}
+
+impl Default for WatchdogBoot {
+    fn default() -> Self {
+        WatchdogBoot {
+            grace: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -403,6 +501,8 @@ impl Default for Watchdog {
             // long as there is no serial (no network, a classic machine).
             ignore: StringList::new(&["become-operational"]),
             reboot: WatchdogReboot::default(),
+            budget: WatchdogBudget::default(),
+            boot: WatchdogBoot::default(),
         }
     }
 }
@@ -440,6 +540,7 @@ impl Default for NatsConfig {
             url: NatsUrl::new("nats://127.0.0.1:4222"),
             snapd: NatsCredentials::default(),
             readonly: false,
+            insecure: false,
             timeout: Duration::from_secs(4),
             bundled: true,
             store: ExpandPath::new("$SNAP_COMMON/nats"),

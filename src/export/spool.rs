@@ -162,13 +162,11 @@ impl Spool {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| open_err(format!("creating {dir:?}: {e}")))?;
         }
-        let existed = path.exists();
+        // Telemetry can be sensitive: 0600 before SQLite opens it (it gives
+        // -wal/-shm the same mode), also when it existed with another mode.
+        crate::fsutil::make_private_file(path)
+            .map_err(|e| open_err(format!("making it private (0600): {e}")))?;
         let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
-        if !existed {
-            use std::os::unix::fs::PermissionsExt;
-            // Telemetry can be sensitive; SQLite gives -wal/-shm the same mode.
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))

@@ -40,8 +40,12 @@ pub async fn enroll_once(
         Credentials::from_enrollment(&enrollment).map_err(|e| EnrollState::BadAnswer {
             detail: e.to_string(),
         })?;
-    store
-        .save(identity_url, &enrollment)
+    // Atomic writes with fsync: off the runtime.
+    let (s, url) = (store.clone(), identity_url.to_string());
+    tokio::task::spawn_blocking(move || s.save(&url, &enrollment))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
         .map_err(|e| EnrollState::StoreFailed {
             detail: e.to_string(),
         })?;
@@ -114,7 +118,11 @@ impl Enroller {
         let mut backoff = Backoff::new(RETRY_BASE, self.retry_cap);
         let mut last: Option<&'static str> = None;
         loop {
-            match self.store.load() {
+            let store = self.store.clone();
+            let stored = tokio::task::spawn_blocking(move || store.load())
+                .await
+                .unwrap_or_else(|e| Stored::Corrupt(format!("cannot read it ({e})")));
+            match stored {
                 Stored::Valid { credentials, .. } => {
                     let state = EnrollState::Enrolled {
                         device_id: credentials.device_id.clone(),
@@ -172,9 +180,13 @@ impl Enroller {
             return;
         }
         *last = Some(state.name());
-        if let Err(e) = self.store.write_state(state) {
-            tracing::warn!(error = %e, "cannot record the enrollment state for `iot-agent status`");
-        }
+        // A small fsync'd file: written off the runtime, not waited for.
+        let (store, recorded) = (self.store.clone(), state.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.write_state(&recorded) {
+                tracing::warn!(error = %e, "cannot record the enrollment state for `iot-agent status`");
+            }
+        });
         match state {
             EnrollState::Enrolled { .. } => {}
             s if s.is_permanent() => tracing::error!(state = s.name(), "{s}"),

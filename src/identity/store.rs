@@ -165,7 +165,7 @@ impl Store {
         write_atomic(
             &self.state_path(),
             &serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?,
-            0o644,
+            SECRET_MODE,
         )
     }
 

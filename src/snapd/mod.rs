@@ -84,6 +84,11 @@ impl Client {
         self
     }
 
+    /// Bound on one request (and on each wait for more of a streamed body).
+    pub fn timeout(&self) -> Duration {
+        self.transport.timeout()
+    }
+
     pub fn socket(&self) -> &Path {
         self.transport.socket()
     }

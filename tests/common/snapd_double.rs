@@ -293,6 +293,18 @@ impl SnapdDouble {
         self.lock().set_status(id, status, "simulated failure");
     }
 
+    /// Sets the progress of a change's first task (`done` of `total`
+    /// bytes), as snapd reports a download moving. Panics on an unknown id.
+    pub fn set_task_progress(&self, change_id: &str, done: u64, total: u64) {
+        let mut st = self.lock();
+        let ch = st
+            .change_mut(change_id)
+            .expect("snapd double: no such change");
+        if let Some(t) = ch.tasks.first_mut() {
+            t.progress = Some((done, total));
+        }
+    }
+
     /// Fails a change with this reason in `err` and in the failing task log.
     pub fn set_change_error(&self, id: &str, reason: &str) {
         self.lock().set_status(id, "Error", reason);
@@ -549,17 +561,22 @@ struct Task {
     log: Vec<String>,
     spawn: u128,
     ready_at: Option<u128>,
+    /// `(done, total)` as a downloading task reports it; `None`: 0 or 1 of 1
+    /// by status.
+    progress: Option<(u64, u64)>,
 }
 
 impl Task {
     fn to_json(&self) -> Value {
-        let done = u8::from(self.status == "Done");
+        let (done, total) = self
+            .progress
+            .unwrap_or((u64::from(self.status == "Done"), 1));
         let mut v = json!({
             "id": self.id,
             "kind": self.kind,
             "summary": self.summary,
             "status": self.status,
-            "progress": {"label": "", "done": done, "total": 1},
+            "progress": {"label": "", "done": done, "total": total},
             "spawn-time": rfc3339(self.spawn),
         });
         if !self.log.is_empty() {
@@ -817,6 +834,7 @@ impl State {
                     log: Vec::new(),
                     spawn: now,
                     ready_at: None,
+                    progress: None,
                 }
             })
             .collect();

@@ -48,6 +48,7 @@ fn the_document_lists_exactly_the_subjects_the_code_uses() {
         .map(|e| e.address)
         .chain(iot_agent::services::required::documented_addresses())
         .chain(iot_agent::export::documented_addresses())
+        .chain(iot_agent::changes::watchdog::documented_addresses())
         .chain(iot_agent::services::dms::documented_addresses())
         .collect();
     let missing: Vec<_> = code.difference(&documented).collect();

@@ -77,6 +77,8 @@ fn env_for(dir: &Path, socket: &Path) -> Vec<(&'static str, String)> {
                 reboots_file(dir).display()
             ),
         ),
+        // The host may have booted minutes ago.
+        ("IOT_AGENT_WATCHDOG__BOOT__GRACE", "0s".to_string()),
     ]
 }
 
@@ -385,7 +387,7 @@ async fn a_corrupt_database_is_reported_while_the_rest_runs_and_the_watchdog_sti
     let env = with(
         env_for(dir.path(), &d.socket()),
         "IOT_AGENT_WATCHDOG__THRESHOLD",
-        "10m",
+        "2s",
     );
 
     let mut agent = AgentProcess::start(&env);
@@ -659,6 +661,8 @@ async fn by_default_the_watchdog_asks_snapd_to_reboot() {
     config.snaplogger.database.location =
         iot_agent::config::ExpandPath::new(&dir.path().join("changes.db").display().to_string());
     assert!(config.watchdog.reboot.command.is_empty());
+    config.watchdog.threshold = iot_agent::config::Duration::from_secs(1);
+    config.watchdog.boot.grace = iot_agent::config::Duration::from_secs(0);
     let snapd = iot_agent::snapd::Client::new(d.socket(), Duration::from_secs(5));
     let poller = std::sync::Arc::new(iot_agent::changes::Poller::new(
         snapd.clone(),
@@ -689,4 +693,113 @@ async fn by_default_the_watchdog_asks_snapd_to_reboot() {
         .unwrap()
         .rebooted_for(&stuck)
         .unwrap());
+}
+
+/// snapd's auto-refresh retries make new change ids: after the one reboot
+/// of the budget (`watchdog.budget.reboots` 1 per 24h by default), a new
+/// stuck change does not reboot the device again, not even after an agent
+/// restart; the hold is logged at ERROR and published on NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reboot_budget_holds_back_new_change_ids_across_restarts() {
+    use crate::common::servers::{NatsConfig, NatsServer, NatsUser};
+    use futures::StreamExt;
+    let nats = NatsServer::start(NatsConfig {
+        users: vec![NatsUser::new("snapd", "wd-pw")],
+        ..Default::default()
+    });
+    let nc = async_nats::ConnectOptions::with_user_and_password("snapd".into(), "wd-pw".into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let mut events = nc.subscribe("iot.agent.watchdog.events").await.unwrap();
+    nc.flush().await.unwrap();
+    let d = SnapdDouble::start().await;
+    let first = d.add_change(
+        "auto-refresh",
+        "Auto-refresh \"k\"",
+        "Doing",
+        &ago(Duration::ZERO),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = with(
+        env_for(dir.path(), &d.socket()),
+        "IOT_AGENT_WATCHDOG__THRESHOLD",
+        "2s",
+    );
+    env.retain(|(k, _)| *k != "IOT_AGENT_NATS__URL");
+    env.push(("IOT_AGENT_NATS__URL", nats.url()));
+    env.push(("IOT_AGENT_NATS__SNAPD__PASSWORD", "wd-pw".into()));
+
+    let mut agent = AgentProcess::start(&env);
+    agent.wait_for("reboot command ran");
+    assert_eq!(reboots(dir.path()), std::slice::from_ref(&first));
+    // The "reboot": the agent stops and starts again.
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success());
+
+    // The refresh gave up; snapd retries it as a new change, stuck again.
+    d.set_change_status(&first, "Error");
+    let retry = d.add_change(
+        "auto-refresh",
+        "Auto-refresh \"k\"",
+        "Doing",
+        &ago(Duration::ZERO),
+    );
+    let mut agent = AgentProcess::start(&env);
+    let line = wait_for_with(&mut agent, "reboot held back", &format!("change={retry} "));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("1 reboot(s) in the last 1day"), "{line}");
+    let event = tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .expect("no watchdog event")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(v["event"], "reboot-held");
+    assert_eq!(v["reason"], "reboot-budget");
+    assert_eq!(v["change"], retry.as_str());
+    assert!(v["retry-after-s"].as_u64().unwrap() > 23 * 3600, "{v}");
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success());
+
+    // A restart does not reset the budget.
+    let mut agent = AgentProcess::start(&env);
+    wait_for_with(&mut agent, "reboot held back", &format!("change={retry} "));
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success());
+    assert_eq!(reboots(dir.path()), [first], "one reboot in all");
+}
+
+/// A change that keeps moving (a large download: its task's `done`
+/// grows) is not stuck however long it runs, even spawned days ago; once
+/// it stops moving for the threshold, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_that_makes_progress_is_not_stuck_however_long_it_runs() {
+    let d = SnapdDouble::start().await;
+    let slow = d.add_change(
+        "install-snap",
+        "Install \"big\" snap",
+        "Doing",
+        &ago(Duration::from_secs(2 * 86_400)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let env = with(
+        env_for(dir.path(), &d.socket()),
+        "IOT_AGENT_WATCHDOG__THRESHOLD",
+        "2s",
+    );
+    let mut agent = AgentProcess::start(&env);
+    agent.wait_for("change watchdog on");
+    // Three thresholds' worth of progress; the agent looks at least twice.
+    for done in 1..=30u64 {
+        d.set_task_progress(&slow, done * 1000, 1_000_000);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    seen_or_wait(&mut agent, "made progress since the last look");
+    assert!(reboots(dir.path()).is_empty(), "rebooted while it moved");
+    assert_eq!(agent.count("rebooting the device"), 0);
+    // Now it stops.
+    agent.wait_for("reboot command ran");
+    assert_eq!(reboots(dir.path()), [slow]);
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success());
 }

@@ -322,3 +322,44 @@ fn version_prints_the_package_version() {
         format!("iot-agent {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// A secret that does not validate (a numeric password from `snap set`, a
+/// table in a file) is named by key and source, never by value: the
+/// configure hook's output lands in snapd's task log.
+#[test]
+fn invalid_secrets_are_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[export.upstream.password]\nsecret = \"table-secret-9731\"\n",
+    )
+    .unwrap();
+    /// Arguments, an environment variable, the secret, its key.
+    type Case<'a> = (Vec<&'a str>, Option<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["config", "--check"],
+            Some(("IOT_AGENT_NATS__SNAPD__PASSWORD", "84736251")),
+            "84736251",
+            "nats.snapd.password",
+        ),
+        (
+            vec!["config", "--check", "-c", file.to_str().unwrap()],
+            None,
+            "table-secret-9731",
+            "export.upstream.password",
+        ),
+    ];
+    for (args, env, secret, key) in cases {
+        let mut c = agent(&args);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(1), "{all}");
+        assert!(all.contains(key), "{all}");
+        assert!(!all.contains(secret), "the secret was echoed: {all}");
+    }
+}

@@ -96,6 +96,7 @@ async fn rig(opts: Opts) -> Rig {
     let (mqtt_status, mqtt_rx) = iot_agent::bus::status::mqtt_status_channel();
     let settings = Settings {
         read_only: opts.read_only,
+        own_snap: "iot-agent".into(),
         timeout: opts.timeout,
         max_in_flight: 16,
         follow: FollowPolicy {
@@ -849,6 +850,259 @@ fn agent_env(dir: &Path, socket: &Path, nats_url: &str) -> Vec<(&'static str, St
         ("IOT_AGENT_NATS__READONLY", "true".to_string()),
         ("IOT_AGENT_NATS__TIMEOUT", "3s".to_string()),
     ]
+}
+
+/// Every subject the agent serves or publishes on the device-local NATS,
+/// from the code's own tables (the AsyncAPI test reads the same ones), with
+/// sample values for their parameters; the export intake is left out: it
+/// is meant for every application.
+fn agent_subjects() -> Vec<String> {
+    let intake = format!("{}.", iot_agent::config::ExportConfig::default().subject);
+    iot_agent::services::mirror::endpoints::all()
+        .into_iter()
+        .map(|e| e.address)
+        .chain(iot_agent::services::required::documented_addresses())
+        .chain(iot_agent::export::documented_addresses())
+        .chain(iot_agent::changes::watchdog::documented_addresses())
+        .filter(|a| !a.starts_with(&intake))
+        .map(|a| {
+            a.replace("{path}", "snaps.hello")
+                .replace("{method}", "post")
+                .replace("{snap}", "hello")
+                .replace("{id}", "42")
+                .replace("{token}", "t-1")
+                .replace("{serial}", "SERIAL1")
+        })
+        .collect()
+}
+
+/// Every subject tree the agent serves is protected, and the shipped
+/// example configuration keeps the `device` user out of each, on a real
+/// nats-server: both its publish and its subscription there are refused as
+/// permission violations. A tree added to the code without protection
+/// fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_configuration_denies_every_tree_the_agent_serves() {
+    use iot_agent::bus::topics;
+    let subjects = agent_subjects();
+    assert!(subjects.len() >= 10, "{subjects:?}");
+    let unprotected: Vec<_> = subjects
+        .iter()
+        .filter(|s| !topics::is_protected(s))
+        .collect();
+    assert!(
+        unprotected.is_empty(),
+        "served outside PROTECTED_TREES: {unprotected:?}"
+    );
+
+    let nats = NatsServer::start(NatsConfig {
+        include: Some(EXAMPLE_CONF.into()),
+        ..Default::default()
+    });
+    let (tx, mut violations) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let device = async_nats::ConnectOptions::with_user_and_password(
+        "device".into(),
+        EXAMPLE_DEVICE_PASSWORD.into(),
+    )
+    .event_callback(move |e| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = e {
+                let _ = tx.send(e.to_string().to_lowercase());
+            }
+        }
+    })
+    .connect(nats.url())
+    .await
+    .unwrap();
+    // What the agent's own user would receive there.
+    let agent = connect(&nats.url(), "snapd", EXAMPLE_AGENT_PASSWORD).await;
+    let mut agent_sub = agent.subscribe(">").await.unwrap();
+    agent.flush().await.unwrap();
+
+    for subject in &subjects {
+        for (what, op) in [("publish", 0), ("subscription", 1)] {
+            if op == 0 {
+                device
+                    .publish(subject.clone(), Bytes::from_static(b"{}"))
+                    .await
+                    .unwrap();
+            } else {
+                let _sub = device.subscribe(subject.clone()).await.unwrap();
+            }
+            device.flush().await.unwrap();
+            // async-nats lower-cases the server's error text.
+            let want = format!("permissions violation for {what} to \"{subject}\"").to_lowercase();
+            loop {
+                let got = tokio::time::timeout(WAIT, violations.recv())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("the device user's {what} on {subject} was not refused")
+                    })
+                    .unwrap();
+                if got.contains(&want) {
+                    break;
+                }
+            }
+        }
+    }
+    // Nothing the device user published reached a subscriber; a marker
+    // from the agent's user is the first message it sees.
+    agent.publish("snapd.marker", Bytes::new()).await.unwrap();
+    let first = tokio::time::timeout(WAIT, agent_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.subject.as_str(), "snapd.marker");
+
+    // The configuration file itself names each tree for both directions.
+    let conf = std::fs::read_to_string(EXAMPLE_CONF).unwrap();
+    for tree in topics::PROTECTED_TREES {
+        let nats_form = iot_agent::bus::Topic::fixed(tree).nats();
+        assert_eq!(
+            conf.matches(&format!("\"{nats_form}\"")).count(),
+            2,
+            "{nats_form} must be denied for publish and subscribe"
+        );
+    }
+}
+
+/// A nats-server with no authorization lets every local process in: the
+/// agent serves the mirror read-only there, holds the per-serial tree back
+/// and says why; `nats.insecure=true` accepts the risk. The reference
+/// agent's well-known password counts as no protection either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprotected_server_gets_a_read_only_mirror_unless_insecure_is_set() {
+    use crate::common::snapd_double::SERIAL_ASSERTION;
+    let open = NatsServer::start(NatsConfig::default());
+    let well_known = NatsServer::start(NatsConfig {
+        users: vec![NatsUser::new(
+            "snapd",
+            iot_agent::config::WELL_KNOWN_NATS_PASSWORD,
+        )],
+        ..Default::default()
+    });
+    let double = SnapdDouble::start().await;
+    double.set_serial(Some(SERIAL_ASSERTION.to_string()));
+    double.add_installed("hello", "1.0", "3", "latest/stable");
+    let dir = tempfile::tempdir().unwrap();
+
+    let cases = [
+        (&open, PASSWORD, false, "requires no authorization"),
+        (
+            &well_known,
+            iot_agent::config::WELL_KNOWN_NATS_PASSWORD,
+            false,
+            "well-known default",
+        ),
+        (&open, PASSWORD, true, ""),
+    ];
+    for (nats, password, insecure, why) in cases {
+        let mut env: Vec<_> = agent_env(dir.path(), &double.socket(), &nats.url())
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("READONLY") && !k.ends_with("SNAPD__PASSWORD"))
+            .collect();
+        env.push(("IOT_AGENT_NATS__SNAPD__PASSWORD", password.to_string()));
+        env.push(("IOT_AGENT_NATS__INSECURE", insecure.to_string()));
+        env.push(("IOT_AGENT_DMS__ENABLED", "false".to_string()));
+        let expect = if insecure {
+            vec!["snapd mirror serving", "serving per-serial actions on NATS"]
+        } else {
+            vec!["snapd mirror READ-ONLY", "NOT serving per-serial actions"]
+        };
+        let mut agent = tokio::task::spawn_blocking(move || {
+            let mut a = AgentProcess::start(&env);
+            let lines = a.wait_for_all(&expect);
+            (a, lines)
+        })
+        .await
+        .unwrap();
+        for l in &agent.1 {
+            assert!(l.contains(why), "{l}");
+        }
+        let client = connect(&nats.url(), "snapd", password).await;
+        let v: Value = serde_json::from_slice(
+            &client
+                .request(
+                    "snapd.v2.snaps.hello.post",
+                    Bytes::from_static(br#"{"body":{"action":"remove"}}"#),
+                )
+                .await
+                .unwrap()
+                .payload,
+        )
+        .unwrap();
+        let removed = double.requests().iter().any(|r| r.method == "POST");
+        if insecure {
+            assert_eq!(v["type"], "async", "{v}");
+            assert!(removed);
+        } else {
+            assert_agent_error(&v, "agent-read-only", 403);
+            assert!(
+                v["result"]["message"].as_str().unwrap().contains(why),
+                "{v}"
+            );
+            assert!(!removed, "a write reached snapd");
+            // Reads are served.
+            let v: Value = serde_json::from_slice(
+                &client
+                    .request("snapd.v2.snaps.hello.get", Bytes::new())
+                    .await
+                    .unwrap()
+                    .payload,
+            )
+            .unwrap();
+            assert_eq!(v["type"], "sync", "{v}");
+            // The per-serial tree has no responder.
+            let r = client
+                .request(
+                    "devices.actions.A1B2-c3d45.required-install",
+                    Bytes::from_static(br#"{"id":"r1","snaps":[{"name":"x"}]}"#),
+                )
+                .await;
+            assert!(r.is_err(), "{r:?}");
+        }
+        tokio::task::spawn_blocking(move || {
+            agent.0.signal("TERM");
+            assert!(agent.0.wait_exit().success());
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The agent's own root-relevant keys cannot be set through the mirror
+/// (every spelling), while its other keys and other snaps' keys can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_reboot_command_cannot_be_set_through_the_mirror() {
+    let rig = rig(Opts::default()).await;
+    for body in [
+        r#"{"body":{"watchdog.reboot.command":"id > /tmp/pwned"}}"#,
+        r#"{"body":{"watchdog":{"reboot":{"command":"id"}}}}"#,
+        r#"{"body":{"nats.insecure":true}}"#,
+    ] {
+        let v = rig.ask("snapd.v2.snaps.iot-agent.conf.put", body).await;
+        assert_agent_error(&v, "agent-forbidden", 403);
+    }
+    assert!(rig.paths_seen().is_empty(), "{:?}", rig.paths_seen());
+    let v = rig
+        .ask(
+            "snapd.v2.snaps.iot-agent.conf.put",
+            r#"{"body":{"watchdog.threshold":"2h"}}"#,
+        )
+        .await;
+    assert_ne!(v["result"]["kind"], "agent-forbidden", "{v}");
+    let v = rig
+        .ask(
+            "snapd.v2.snaps.other.conf.put",
+            r#"{"body":{"watchdog.reboot.command":"x"}}"#,
+        )
+        .await;
+    assert_ne!(v["result"]["kind"], "agent-forbidden", "{v}");
+    assert_eq!(
+        rig.paths_seen(),
+        ["PUT /v2/snaps/iot-agent/conf", "PUT /v2/snaps/other/conf"]
+    );
 }
 
 /// `v1.snapd.v2.snaps.get` lists every revision (`select=all`), as the

@@ -57,6 +57,14 @@ async fn setup(extra: &[(&'static str, String)]) -> Setup {
     env.extend(extra.iter().cloned());
     let mut agent = AgentProcess::start(&env);
     agent.wait_for("serving per-serial actions on NATS");
+    // Requests are refused until the queue is open (a subsystem of its
+    // own): wait for it too, unless the test makes it unusable.
+    let usable = !extra
+        .iter()
+        .any(|(k, _)| *k == "IOT_AGENT_REQUIRED__DATABASE__LOCATION");
+    if usable && agent.count("per-serial queue open") == 0 {
+        agent.wait_for("per-serial queue open");
+    }
     Setup {
         _dir: dir,
         env,

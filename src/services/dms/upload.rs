@@ -20,6 +20,15 @@ impl Uploader {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(15)))
             .user_agent(concat!("iot-agent/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::custom(
+                |attempt| match redirect_refusal(
+                    attempt.previous().iter().map(|u| u.scheme()),
+                    attempt.url().scheme(),
+                ) {
+                    Some(why) => attempt.error(why),
+                    None => attempt.follow(),
+                },
+            ))
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Uploader { http, limit })
@@ -71,9 +80,11 @@ impl Uploader {
                 } else {
                     "failed"
                 };
+                // reqwest's errors name the URL (normalised, or the one it
+                // was redirected to): never let one reach a message.
                 format!(
                     "upload to {target} {what}: {}",
-                    scrub(&crate::errors::chain(&e), url)
+                    scrub(&crate::errors::chain(&e.without_url()), url)
                 )
             })?;
         if !resp.status().is_success() {
@@ -95,6 +106,30 @@ pub fn check_url(url: &str) -> Result<String, String> {
     }
 }
 
+/// Most redirects followed for one upload.
+const MAX_REDIRECTS: usize = 5;
+
+/// Why a redirect is not followed: to plain http after https (the body and
+/// the presigned credentials would travel in clear), or too many of them.
+fn redirect_refusal<'a>(
+    previous: impl Iterator<Item = &'a str>,
+    next: &str,
+) -> Option<&'static str> {
+    let mut n = 0;
+    let mut was_https = false;
+    for scheme in previous {
+        n += 1;
+        was_https |= scheme == "https";
+    }
+    if was_https && next != "https" {
+        return Some("redirected from https to a plain http URL; refused");
+    }
+    if n > MAX_REDIRECTS {
+        return Some("too many redirects");
+    }
+    None
+}
+
 /// Removes the URL (with its signature) from an error text.
 fn scrub(text: &str, url: &str) -> String {
     text.replace(url, "<url>")
@@ -102,6 +137,35 @@ fn scrub(text: &str, url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redirects_never_downgrade_https() {
+        use super::redirect_refusal as r;
+        assert!(r(["https"].into_iter(), "http").is_some());
+        assert!(r(["http", "https"].into_iter(), "http").is_some());
+        assert!(r(["https"].into_iter(), "https").is_none());
+        assert!(r(["http"].into_iter(), "http").is_none());
+        assert!(r(["http"; 6].into_iter(), "http").is_some());
+    }
+
+    /// reqwest normalises the URL it names in errors (here the host's
+    /// case), so removing the given text is not enough.
+    #[tokio::test]
+    async fn upload_errors_never_carry_the_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let u = super::Uploader::new(std::time::Duration::from_secs(5), 1024).unwrap();
+        let url = format!("http://LOCALHOST:{port}/bucket/o?X-Amz-Signature=s3cr3tsig");
+        let e = u
+            .put_bytes(&url, bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert!(!e.contains("s3cr3tsig") && !e.contains("/bucket"), "{e}");
+        assert!(e.contains("upload to http://LOCALHOST"), "{e}");
+    }
+
     #[test]
     fn urls_are_checked_and_never_echoed() {
         assert_eq!(

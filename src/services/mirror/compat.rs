@@ -20,9 +20,11 @@ use crate::bus::StatusRx;
 use crate::snapd::{self, SnapAction, SnapName};
 use serde::{Deserialize, Serialize};
 
-/// The refusal in read-only mode, in the compat shapes' `error` field.
-pub const READ_ONLY: &str =
-    "refused: the agent is in read-only mode (nats.readonly); only reads are served";
+/// The compat shapes' `error` for a write refused for `why` (nats.readonly,
+/// or a NATS server that does not protect the agent's subjects).
+fn refused(why: &str) -> String {
+    format!("refused: {why}; only reads are served")
+}
 
 /// The snap actions `v1.snapd.v2.snaps.{snap}.post` passes to snapd.
 const SNAP_ACTIONS: &[&str] = &[
@@ -204,7 +206,7 @@ pub async fn snap_post(
     snapd: &snapd::Client,
     snap: &str,
     payload: &[u8],
-    read_only: bool,
+    refusal: Option<&str>,
 ) -> AsyncResponse {
     let req: SnapsSnapRequest = match decode(payload) {
         Ok(r) => r,
@@ -214,8 +216,8 @@ pub async fn snap_post(
         // The reference's answer to anything but `switch`.
         return AsyncResponse::error("-1", "Invalid action");
     }
-    if read_only {
-        return AsyncResponse::error("-1", READ_ONLY);
+    if let Some(why) = refusal {
+        return AsyncResponse::error("-1", refused(why));
     }
     let name = match SnapName::parse(snap) {
         Ok(n) => n,
@@ -233,7 +235,11 @@ pub async fn snap_post(
 }
 
 /// `v1.snapd.v2.apps.post`.
-pub async fn apps_post(snapd: &snapd::Client, payload: &[u8], read_only: bool) -> AsyncResponse {
+pub async fn apps_post(
+    snapd: &snapd::Client,
+    payload: &[u8],
+    refusal: Option<&str>,
+) -> AsyncResponse {
     let req: AppsRequest = match decode(payload) {
         Ok(r) => r,
         Err(e) => return AsyncResponse::error("", e),
@@ -241,8 +247,8 @@ pub async fn apps_post(snapd: &snapd::Client, payload: &[u8], read_only: bool) -
     if !matches!(req.action.as_str(), "start" | "stop" | "restart") {
         return AsyncResponse::error("", "Only start, stop and restart actions are supported");
     }
-    if read_only {
-        return AsyncResponse::error("", READ_ONLY);
+    if let Some(why) = refusal {
+        return AsyncResponse::error("", refused(why));
     }
     match snapd.app_action(&req.action, &req.names).await {
         Ok(id) => AsyncResponse {

@@ -27,9 +27,14 @@ pub enum AgentError {
     /// The payload is not the documented request form.
     #[error("{0}")]
     BadRequest(String),
-    /// `nats.readonly` is set and the method is not GET.
+    /// `nats.readonly` is set, or the NATS server does not protect the
+    /// agent's subjects, and the method is not GET.
     #[error("{0}")]
     ReadOnly(String),
+    /// The request would change what the agent itself executes as root
+    /// (its own `watchdog.reboot.command`): never through the mirror.
+    #[error("{0}")]
+    Forbidden(String),
     /// snapd's socket is missing, refused, or the connection broke.
     #[error("{0}")]
     SnapdUnreachable(String),
@@ -52,6 +57,7 @@ impl AgentError {
             AgentError::BadSubject(_) => "agent-bad-subject",
             AgentError::BadRequest(_) => "agent-bad-request",
             AgentError::ReadOnly(_) => "agent-read-only",
+            AgentError::Forbidden(_) => "agent-forbidden",
             AgentError::SnapdUnreachable(_) => "agent-snapd-unreachable",
             AgentError::Timeout(_) => "agent-timeout",
             AgentError::BadResponse(_) => "agent-bad-response",
@@ -65,6 +71,7 @@ impl AgentError {
             AgentError::BadSubject(_) => 404,
             AgentError::BadRequest(_) => 400,
             AgentError::ReadOnly(_) => 403,
+            AgentError::Forbidden(_) => 403,
             AgentError::SnapdUnreachable(_) => 503,
             AgentError::Timeout(_) => 504,
             AgentError::BadResponse(_) => 502,
@@ -73,10 +80,11 @@ impl AgentError {
     }
 
     /// Every kind, for the documentation test.
-    pub const KINDS: [&'static str; 7] = [
+    pub const KINDS: [&'static str; 8] = [
         "agent-bad-subject",
         "agent-bad-request",
         "agent-read-only",
+        "agent-forbidden",
         "agent-snapd-unreachable",
         "agent-timeout",
         "agent-bad-response",

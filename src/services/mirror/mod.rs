@@ -41,6 +41,7 @@ pub mod compat;
 pub mod endpoints;
 pub mod envelope;
 pub mod follow;
+pub mod own_conf;
 pub mod request;
 
 use crate::bus::topics::{self, Topic};
@@ -75,6 +76,9 @@ const DRAIN: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub read_only: bool,
+    /// The agent's own snap, whose root-relevant keys the mirror never sets
+    /// ([`own_conf`]).
+    pub own_snap: String,
     pub timeout: Duration,
     pub max_in_flight: usize,
     pub follow: FollowPolicy,
@@ -84,6 +88,7 @@ impl Settings {
     pub fn from_config(config: &Config) -> Self {
         Settings {
             read_only: config.nats.readonly,
+            own_snap: own_conf::own_snap_name(),
             timeout: config.nats.timeout.get(),
             max_in_flight: MAX_IN_FLIGHT,
             follow: FollowPolicy::default(),
@@ -149,6 +154,13 @@ impl Mirror {
             streams.push(ep.map(move |r| (kind, r)).boxed());
         }
         let mut incoming = futures::stream::select_all(streams);
+        // The server's INFO is known once the subscriptions are in place.
+        let _ = self.bus.flush().await;
+        if let (false, Some(why)) = (self.settings.read_only, self.bus.unprotected()) {
+            tracing::error!(
+                "snapd mirror READ-ONLY: {why}; only GET is served and the per-serial tree is not"
+            );
+        }
         tracing::info!(
             read_only = self.settings.read_only,
             timeout = %humantime::format_duration(self.settings.timeout),
@@ -222,21 +234,21 @@ impl Ctx {
             }
             Kind::CompatSnapPost => {
                 let snap = subject.split('.').nth(4).unwrap_or_default();
-                let read_only = self.mirror.settings.read_only;
+                let refusal = self.write_refusal();
                 self.compat_change(compat::snap_post(
                     &self.mirror.snapd,
                     snap,
                     &msg.payload,
-                    read_only,
+                    refusal.as_deref(),
                 ))
                 .await
             }
             Kind::CompatAppsPost => {
-                let read_only = self.mirror.settings.read_only;
+                let refusal = self.write_refusal();
                 self.compat_change(compat::apps_post(
                     &self.mirror.snapd,
                     &msg.payload,
-                    read_only,
+                    refusal.as_deref(),
                 ))
                 .await
             }
@@ -303,12 +315,18 @@ impl Ctx {
         };
         let reply_to = parsed.reply_to;
         let mut req = parsed.request;
-        if self.mirror.settings.read_only && req.method != Method::GET {
-            let e = AgentError::ReadOnly(format!(
-                "{} refused: the agent is in read-only mode (nats.readonly); only GET is served",
-                req.method
-            ));
-            return (e.to_envelope(), reply_to);
+        if req.method != Method::GET {
+            if let Some(why) = self.write_refusal() {
+                let e = AgentError::ReadOnly(format!(
+                    "{} refused: {why}; only GET is served",
+                    req.method
+                ));
+                return (e.to_envelope(), reply_to);
+            }
+        }
+        if let Some(why) = own_conf::refusal(&self.mirror.settings.own_snap, &req) {
+            tracing::warn!(subject, "{why}");
+            return (AgentError::Forbidden(why).to_envelope(), reply_to);
         }
         // Leave this request no more than the whole bound on the transport.
         req.timeout = Some(self.mirror.settings.timeout);
@@ -332,6 +350,16 @@ impl Ctx {
                 }
             };
         (answer.unwrap_or_else(|e| e.to_envelope()), reply_to)
+    }
+
+    /// Why a request that changes the device is refused now, if it is:
+    /// `nats.readonly`, or a NATS server that does not keep other local
+    /// users off the agent's subjects.
+    fn write_refusal(&self) -> Option<String> {
+        if self.mirror.settings.read_only {
+            return Some("the agent is in read-only mode (nats.readonly)".into());
+        }
+        self.mirror.bus.unprotected()
     }
 
     /// Runs a compat call within `nats.timeout`, or answers with `err`.

@@ -179,8 +179,10 @@ impl Required {
     pub async fn run_worker(self: Arc<Self>, shutdown: CancellationToken) -> RunResult {
         if self.store.get().is_none() {
             // An error ends this run; the supervisor retries with back-off.
-            let store = Store::open(&self.db_path)?;
+            let path = self.db_path.clone();
+            let store = tokio::task::spawn_blocking(move || Store::open(&path)).await??;
             let _ = self.store.set(store);
+            tracing::info!(database = %self.db_path.display(), "per-serial queue open");
             self.opened.send_replace(true);
         }
         loop {
@@ -383,6 +385,24 @@ pub async fn serve_nats(
     let serial = wait_for_serial(&snapd, &shutdown).await;
     let Some(serial) = serial else { return Ok(()) };
     let base = topics::serial_actions(&serial)?;
+    // Connected (the server's INFO is known) once a flush is answered.
+    bus.flush().await?;
+    // Held back while the server protects nothing; looked at again now and
+    // then (a reconnection may reach a configured server).
+    let mut told = false;
+    while let Some(why) = bus.unprotected() {
+        if !told {
+            tracing::error!(
+                subject = %base.nats(),
+                "NOT serving per-serial actions on NATS: {why}"
+            );
+            told = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
     // Requests that arrive before the worker opened the queue would be
     // refused: at start, give it a moment (it opens in milliseconds).
     let mut opened = required.opened.subscribe();
@@ -405,7 +425,16 @@ pub async fn serve_nats(
             },
             m = sub.next() => {
                 let Some(m) = m else { anyhow::bail!("the NATS subscription ended") };
-                let immediate = required.receive(&base, &m.topic, &m.payload);
+                if let Some(why) = bus.unprotected() {
+                    // Reconnected to a server that protects nothing: start
+                    // again (the check above then holds the tree back).
+                    anyhow::bail!("per-serial action on {} not taken: {why}", m.topic);
+                }
+                // SQLite with synchronous=FULL and an fsync: off the runtime.
+                let (r, b, topic, payload) = (required.clone(), base.clone(), m.topic.clone(), m.payload.clone());
+                let immediate = tokio::task::spawn_blocking(move || r.receive(&b, &topic, &payload))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the per-serial queue write failed: {e}"))?;
                 if let Some((topic, payload)) = &immediate {
                     bus.publish(topic, payload.clone()).await?;
                 }
