@@ -558,7 +558,8 @@ fn drop_oldest_keeps_the_newest_and_forwards_them_in_order() {
 /// Now it is moved aside, listed and counted, and the rest arrive in order.
 #[test]
 fn a_message_over_the_streams_max_msg_size_is_dead_lettered_and_the_rest_flow_in_order() {
-    const N: u64 = 12;
+    // More than one forwarding window (export.batch.forward = 64) behind it.
+    const N: u64 = 100;
     const POISON: u64 = 5;
     let local = local_nats();
     let upstream = NatsServer::start(NatsConfig {
