@@ -64,7 +64,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut sup = Supervisor::new(Policy::default());
     // The one reader of snapd's changes, shared by the change subsystems
-    // and the DMS (which rebuilds its heartbeat hashes when snaps change).
+    // and the DMS (which rebuilds its heartbeat hashes when snaps change, and
+    // follows the changes its actions start).
     let poller = Arc::new(changes::Poller::new(
         snapd.clone(),
         config.snaplogger.duration.between.checks.get(),
@@ -73,12 +74,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
+            changes: poller.clone(),
             required,
             credentials: creds_rx,
             status: mqtt_status_tx,
             store,
             reload: reload.clone(),
-            poller: Some(poller.clone()),
             settings: dms::Settings {
                 heartbeat: config.dms.heartbeat.interval.get(),
                 metrics: config.dms.metrics.interval.get(),
@@ -90,6 +91,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 protocol: config.dms.protocol,
                 completion: config.dms.completion,
                 scratch_dir: config.common_dir().join("tmp"),
+                keepalive: config.dms.keepalive.get(),
+                concurrency: config.dms.actions.concurrency.max(1) as usize,
+                ledger: dms::LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
+                ledger_max_age: config.dms.ledger.max.age.get(),
+                ledger_max_count: config.dms.ledger.max.count,
             },
         });
         sup.add(Subsystem::new("dms", move |t| {

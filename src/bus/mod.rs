@@ -5,6 +5,7 @@
 //! device-local NATS connection; [`mqtt`] is the DMS broker connection,
 //! which exists only while the device has credentials.
 
+pub mod driver;
 pub mod mqtt;
 pub mod status;
 pub mod topics;

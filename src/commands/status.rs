@@ -29,9 +29,11 @@ pub fn run(config: &Config, as_json: bool) -> anyhow::Result<()> {
             }
         },
     };
+    let dms = dms_link(config);
     let doc = json!({
         "daemon": {"running": daemon.is_some(), "pid": daemon},
         "enrollment": enrollment,
+        "dms": dms,
         "data-dir": config.data_dir(),
     });
     if as_json {
@@ -58,5 +60,36 @@ pub fn run(config: &Config, as_json: bool) -> anyhow::Result<()> {
             out.push_str(&format!("{:13}{v}\n", format!("{label}:")));
         }
     }
+    let d = &doc["dms"];
+    let link = match d["connected"].as_bool() {
+        Some(true) => "connected".to_string(),
+        Some(false) => format!(
+            "not connected ({})",
+            d["detail"].as_str().unwrap_or("no detail")
+        ),
+        None => d["message"].as_str().unwrap_or("").to_string(),
+    };
+    out.push_str(&format!("{:13}{link}\n", "dms link:"));
+    if let Some(n) = d["session-restarts"].as_i64().filter(|n| *n > 0) {
+        out.push_str(&format!("{:13}{n}\n", "restarts:"));
+    }
     write_stdout(&out)
+}
+
+/// The DMS link as the daemon last recorded it in its ledger.
+fn dms_link(config: &Config) -> serde_json::Value {
+    use crate::services::dms::ledger::Ledger;
+    let path = config.dms.ledger.location.path();
+    match Ledger::read_link(path) {
+        Ok(Some(l)) => json!({
+            "connected": l.connected,
+            "detail": l.detail,
+            "since": humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(l.since_ms.max(0) as u64)
+            ).to_string(),
+            "session-restarts": l.restarts,
+        }),
+        Ok(None) => json!({"message": "the daemon has not recorded the DMS link yet"}),
+        Err(e) => json!({"message": format!("DMS link state unknown: {e}")}),
+    }
 }

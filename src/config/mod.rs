@@ -213,6 +213,60 @@ pub struct DmsConfig {
     pub metrics: Every,
     pub change: DmsChange,
     pub upload: DmsUpload,
+    /// MQTT keep-alive with the DMS broker: a silent broker is noticed
+    /// after about 1.5 times this.
+    pub keepalive: Duration,
+    pub actions: DmsActions,
+    pub ledger: DmsLedger,
+}
+
+/// `dms.actions.*`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsActions {
+    /// Actions running at once; beyond it the agent stops acknowledging,
+    /// so the broker holds the rest.
+    pub concurrency: u32,
+}
+
+impl Default for DmsActions {
+    fn default() -> Self {
+        DmsActions { concurrency: 16 }
+    }
+}
+
+/// `dms.ledger.*`: the durable record of DMS actions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsLedger {
+    pub location: ExpandPath,
+    pub max: DmsLedgerMax,
+}
+
+/// `dms.ledger.max.*`: finished actions are pruned beyond either bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DmsLedgerMax {
+    pub age: Duration,
+    pub count: u64,
+}
+
+impl Default for DmsLedger {
+    fn default() -> Self {
+        DmsLedger {
+            location: ExpandPath::new("$SNAP_DATA/dms.db"),
+            max: DmsLedgerMax::default(),
+        }
+    }
+}
+
+impl Default for DmsLedgerMax {
+    fn default() -> Self {
+        DmsLedgerMax {
+            age: Duration::from_secs(30 * 24 * 3600),
+            count: 10_000,
+        }
+    }
 }
 
 /// Which DMS generation the agent talks to.
@@ -268,6 +322,9 @@ impl Default for DmsConfig {
             metrics: Every::default(),
             change: DmsChange::default(),
             upload: DmsUpload::default(),
+            keepalive: Duration::from_secs(30),
+            actions: DmsActions::default(),
+            ledger: DmsLedger::default(),
         }
     }
 }

@@ -12,11 +12,9 @@ use crate::config::values::UpstreamKind;
 use crate::config::ExportUpstream;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// Bound on connecting (TCP, TLS, protocol handshake).
@@ -278,43 +276,20 @@ impl NatsSession {
 
 // ------------------------------------------------------------- MQTT ---
 
-type Waiter = oneshot::Sender<Result<Ack, String>>;
-
-/// Publishes waiting for their packet id, then for their PUBACK.
-#[derive(Default)]
-struct Pending {
-    queued: VecDeque<Waiter>,
-    by_pkid: HashMap<u16, Waiter>,
-    dead: Option<String>,
-    lost: CancellationToken,
-}
-
-impl Pending {
-    fn fail_all(&mut self, why: &str) {
-        self.dead = Some(why.to_string());
-        self.lost.cancel();
-        for w in self
-            .queued
-            .drain(..)
-            .chain(self.by_pkid.drain().map(|(_, w)| w))
-        {
-            let _ = w.send(Err(why.to_string()));
-        }
-    }
-}
-
+/// An MQTT upstream session on the agent's one MQTT driver
+/// ([`crate::bus::driver`]), in its "never reconnect" mode.
 pub struct MqttSession {
-    client: rumqttc::AsyncClient,
+    handle: crate::bus::driver::MqttHandle,
     lost: CancellationToken,
-    pending: Arc<Mutex<Pending>>,
     prefix: String,
-    driver: tokio::task::JoinHandle<()>,
+    /// Cancelling it ends the driver and closes the socket: nothing queued
+    /// is re-sent behind the forwarder's back.
+    stop: CancellationToken,
 }
 
 impl Drop for MqttSession {
     fn drop(&mut self) {
-        // Dropping the event loop closes the socket: nothing is re-sent.
-        self.driver.abort();
+        self.stop.cancel();
     }
 }
 
@@ -324,17 +299,17 @@ impl MqttSession {
         tls: bool,
         window: usize,
     ) -> Result<MqttSession, UpstreamError> {
+        use crate::bus::driver::{self, DriverSettings, Reconnect};
         let url = cfg.url.as_str().to_string();
         let err = |detail: String| UpstreamError::Connect {
             url: url.clone(),
             detail,
         };
         let (host, port) = cfg.url.host_port().ok_or_else(|| err("no host".into()))?;
-        let mut opts = rumqttc::MqttOptions::new(cfg.client.clone(), host, port);
+        let mut opts = rumqttc::MqttOptions::new(cfg.client.clone(), host.clone(), port);
         opts.set_keep_alive(Duration::from_secs(30));
         // The spool, not the broker's session, is what survives a cut.
         opts.set_clean_session(true);
-        opts.set_inflight(window.clamp(1, u16::MAX as usize) as u16);
         opts.set_max_packet_size(
             super::intake::MAX_PAYLOAD + 64 * 1024,
             super::intake::MAX_PAYLOAD + 64 * 1024,
@@ -347,82 +322,57 @@ impl MqttSession {
                 Arc::new(tls_config(cfg)?),
             )));
         }
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, window.max(10));
+        let (status_tx, mut status) =
+            tokio::sync::watch::channel(crate::bus::ConnectionStatus::not_established());
+        let stop = CancellationToken::new();
+        let link = driver::start(
+            opts,
+            DriverSettings {
+                label: "export upstream",
+                broker: format!("{host}:{port}"),
+                subscriptions: Vec::new(),
+                reconnect: Reconnect::Never,
+                window: window.clamp(1, u16::MAX as usize) as u16,
+            },
+            status_tx,
+            stop.clone(),
+        );
+        let handle = link.handle;
+        let lost = handle.lost();
+        let probe = status.clone();
         let connack = async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => continue,
-                    Err(e) => return Err(e.to_string()),
-                }
+            tokio::select! {
+                _ = status.wait_for(|s| s.connected) => Ok(()),
+                _ = lost.cancelled() => Err(probe.borrow().error.clone().unwrap_or_default()),
             }
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, connack)
-            .await
-            .map_err(|_| err("no CONNACK in time".into()))?
-            .map_err(err)?;
-        let lost = CancellationToken::new();
-        let pending = Arc::new(Mutex::new(Pending {
-            lost: lost.clone(),
-            ..Default::default()
-        }));
-        let p = pending.clone();
-        let driver = tokio::spawn(async move {
-            use rumqttc::{Event, Outgoing, Packet};
-            loop {
-                let ev = eventloop.poll().await;
-                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-                match ev {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(w) = p.queued.pop_front() {
-                            p.by_pkid.insert(pkid, w);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(w) = p.by_pkid.remove(&ack.pkid) {
-                            let _ = w.send(Ok(Ack { duplicate: false }));
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        p.fail_all(&format!("MQTT connection lost: {e}"));
-                        return;
-                    }
-                }
+        match tokio::time::timeout(CONNECT_TIMEOUT, connack).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                stop.cancel();
+                return Err(err(why));
             }
-        });
+            Err(_) => {
+                stop.cancel();
+                return Err(err("no CONNACK in time".into()));
+            }
+        }
         Ok(MqttSession {
-            client,
+            handle,
             lost,
-            pending,
             prefix: cfg.upstream_prefix(),
-            driver,
+            stop,
         })
     }
 
     async fn publish(&mut self, row: &Row) -> Result<AckFuture, UpstreamError> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(why) = &p.dead {
-                return Err(UpstreamError::Publish(why.clone()));
-            }
-            p.queued.push_back(tx);
-        }
-        self.client
-            .publish(
-                mqtt_topic(&self.prefix, &row.stream),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                row.payload.clone(),
-            )
+        let topic = crate::bus::Topic::fixed(&mqtt_topic(&self.prefix, &row.stream));
+        let confirmation = self
+            .handle
+            .publish_confirmed(&topic, row.payload.clone())
             .await
             .map_err(|e| UpstreamError::Publish(e.to_string()))?;
-        Ok(async move {
-            rx.await
-                .unwrap_or_else(|_| Err("MQTT session closed".to_string()))
-        }
-        .boxed())
+        Ok(async move { confirmation.await.map(|()| Ack { duplicate: false }) }.boxed())
     }
 }
 

@@ -472,6 +472,8 @@ pub struct Mosquitto {
     /// What the process wrote on stdout/stderr (start-up errors land here).
     console: PathBuf,
     tls: Option<TlsFiles>,
+    /// Sessions and queued messages kept on disk (`persistence true`).
+    persistent: bool,
     child: Option<Child>,
 }
 
@@ -485,7 +487,7 @@ struct TlsFiles {
 impl Mosquitto {
     /// Plain MQTT on `127.0.0.1:PORT`, anonymous clients allowed.
     pub fn start_plain() -> Mosquitto {
-        Mosquitto::start(None)
+        Mosquitto::start(None, false)
     }
 
     /// MQTT over TLS on `127.0.0.1:PORT`: clients must present a certificate
@@ -494,14 +496,26 @@ impl Mosquitto {
     /// counts the certificate identity as a username, so such clients are
     /// accepted while clients without a certificate are refused.
     pub fn start_tls(pki: &TestPki) -> Mosquitto {
-        Mosquitto::start(Some(TlsFiles {
+        Mosquitto::start(Some(Self::tls_files(pki)), false)
+    }
+
+    /// [`Mosquitto::start_tls`] with persistence on, as a DMS deployment
+    /// runs it: persistent sessions and their queued QoS 1 messages survive
+    /// a broker restart that saves them ([`Mosquitto::terminate`]), and the
+    /// queue per client is large enough for a burst of several thousand.
+    pub fn start_tls_persistent(pki: &TestPki) -> Mosquitto {
+        Mosquitto::start(Some(Self::tls_files(pki)), true)
+    }
+
+    fn tls_files(pki: &TestPki) -> TlsFiles {
+        TlsFiles {
             ca: pki.ca_cert.clone(),
             cert: pki.server_cert.clone(),
             key: pki.server_key.clone(),
-        }))
+        }
     }
 
-    fn start(tls: Option<TlsFiles>) -> Mosquitto {
+    fn start(tls: Option<TlsFiles>, persistent: bool) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("iot-agent-mosquitto-")
             .tempdir()
@@ -512,6 +526,7 @@ impl Mosquitto {
             log: dir.path().join("mosquitto.log"),
             console: dir.path().join("console.log"),
             tls,
+            persistent,
             child: None,
             dir,
         };
@@ -553,7 +568,15 @@ impl Mosquitto {
             // cannot read the temp dir (0700) holding keys and log.
             c += "user root\n";
         }
-        c += "per_listener_settings false\npersistence false\n";
+        c += "per_listener_settings false\n";
+        if self.persistent {
+            c += &format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 0\nmax_queued_messages 100000\n",
+                self.dir.path().display()
+            );
+        } else {
+            c += "persistence false\n";
+        }
         c += &format!("log_dest file {}\n", self.log.display());
         c += "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n";
         c += "connection_messages true\n";
@@ -618,9 +641,37 @@ impl Mosquitto {
         &self.log
     }
 
-    /// Kills the broker (SIGKILL) but keeps its dir and port.
+    /// Kills the broker (SIGKILL) but keeps its dir and port. A persistent
+    /// broker loses what it did not save: the sessions, unless it saved
+    /// them before ([`Mosquitto::terminate`]).
     pub fn stop(&mut self) {
         kill_and_reap(&mut self.child);
+    }
+
+    /// Stops the broker with SIGTERM and waits for it: a persistent broker
+    /// saves its sessions and queued messages on the way out.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Deletes the saved sessions (the broker must be stopped): the next
+    /// start knows no client.
+    pub fn forget_sessions(&mut self) {
+        assert!(self.child.is_none(), "stop the broker first");
+        let _ = fs::remove_file(self.dir.path().join("mosquitto.db"));
     }
 
     /// Starts the broker again on the same port (stopping it first if

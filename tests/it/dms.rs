@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 /// reply's `action` (iot-devicetwin `ActionResponse`): `requested` when
 /// sent, `complete` from a reply that decodes with `success:true`, `error`
 /// otherwise; replies under actions it does not know leave records alone.
-struct DmsClient {
-    client: AsyncClient,
+pub(crate) struct DmsClient {
+    pub client: AsyncClient,
     rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     seen: Vec<(String, Vec<u8>)>,
     records: std::collections::HashMap<String, String>,
@@ -38,7 +38,28 @@ const ROUTED: [&str; 12] = [
 ];
 
 impl DmsClient {
-    async fn connect(pki: &TestPki, port: u16) -> DmsClient {
+    pub(crate) async fn connect(pki: &TestPki, port: u16) -> DmsClient {
+        Self::connect_with(pki, port, "dms", true).await
+    }
+
+    /// The next message of any topic (None when nothing came within `bound`).
+    pub(crate) async fn next(&mut self, bound: Duration) -> Option<(String, Vec<u8>)> {
+        if !self.seen.is_empty() {
+            return Some(self.seen.remove(0));
+        }
+        let got = tokio::time::timeout(bound, self.rx.recv())
+            .await
+            .ok()
+            .flatten();
+        if let Some((t, p)) = &got {
+            self.check(t, p);
+        }
+        got
+    }
+
+    /// With `clean` false the broker keeps the DMS client's session (and
+    /// what arrives for it) across its reconnections and broker restarts.
+    pub(crate) async fn connect_with(pki: &TestPki, port: u16, id: &str, clean: bool) -> DmsClient {
         use iot_agent::tls;
         let (cert, key) = pki.issue_client("dms");
         // The reference DMS did not check the broker's name at all; the
@@ -57,9 +78,10 @@ impl DmsClient {
             },
         )
         .unwrap();
-        let mut opts = MqttOptions::new("dms", "localhost", port);
+        let mut opts = MqttOptions::new(id, "localhost", port);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
-            .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+            .set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024)
+            .set_clean_session(clean);
         let topics = [
             "devices/pub/#",
             "devices/health/#",
@@ -104,7 +126,7 @@ impl DmsClient {
         self.records.get(id).map(String::as_str)
     }
 
-    async fn publish_raw(&self, payload: Vec<u8>) {
+    pub(crate) async fn publish_raw(&self, payload: Vec<u8>) {
         self.client
             .publish(
                 format!("devices/sub/{DEVICE_ID}"),
@@ -117,7 +139,7 @@ impl DmsClient {
     }
 
     /// The next message on `topic` that `pick` accepts (bounded wait).
-    async fn wait(&mut self, topic: &str, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    pub(crate) async fn wait(&mut self, topic: &str, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
         if let Some(i) = self.seen.iter().position(|(t, p)| t == topic && pick(p)) {
             return self.seen.remove(i).1;
         }
@@ -136,7 +158,7 @@ impl DmsClient {
     }
 
     /// A response with this id (`nth`: 0 = the first, 1 = the second).
-    async fn response(&mut self, id: &str) -> Value {
+    pub(crate) async fn response(&mut self, id: &str) -> Value {
         let topic = format!("devices/pub/{DEVICE_ID}");
         let raw = self
             .wait(&topic, |p| {
@@ -152,7 +174,7 @@ impl DmsClient {
         v
     }
 
-    async fn call(&mut self, id: &str, action: &str, snap: &str, data: &str) -> Value {
+    pub(crate) async fn call(&mut self, id: &str, action: &str, snap: &str, data: &str) -> Value {
         self.records.insert(id.to_string(), "requested".to_string());
         let req = json!({"id": id, "action": action, "snap": snap, "data": data});
         self.publish_raw(serde_json::to_vec(&req).unwrap()).await;
@@ -163,16 +185,26 @@ impl DmsClient {
 }
 
 /// Everything a DMS test needs, with the agent enrolled and subscribed.
-struct Setup {
+pub(crate) struct Setup {
     _dir: tempfile::TempDir,
-    pki: Arc<TestPki>,
-    broker: Mosquitto,
+    pub pki: Arc<TestPki>,
+    pub broker: Mosquitto,
     identity: IdentityDouble,
-    snapd: SnapdDouble,
-    agent: AgentProcess,
+    pub snapd: SnapdDouble,
+    pub agent: AgentProcess,
     data_dir: std::path::PathBuf,
+    pub env: Vec<(&'static str, String)>,
     /// The log line `setup_with` waited for.
     ready_line: String,
+}
+
+impl Setup {
+    /// Starts the agent again with the same environment (after it stopped
+    /// or was killed), and waits until it is subscribed.
+    pub(crate) fn start_agent_again(&mut self) {
+        self.agent = AgentProcess::start(&self.env);
+        self.agent.wait_for("subscribed to DMS actions");
+    }
 }
 
 async fn setup(extra_env: &[(&'static str, String)]) -> Setup {
@@ -188,6 +220,16 @@ async fn setup(extra_env: &[(&'static str, String)]) -> Setup {
 async fn setup_with(pki: TestPki, extra_env: &[(&'static str, String)], ready: &str) -> Setup {
     let pki = Arc::new(pki);
     let broker = Mosquitto::start_tls(&pki);
+    setup_on(pki, broker, extra_env, ready).await
+}
+
+/// [`setup`] on a given broker (a persistent one for the fault tests).
+pub(crate) async fn setup_on(
+    pki: Arc<TestPki>,
+    broker: Mosquitto,
+    extra_env: &[(&'static str, String)],
+    ready: &str,
+) -> Setup {
     let identity = IdentityDouble::start_with(false, pki.clone(), broker.port()).await;
     let snapd = SnapdDouble::start().await;
     snapd.set_serial(Some(SERIAL_ASSERTION.to_string()));
@@ -230,6 +272,7 @@ async fn setup_with(pki: TestPki, extra_env: &[(&'static str, String)], ready: &
         snapd,
         agent,
         data_dir,
+        env,
     }
 }
 

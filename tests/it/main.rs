@@ -10,6 +10,7 @@ mod bus;
 mod changes;
 mod config_cli;
 mod dms;
+mod dms_faults;
 mod export;
 mod fuzz_smoke;
 mod harness;

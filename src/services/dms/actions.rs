@@ -25,6 +25,8 @@ pub enum Next {
 #[derive(Clone)]
 pub struct Ctx {
     pub snapd: snapd::Client,
+    /// The shared change poller: how actions follow the changes they start.
+    pub changes: Arc<crate::changes::Poller>,
     pub creds: Arc<Credentials>,
     pub uploader: Uploader,
     /// Longest wait for a change (snapshots, completion reports).
@@ -493,25 +495,13 @@ async fn user(ctx: &Ctx, req: &Request) -> ActionResult {
     ))
 }
 
-/// Polls a change until it is ready, within the change timeout.
+/// Waits for a change to be ready, within the change timeout (through the
+/// shared change poller).
 pub async fn wait_ready(ctx: &Ctx, id: &str) -> Result<snapd::Change, String> {
-    let deadline = tokio::time::Instant::now() + ctx.change_timeout;
-    let mut every = Duration::from_millis(200);
-    loop {
-        let change = ctx.snapd.change(id).await.map_err(snapd_err)?;
-        if change.ready {
-            return Ok(change);
-        }
-        if tokio::time::Instant::now() + every > deadline {
-            return Err(format!(
-                "change {id} is still {:?} after {} (dms.change.timeout)",
-                change.status,
-                humantime::format_duration(ctx.change_timeout)
-            ));
-        }
-        tokio::time::sleep(every).await;
-        every = (every * 2).min(Duration::from_secs(2));
-    }
+    ctx.changes
+        .wait_ready(id, ctx.change_timeout)
+        .await
+        .map_err(|e| format!("{e} (dms.change.timeout)"))
 }
 
 /// The second message: the final status of a change an action started.

@@ -3,32 +3,43 @@
 //!
 //! The session lives while the device has credentials: it starts when the
 //! enrollment hands them over and ends when they are withdrawn
-//! (unregister). Every request is handled in its own task, so a slow action
-//! (an upload, a change that takes minutes) never holds up the MQTT event
-//! loop or other requests.
+//! (unregister). A session that ends for any other reason is restarted
+//! with back-off, and says so in `iot-agent status` and on
+//! `iot.agent.mqtt.connection.status`.
+//!
+//! Every action goes through the [`ledger`] (see there for the order of
+//! writes that makes an action run at most once and be answered at least
+//! once). Actions run in their own tasks, at most `dms.actions.concurrency`
+//! at once; beyond that the session stops acknowledging and the broker
+//! holds the rest ([`crate::bus::driver`]).
 
 pub mod actions;
 pub mod completion;
-pub mod dedupe;
 pub mod heartbeat;
+pub mod ledger;
 pub mod metrics;
+pub mod outbox;
 pub mod request;
+mod session;
 pub mod snaps;
 pub mod upload;
 
-use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
+use crate::backoff::Backoff;
+use crate::bus::mqtt::MqttHandle;
 use crate::bus::{topics, ConnectionStatus, Topic};
+use crate::changes::Poller;
 use crate::identity::{Credentials, CredentialsRx, Store};
 use crate::services::required::Required;
 use crate::snapd;
 use crate::supervisor::RunResult;
 use actions::{Ctx, Next};
-use dedupe::{Dedupe, Seen};
-use request::Response;
-use rumqttc::QoS;
+use ledger::{Ledger, State, Unfinished};
+use outbox::{Kind, Outbox};
+use request::{Request, Response};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 /// The DMS topics, with their `{deviceId}`/`{orgId}` placeholders, as the
@@ -48,6 +59,20 @@ pub fn documented_addresses() -> Vec<String> {
 
 /// How long unregister waits for the broker to take its reply.
 const REPLY_ACK_BOUND: Duration = Duration::from_secs(10);
+/// How often finished ledger rows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Actions without an effect on the device: run again after a crash
+/// instead of being marked `started` first (one fsync less each).
+const READ_ONLY: [&str; 5] = ["conf", "device", "info", "list", "server"];
+
+/// Where the ledger lives.
+#[derive(Debug, Clone)]
+pub enum LedgerAt {
+    File(PathBuf),
+    /// No persistence: the benchmark's baseline.
+    Memory,
+}
 
 /// Settings of the channel (`dms.*`).
 #[derive(Debug, Clone)]
@@ -64,26 +89,83 @@ pub struct Settings {
     pub protocol: crate::config::DmsProtocol,
     /// `dms.completion`: report the end of changes that actions started.
     pub completion: bool,
+    pub keepalive: Duration,
+    pub concurrency: usize,
+    pub ledger: LedgerAt,
+    pub ledger_max_age: Duration,
+    pub ledger_max_count: u64,
 }
 
 pub struct Dms {
     pub snapd: snapd::Client,
+    /// The shared change poller: completion reports follow changes there,
+    /// and a change that became ready means the snaps may have changed, so
+    /// the heartbeat hashes are built again.
+    pub changes: Arc<Poller>,
     /// The per-serial action tree, served on this connection too.
     pub required: Option<Arc<Required>>,
     pub credentials: CredentialsRx,
     pub status: watch::Sender<ConnectionStatus>,
     pub store: Store,
     pub reload: Arc<Notify>,
-    /// The shared change poller: a change that became ready means the
-    /// snaps may have changed, so the heartbeat hashes are built again.
-    pub poller: Option<Arc<crate::changes::Poller>>,
     pub settings: Settings,
 }
 
+/// What every action task needs.
+struct Handler {
+    ctx: Arc<Ctx>,
+    /// `dms.completion`.
+    report: bool,
+    outbox: Outbox,
+    ledger: Arc<Ledger>,
+    store: Store,
+    reload: Arc<Notify>,
+}
+
+/// Runs a ledger call off the async threads (every commit is fsync'd).
+async fn blocking<T: Send + 'static>(
+    ledger: &Arc<Ledger>,
+    f: impl FnOnce(&Ledger) -> Result<T, crate::db::DbError> + Send + 'static,
+) -> Result<T, String> {
+    let l = ledger.clone();
+    match tokio::task::spawn_blocking(move || f(&l)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the ledger call failed: {e}")),
+    }
+}
+
 impl Dms {
+    fn open_ledger(&self) -> Result<Ledger, crate::db::DbError> {
+        match &self.settings.ledger {
+            LedgerAt::File(p) => Ledger::open(p),
+            LedgerAt::Memory => Ledger::in_memory(),
+        }
+    }
+
     /// Runs sessions for as long as the agent runs.
     pub async fn run(&self, shutdown: CancellationToken) -> RunResult {
+        // Without its ledger the channel does not accept actions: each one
+        // would be acknowledged with nothing to remember it by.
+        let ledger = Arc::new(self.open_ledger()?);
+        let (session_tx, session_rx) = watch::channel::<Option<(MqttHandle, Topic)>>(None);
+        let outbox = Outbox {
+            session: session_rx,
+            ledger: ledger.clone(),
+        };
+        tokio::spawn(record_link(
+            self.status.subscribe(),
+            ledger.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(prune(
+            ledger.clone(),
+            self.settings.ledger_max_age,
+            self.settings.ledger_max_count,
+            shutdown.clone(),
+        ));
         let mut creds_rx = self.credentials.clone();
+        let mut resumed = false;
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             let creds = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -92,274 +174,273 @@ impl Dms {
                     Err(_) => return Ok(()),
                 },
             };
+            let handler = Arc::new(Handler {
+                ctx: Arc::new(self.ctx(&creds)?),
+                report: self.settings.completion,
+                outbox: outbox.clone(),
+                ledger: ledger.clone(),
+                store: self.store.clone(),
+                reload: self.reload.clone(),
+            });
+            if !resumed {
+                // Once per process: what a previous run left unfinished.
+                resumed = true;
+                resume(handler.clone()).await;
+            }
             let session = shutdown.child_token();
-            let task = tokio::spawn(self.session(creds.clone(), session.clone()));
-            // Credentials withdrawn or replaced: end this session.
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
+            let started = std::time::Instant::now();
+            let mut task = tokio::spawn(session::run(
+                session::Params {
+                    handler: handler.clone(),
+                    creds: creds.clone(),
+                    required: self.required.clone(),
+                    status: self.status.clone(),
+                    settings: self.settings.clone(),
+                    session_tx: session_tx.clone(),
+                    changes: self.changes.clone(),
+                },
+                session.clone(),
+            ));
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => None,
                 _ = creds_rx.wait_for(|c| c.as_ref().map(|c| !Arc::ptr_eq(c, &creds)).unwrap_or(true)) => {
                     tracing::info!("device credentials changed; closing the DMS session");
+                    None
                 }
-            }
+                r = &mut task => Some(r),
+            };
             session.cancel();
-            match task.await {
-                Ok(Err(e)) => return Err(e),
-                Err(e) if e.is_panic() => anyhow::bail!("the DMS session panicked"),
-                _ => {}
-            }
+            session_tx.send_replace(None);
+            let by_itself = ended.is_some();
+            let outcome = match ended {
+                Some(r) => r,
+                None => task.await,
+            };
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-        }
-    }
-
-    fn session(
-        &self,
-        creds: Arc<Credentials>,
-        token: CancellationToken,
-    ) -> impl std::future::Future<Output = RunResult> + Send + 'static {
-        let snapd = self.snapd.clone();
-        let status = self.status.clone();
-        let store = self.store.clone();
-        let reload = self.reload.clone();
-        let s = self.settings.clone();
-        let required = self.required.clone();
-        let change_events = self.poller.as_ref().map(|p| p.events());
-        async move {
-            let inbox = topics::dms_actions(&creds.device_id)?;
-            let outbox = topics::dms_responses(&creds.device_id)?;
-            let health = topics::dms_health(&creds.device_id)?;
-            let metrics_topic = topics::dms_metrics(&creds.org_id)?;
-            let uploader = upload::Uploader::new(s.upload_timeout, s.upload_limit)
-                .map_err(|e| anyhow::anyhow!("cannot build the upload client: {e}"))?;
-            let ctx = Arc::new(Ctx {
-                snapd,
-                creds: creds.clone(),
-                uploader,
-                change_timeout: s.change_timeout,
-                scratch_dir: s.scratch_dir.clone(),
-                protocol: s.protocol,
-                hashes: heartbeat::HashCache::default(),
-            });
-            // The per-serial tree, when the enrollment names the serial.
-            let serial_base = match (&required, creds.device.serial.as_str()) {
-                (Some(_), serial) if !serial.is_empty() => topics::serial_actions(serial).ok(),
-                _ => None,
+            if !by_itself {
+                continue;
+            }
+            // The session ended by itself: say why, and start another.
+            let why = match outcome {
+                Ok(Ok(())) => "it stopped".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) if e.is_panic() => "it panicked".to_string(),
+                Err(e) => e.to_string(),
             };
-            let mut subscriptions = vec![inbox];
-            if let Some(base) = &serial_base {
-                subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff.reset();
             }
-            let tls = crate::tls::dms_broker(&creds, &s.ca, s.verify)
-                .map_err(|e| anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}"))?;
-            let mut link = mqtt::connect(&creds, tls, subscriptions, status, token.clone())?;
-            if let (Some(r), Some(_)) = (&required, &serial_base) {
-                tokio::spawn(forward_results(
-                    r.clone(),
-                    link.handle.clone(),
-                    token.clone(),
-                ));
-            }
-            let out = Outbox {
-                mqtt: link.handle.clone(),
-                topic: outbox,
-            };
-            if let Some(events) = change_events {
-                tokio::spawn(watch_snap_changes(
-                    events,
-                    ctx.hashes.clone(),
-                    token.clone(),
-                ));
-            }
-            let (c, mqtt) = (ctx.clone(), link.handle.clone());
-            tokio::spawn(periodically(s.heartbeat, token.clone(), move || {
-                let (c, mqtt, topic) = (c.clone(), mqtt.clone(), health.clone());
-                async move {
-                    let doc = heartbeat::heartbeat(&c).await;
-                    let _ = mqtt
-                        .publish(&topic, QoS::AtMostOnce, doc.to_string().into())
-                        .await;
-                }
-            }));
-            let (device, mqtt) = (creds.device_id.clone(), link.handle.clone());
-            let mut prev = metrics::cpu_sample();
-            tokio::spawn(periodically(s.metrics, token.clone(), move || {
-                let text = metrics::lines(&device, &mut prev);
-                let (mqtt, topic) = (mqtt.clone(), metrics_topic.clone());
-                async move {
-                    let _ = mqtt.publish(&topic, QoS::AtMostOnce, text.into()).await;
-                }
-            }));
-            let dedupe = Arc::new(Dedupe::default());
-            loop {
-                let msg: MqttMessage = tokio::select! {
-                    _ = token.cancelled() => return Ok(()),
-                    m = link.messages.recv() => match m {
-                        Some(m) => m,
-                        None => return Ok(()),
-                    },
-                };
-                if let (Some(r), Some(base)) = (&required, &serial_base) {
-                    if msg.topic.strip_prefix(base).is_some() {
-                        // Stored (or refused) before the broker hears PUBACK.
-                        if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload) {
-                            let _ = link.handle.publish(&topic, QoS::AtLeastOnce, payload).await;
-                        }
-                        link.handle.ack(&msg).await;
-                        continue;
-                    }
-                }
-                // Actions are remembered by id from here on (dedupe).
-                link.handle.ack(&msg).await;
-                let (ctx, out, dedupe) = (ctx.clone(), out.clone(), dedupe.clone());
-                let (store, reload) = (store.clone(), reload.clone());
-                let report = s.completion;
-                tokio::spawn(async move {
-                    handle(&ctx, &out, &dedupe, &msg.payload, &store, &reload, report).await;
-                });
+            let delay = backoff.next_delay();
+            tracing::error!(
+                error = %why,
+                restart_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                "the DMS session ended; restarting it"
+            );
+            self.status
+                .send_replace(ConnectionStatus::disconnected(format!(
+                    "the DMS session ended ({why}); the agent restarts it"
+                )));
+            let l = ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || l.set_link(false, Some(&why), true)).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
-}
 
-#[derive(Clone)]
-struct Outbox {
-    mqtt: MqttHandle,
-    topic: Topic,
-}
-
-impl Outbox {
-    async fn send(&self, resp: &Response) {
-        if let Err(e) = self
-            .mqtt
-            .publish(&self.topic, QoS::AtLeastOnce, resp.to_bytes())
-            .await
-        {
-            tracing::error!(id = %resp.id, error = %e, "cannot send a DMS response");
-        }
+    fn ctx(&self, creds: &Arc<Credentials>) -> anyhow::Result<Ctx> {
+        let s = &self.settings;
+        let uploader = upload::Uploader::new(s.upload_timeout, s.upload_limit)
+            .map_err(|e| anyhow::anyhow!("cannot build the upload client: {e}"))?;
+        Ok(Ctx {
+            snapd: self.snapd.clone(),
+            changes: self.changes.clone(),
+            creds: creds.clone(),
+            uploader,
+            change_timeout: s.change_timeout,
+            scratch_dir: s.scratch_dir.clone(),
+            protocol: s.protocol,
+            hashes: heartbeat::HashCache::default(),
+        })
     }
 }
 
-/// One request, start to finish: exactly one response, and a completion
-/// report (see [`completion`]) when it started a change and `report` is on.
-async fn handle(
-    ctx: &Ctx,
-    out: &Outbox,
-    dedupe: &Dedupe,
-    payload: &[u8],
-    store: &Store,
-    reload: &Notify,
-    report: bool,
+/// Keeps the ledger's copy of the link state (read by `iot-agent status`).
+async fn record_link(
+    mut status: watch::Receiver<ConnectionStatus>,
+    ledger: Arc<Ledger>,
+    shutdown: CancellationToken,
 ) {
-    let req = match request::parse(payload) {
-        Ok(r) => r,
-        Err(resp) => {
-            tracing::warn!(id = %resp.id, "refused a DMS request: {}", resp.message);
-            return out.send(&resp).await;
+    loop {
+        let s = status.borrow_and_update().clone();
+        let l = ledger.clone();
+        let written =
+            tokio::task::spawn_blocking(move || l.set_link(s.connected, s.error.as_deref(), false))
+                .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(error = %e, "cannot record the DMS link state for `iot-agent status`");
         }
-    };
-    let first = match dedupe.check(&req.id) {
-        Seen::First(f) => f,
-        Seen::Again(rx) => {
-            tracing::info!(id = %req.id, action = %req.action, "repeated DMS request; answering again");
-            if let Some(bytes) = dedupe::response_of(rx).await {
-                if let Err(e) = out.mqtt.publish(&out.topic, QoS::AtLeastOnce, bytes).await {
-                    tracing::error!(id = %req.id, error = %e, "cannot send a DMS response");
-                }
-            }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = status.changed() => if c.is_err() { return },
+        }
+    }
+}
+
+async fn prune(ledger: Arc<Ledger>, age: Duration, count: u64, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match blocking(&ledger, move |l| l.prune(age, count)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned finished DMS actions from the ledger"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune the DMS ledger"),
+        }
+    }
+}
+
+/// Finishes what a previous run of the agent left: replies not
+/// acknowledged are sent again, actions never started are run, actions
+/// cut short are reported failed (never run again), and changes still
+/// unreported are followed.
+async fn resume(h: Arc<Handler>) {
+    let rows = match blocking(&h.ledger, |l| l.unfinished()).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the DMS ledger; unfinished actions wait for the next start");
             return;
         }
     };
+    if !rows.is_empty() {
+        tracing::info!(
+            actions = rows.len(),
+            "resuming DMS actions a previous run left unfinished"
+        );
+    }
+    for row in rows {
+        let h = h.clone();
+        tokio::spawn(async move { resume_one(&h, row).await });
+    }
+}
+
+async fn resume_one(h: &Handler, row: Unfinished) {
+    let req = row.request;
+    match row.state {
+        State::Received => {
+            tracing::info!(id = %req.id, action = %req.action, "running a DMS action received before the restart");
+            run_action(h, req, None).await;
+        }
+        State::Started => {
+            // It may have taken effect: never run it again.
+            let resp = Response::fail(
+                &req.id,
+                &req.action,
+                "the agent stopped (restart or power cut) while running this action; it was \
+                 not run again and may or may not have taken effect: check the device (list)",
+            );
+            tracing::warn!(id = %req.id, action = %req.action, "a DMS action was cut short by a restart; reporting it failed");
+            let bytes = resp.to_bytes();
+            let b = bytes.clone();
+            let id = req.id.clone();
+            if let Err(e) = blocking(&h.ledger, move |l| l.answer(&id, &b, None)).await {
+                tracing::error!(id = %req.id, error = %e, "cannot store a DMS reply");
+            }
+            h.outbox.send(&req.id, Kind::Response, bytes).await;
+        }
+        State::Done => {
+            if let Some(resp) = row.unacked_response {
+                h.outbox.send(&req.id, Kind::Response, resp).await;
+            }
+            if let Some(done) = row.unacked_completion {
+                h.outbox.send(&req.id, Kind::Completion, done).await;
+            }
+            if let Some(change) = row.change_to_follow.filter(|_| h.report) {
+                tracing::info!(id = %req.id, %change, "following the change of a DMS action after a restart");
+                follow(h, &req, &change).await;
+            }
+        }
+    }
+}
+
+/// Runs one accepted action start to finish: exactly one reply (and a
+/// completion report when it starts a change), each stored before it is
+/// sent. `permit` is the admission slot, released once the reply is stored.
+async fn run_action(h: &Handler, req: Request, permit: Option<OwnedSemaphorePermit>) {
+    if !READ_ONLY.contains(&req.action.as_str()) {
+        let id = req.id.clone();
+        if let Err(e) = blocking(&h.ledger, move |l| l.start(&id)).await {
+            // Not recorded as started: running it could run it twice.
+            let resp = Response::fail(
+                &req.id,
+                &req.action,
+                format!("the device cannot record the action, so it did not run it: {e}"),
+            );
+            tracing::error!(id = %req.id, error = %e, "cannot mark a DMS action started");
+            return h
+                .outbox
+                .send(&req.id, Kind::Unrecorded, resp.to_bytes())
+                .await;
+        }
+    }
     tracing::info!(id = %req.id, action = %req.action, snap = %req.snap, "DMS action");
-    let (resp, next) = actions::execute(ctx, &req).await;
+    let (resp, next) = actions::execute(&h.ctx, &req).await;
     if !resp.success {
         tracing::warn!(id = %req.id, action = %req.action, "DMS action failed: {}", resp.message);
     }
-    first.done(resp.to_bytes());
+    let bytes = resp.to_bytes();
+    let change = match &next {
+        Next::FollowChange(c) => Some(c.clone()),
+        _ => None,
+    };
+    let (id, b, c) = (req.id.clone(), bytes.clone(), change.clone());
+    if let Err(e) = blocking(&h.ledger, move |l| l.answer(&id, &b, c.as_deref())).await {
+        tracing::error!(id = %req.id, error = %e, "cannot store a DMS reply; sending it anyway");
+    }
+    drop(permit);
     match next {
-        Next::Nothing => out.send(&resp).await,
-        Next::FollowChange(_) if !report => out.send(&resp).await,
+        Next::Nothing => h.outbox.send(&req.id, Kind::Response, bytes).await,
+        Next::FollowChange(_) if !h.report => h.outbox.send(&req.id, Kind::Response, bytes).await,
         Next::FollowChange(change) => {
-            out.send(&resp).await;
-            let done = actions::completion(ctx, &req, &change).await;
-            ctx.hashes.mark_changed();
-            tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
-            out.send(&done).await;
+            h.outbox.send(&req.id, Kind::Response, bytes).await;
+            follow(h, &req, &change).await;
         }
         Next::Unregister => {
-            match out
-                .mqtt
-                .publish_confirmed(&out.topic, resp.to_bytes(), REPLY_ACK_BOUND)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(
+            let sent = tokio::time::timeout(
+                REPLY_ACK_BOUND,
+                h.outbox.send(&req.id, Kind::Response, bytes),
+            )
+            .await;
+            if sent.is_err() {
+                tracing::warn!(
                     "the broker did not confirm the unregister reply in time; unregistering anyway"
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot send the unregister reply; unregistering anyway")
-                }
+                );
             }
-            match store.clear() {
+            match h.store.clear() {
                 Ok(()) => {
                     tracing::info!("unregistered by the DMS: credentials deleted; enrolling again")
                 }
                 Err(e) => tracing::error!(error = %e, "cannot delete the credentials"),
             }
-            reload.notify_one();
+            h.reload.notify_one();
         }
     }
 }
 
-/// Marks the heartbeat hashes stale whenever a change becomes ready (or
-/// events were missed).
-async fn watch_snap_changes(
-    mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
-    hashes: heartbeat::HashCache,
-    token: CancellationToken,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            e = events.recv() => match e {
-                Ok(ev) if ev.change.ready => hashes.mark_changed(),
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => hashes.mark_changed(),
-                Err(RecvError::Closed) => return,
-            },
-        }
+/// Waits for the change an action started and reports its end.
+async fn follow(h: &Handler, req: &Request, change: &str) {
+    let done = actions::completion(&h.ctx, req, change).await;
+    h.ctx.hashes.mark_changed();
+    tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
+    let bytes = done.to_bytes();
+    let (id, b) = (req.id.clone(), bytes.clone());
+    if let Err(e) = blocking(&h.ledger, move |l| l.complete(&id, &b)).await {
+        tracing::error!(id = %req.id, error = %e, "cannot store a completion report; sending it anyway");
     }
-}
-
-/// Publishes the per-serial results on the DMS connection.
-async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: CancellationToken) {
-    let mut results = required.results();
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            r = results.recv() => match r {
-                Ok((topic, payload)) => {
-                    let _ = mqtt.publish(&topic, QoS::AtLeastOnce, payload).await;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => return,
-            },
-        }
-    }
-}
-
-/// Runs `tick` now and then every `every`, until the session ends.
-async fn periodically<F, Fut>(every: Duration, token: CancellationToken, mut tick: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let mut interval = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = interval.tick() => tick().await,
-        }
-    }
+    h.outbox.send(&req.id, Kind::Completion, bytes).await;
 }

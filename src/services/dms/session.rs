@@ -1,0 +1,336 @@
+//! One DMS session: the broker connection, heartbeat and metrics, and the
+//! intake of actions.
+//!
+//! Intake, in this order for every batch of messages the driver has: take
+//! an admission slot per action (waiting here, never in the event loop,
+//! when `dms.actions.concurrency` actions run), record the batch in the
+//! ledger in one transaction, acknowledge each message, then run the new
+//! ones. A message is acknowledged only once its action is on disk.
+
+use super::ledger::{self, Admission, State};
+use super::outbox::Kind;
+use super::request::{self, Request, Response};
+use super::{blocking, heartbeat, metrics, run_action, Handler, Settings};
+use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
+use crate::bus::{topics, ConnectionStatus, Topic};
+use crate::identity::Credentials;
+use crate::services::required::Required;
+use crate::supervisor::RunResult;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Most messages recorded in one ledger transaction.
+const BATCH: usize = 256;
+
+pub(super) struct Params {
+    pub handler: Arc<Handler>,
+    pub creds: Arc<Credentials>,
+    pub required: Option<Arc<Required>>,
+    pub status: watch::Sender<ConnectionStatus>,
+    pub settings: Settings,
+    pub session_tx: watch::Sender<Option<(MqttHandle, Topic)>>,
+    pub changes: Arc<crate::changes::Poller>,
+}
+
+pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
+    let creds = &p.creds;
+    let inbox = topics::dms_actions(&creds.device_id)?;
+    let outbox = topics::dms_responses(&creds.device_id)?;
+    let health = topics::dms_health(&creds.device_id)?;
+    let metrics_topic = topics::dms_metrics(&creds.org_id)?;
+    // The per-serial tree, when the enrollment names the serial.
+    let serial_base = match (&p.required, creds.device.serial.as_str()) {
+        (Some(_), serial) if !serial.is_empty() => topics::serial_actions(serial).ok(),
+        _ => None,
+    };
+    let mut subscriptions = vec![inbox];
+    if let Some(base) = &serial_base {
+        subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
+    }
+    let s = &p.settings;
+    let tls = crate::tls::dms_broker(creds, &s.ca, s.verify)
+        .map_err(|e| anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}"))?;
+    let mut link = mqtt::connect(
+        creds,
+        tls,
+        subscriptions,
+        p.settings.keepalive,
+        p.status.clone(),
+        token.clone(),
+    )?;
+    let mqtt = link.handle.clone();
+    p.session_tx.send_replace(Some((mqtt.clone(), outbox)));
+    tokio::spawn(log_subscribed(mqtt.subscribed(), token.clone()));
+    if let (Some(r), Some(_)) = (&p.required, &serial_base) {
+        tokio::spawn(forward_results(r.clone(), mqtt.clone(), token.clone()));
+    }
+    tokio::spawn(watch_snap_changes(
+        p.changes.events(),
+        p.handler.ctx.hashes.clone(),
+        token.clone(),
+    ));
+    let (c, m) = (p.handler.ctx.clone(), mqtt.clone());
+    tokio::spawn(periodically(
+        p.settings.heartbeat,
+        token.clone(),
+        move || {
+            let (c, m, topic) = (c.clone(), m.clone(), health.clone());
+            async move {
+                let doc = heartbeat::heartbeat(&c).await;
+                if !m.publish_telemetry(&topic, doc.to_string().into()) {
+                    tracing::debug!("heartbeat not sent: the DMS broker is not connected");
+                }
+            }
+        },
+    ));
+    let (device, m) = (creds.device_id.clone(), mqtt.clone());
+    let mut prev = metrics::cpu_sample();
+    tokio::spawn(periodically(p.settings.metrics, token.clone(), move || {
+        let text = metrics::lines(&device, &mut prev);
+        let (m, topic) = (m.clone(), metrics_topic.clone());
+        async move {
+            m.publish_telemetry(&topic, text.into());
+        }
+    }));
+
+    let slots = Arc::new(Semaphore::new(p.settings.concurrency.max(1)));
+    loop {
+        // Admission: a slot before each action is taken. Waiting here holds
+        // back the PUBACKs, and so the broker; a batch is only as large as
+        // the free slots (never waiting for a slot while holding a batch).
+        let mut slot = Some(tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            s = slots.clone().acquire_owned() => s?,
+        });
+        let first = tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            m = link.messages.recv() => match m {
+                Some(m) => m,
+                None => {
+                    if token.is_cancelled() {
+                        return Ok(());
+                    }
+                    anyhow::bail!("the MQTT driver of the DMS link stopped")
+                }
+            },
+        };
+        // Serial-tree messages and unreadable requests need no slot.
+        let mut actions: Vec<(MqttMessage, Request)> = Vec::new();
+        let mut permits = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            if let Some(req) = triage(&p, &mqtt, serial_base.as_ref(), &msg).await {
+                actions.push((msg, req));
+                permits.extend(slot.take());
+            }
+            if actions.len() >= BATCH {
+                break;
+            }
+            if slot.is_none() {
+                match slots.clone().try_acquire_owned() {
+                    Ok(s) => slot = Some(s),
+                    Err(_) => break,
+                }
+            }
+            next = link.messages.try_recv();
+        }
+        drop(slot);
+        if actions.is_empty() {
+            continue;
+        }
+        let batch: Vec<(Request, String)> = actions
+            .iter()
+            .map(|(m, r)| (r.clone(), ledger::digest(&m.payload)))
+            .collect();
+        let admitted = blocking(&p.handler.ledger, move |l| {
+            let refs: Vec<(&Request, &str)> = batch.iter().map(|(r, d)| (r, d.as_str())).collect();
+            l.accept(&refs)
+        })
+        .await;
+        for (msg, _) in &actions {
+            mqtt.ack(msg).await;
+        }
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record DMS actions in the ledger; refusing them");
+                for (_, req) in actions {
+                    let resp = Response::fail(
+                        &req.id,
+                        &req.action,
+                        format!("the device cannot record the action, so it did not run it: {e}"),
+                    );
+                    let h = p.handler.clone();
+                    tokio::spawn(async move {
+                        h.outbox
+                            .send(&req.id, Kind::Unrecorded, resp.to_bytes())
+                            .await
+                    });
+                }
+                continue;
+            }
+        };
+        for (((_, req), admission), permit) in actions.into_iter().zip(admitted).zip(permits) {
+            let h = p.handler.clone();
+            match admission {
+                Admission::New => {
+                    tokio::spawn(async move { run_action(&h, req, Some(permit)).await });
+                }
+                Admission::Again {
+                    state,
+                    response,
+                    completion,
+                } => {
+                    drop(permit);
+                    again(h, req, state, response, completion);
+                }
+                Admission::Conflict { action } => {
+                    drop(permit);
+                    let resp = Response::fail(
+                        &req.id,
+                        &req.action,
+                        format!(
+                            "id {:?} was already used for a different {action} request; this one was not run",
+                            req.id
+                        ),
+                    );
+                    tracing::warn!(id = %req.id, "DMS request id reused for a different request; refused");
+                    tokio::spawn(async move {
+                        h.outbox
+                            .send(&req.id, Kind::Unrecorded, resp.to_bytes())
+                            .await
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A repeated id: never run again; its stored replies are sent again.
+fn again(
+    h: Arc<Handler>,
+    req: Request,
+    state: State,
+    response: Option<bytes::Bytes>,
+    completion: Option<bytes::Bytes>,
+) {
+    match (state, response) {
+        (State::Done, Some(resp)) => {
+            tracing::info!(id = %req.id, action = %req.action, "repeated DMS request; answering again from the ledger");
+            tokio::spawn(async move {
+                h.outbox.send(&req.id, Kind::Response, resp).await;
+                if let Some(done) = completion {
+                    h.outbox.send(&req.id, Kind::Completion, done).await;
+                }
+            });
+        }
+        _ => {
+            tracing::info!(id = %req.id, action = %req.action, "repeated DMS request still in progress; its reply follows");
+        }
+    }
+}
+
+/// Handles what needs no admission (the per-serial tree, unreadable
+/// requests: answered and acknowledged here); returns the actions.
+async fn triage(
+    p: &Params,
+    mqtt: &MqttHandle,
+    serial_base: Option<&Topic>,
+    msg: &MqttMessage,
+) -> Option<Request> {
+    if let (Some(r), Some(base)) = (&p.required, serial_base) {
+        if msg.topic.strip_prefix(base).is_some() {
+            // Stored (or refused) before the broker hears PUBACK.
+            if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload) {
+                let _ = mqtt.publish(&topic, payload).await;
+            }
+            mqtt.ack(msg).await;
+            return None;
+        }
+    }
+    match request::parse(&msg.payload) {
+        Ok(req) => Some(req),
+        Err(resp) => {
+            tracing::warn!(id = %resp.id, "refused a DMS request: {}", resp.message);
+            mqtt.ack(msg).await;
+            let h = p.handler.clone();
+            tokio::spawn(async move {
+                h.outbox
+                    .send(&resp.id.clone(), Kind::Unrecorded, resp.to_bytes())
+                    .await
+            });
+            None
+        }
+    }
+}
+
+/// Logs each time the subscriptions are granted (tests and operators wait
+/// for this line).
+async fn log_subscribed(mut subscribed: watch::Receiver<bool>, token: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            r = subscribed.wait_for(|s| *s) => if r.is_err() { return },
+        }
+        tracing::info!("subscribed to DMS actions");
+        tokio::select! {
+            _ = token.cancelled() => return,
+            r = subscribed.wait_for(|s| !*s) => if r.is_err() { return },
+        }
+    }
+}
+
+/// Marks the heartbeat hashes stale whenever a change becomes ready (or
+/// events were missed).
+async fn watch_snap_changes(
+    mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
+    hashes: heartbeat::HashCache,
+    token: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            e = events.recv() => match e {
+                Ok(ev) if ev.change.ready => hashes.mark_changed(),
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => hashes.mark_changed(),
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// Publishes the per-serial results on the DMS connection.
+async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: CancellationToken) {
+    let mut results = required.results();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            r = results.recv() => match r {
+                Ok((topic, payload)) => {
+                    let _ = mqtt.publish(&topic, payload).await;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+/// Runs `tick` now and then every `every`, until the session ends.
+async fn periodically<F, Fut>(every: Duration, token: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = interval.tick() => tick().await,
+        }
+    }
+}
