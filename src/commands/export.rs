@@ -90,6 +90,10 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         "enabled": config.export.enabled,
         "status-at-ms": daemon.as_ref().map(|d| d["at-ms"].clone()),
     });
+    // A spool written only by an older agent has no dead-letter table yet:
+    // it has no dead letters either.
+    let dead = spool.dead_letters().unwrap_or_default();
+    doc["dead-letters"] = serde_json::to_value(&dead)?;
     if as_json {
         return write_stdout(&(serde_json::to_string_pretty(&doc)? + "\n"));
     }
@@ -155,6 +159,16 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
             "rates:        {} in/s, {} out/s\n",
             r.get("in-per-s").cloned().unwrap_or(Value::Null),
             r.get("out-per-s").cloned().unwrap_or(Value::Null)
+        ));
+    }
+    out.push_str(&format!(
+        "dead letters: {} (refused for good by the upstream, not resent)\n",
+        n(&c["dead-lettered"])
+    ));
+    for d in &dead {
+        out.push_str(&format!(
+            "  #{} {} {} bytes: {}\n",
+            d.seq, d.stream, d.size, d.error
         ));
     }
     write_stdout(&out)

@@ -18,7 +18,7 @@
 //! overtaken by the next one.
 
 use super::spool::{Durability, Row, Spool, SpoolError};
-use super::upstream::{AckFuture, Session, ACK_TIMEOUT};
+use super::upstream::{Acknowledgement, Session, ACK_TIMEOUT};
 use crate::backoff::Backoff;
 use crate::config::ExportConfig;
 use std::collections::VecDeque;
@@ -196,7 +196,7 @@ impl Forwarding<'_> {
             }
             Ok(())
         };
-        let mut inflight: VecDeque<(i64, AckFuture)> = VecDeque::new();
+        let mut inflight: VecDeque<(i64, Acknowledgement)> = VecDeque::new();
         let mut read_after = 0i64;
         let mut first_acked = false;
         // One cancellation future and one ack deadline for the session, not
@@ -284,6 +284,26 @@ impl Forwarding<'_> {
                     acked.last = seq;
                     acked.n += 1;
                     acked.duplicates += a.duplicate as u64;
+                }
+                Ok(Err(e)) if e.permanent => {
+                    // Retrying cannot succeed: move it aside, so the rest
+                    // flows. The session ends and the next one starts after
+                    // it (what is in flight behind it is sent again,
+                    // dropped by JetStream as duplicates).
+                    flush(&mut acked)?;
+                    tracing::error!(
+                        seq,
+                        error = %e,
+                        "export upstream refused a message for good; moved to the dead letters (see iot-agent export status)"
+                    );
+                    let why = e.detail.clone();
+                    self.db
+                        .call(move |s| s.dead_letter(seq, &why))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Err(format!(
+                        "message {seq} refused for good, dead-lettered: {e}"
+                    ));
                 }
                 Ok(Err(e)) => {
                     flush(&mut acked)?;

@@ -40,6 +40,8 @@ pub mod counter {
     pub const RESENT: &str = "resent";
     /// Re-sends JetStream recognised (`Nats-Msg-Id`) and did not store again.
     pub const DUPLICATES: &str = "duplicates-suppressed";
+    /// Messages the upstream refused for good, moved to the dead letters.
+    pub const DEAD_LETTERED: &str = "dead-lettered";
     pub const ALL: &[&str] = &[
         RECEIVED,
         FORWARDED,
@@ -49,6 +51,7 @@ pub mod counter {
         EXPIRED,
         RESENT,
         DUPLICATES,
+        DEAD_LETTERED,
     ];
 }
 
@@ -56,11 +59,30 @@ pub mod counter {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The spool's schema, applied by the shared runner (`crate::db`).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "export/0001_spool.sql",
-    sql: include_str!("../../migrations/export/0001_spool.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "export/0001_spool.sql",
+        sql: include_str!("../../migrations/export/0001_spool.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "export/0002_dead_letters.sql",
+        sql: include_str!("../../migrations/export/0002_dead_letters.sql"),
+    },
+];
+
+/// One message the upstream refused for good.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub stream: String,
+    pub received_ms: i64,
+    pub size: u64,
+    pub failed_ms: i64,
+    pub error: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -398,6 +420,44 @@ impl Spool {
         )?;
         tx.commit()?;
         Ok(removed)
+    }
+
+    /// Moves message `seq` (refused for good by the upstream) out of the
+    /// spool into the dead letters, in one transaction, and counts it: the
+    /// next session starts after it and the rest flows in order.
+    pub fn dead_letter(&mut self, seq: i64, error: &str) -> Result<u64, SpoolError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let copied = tx.execute(
+            "INSERT OR REPLACE INTO dead_letters (seq, stream, received_ms, size, payload, failed_ms, error) \
+             SELECT seq, stream, received_ms, size, payload, ?2, ?3 FROM messages WHERE seq = ?1",
+            params![seq, now_ms(), error],
+        )?;
+        let n = delete_range(&tx, seq, seq)?;
+        add_counters(&tx, &[(counter::DEAD_LETTERED, copied as u64)])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// The dead letters, oldest first (without their payloads).
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, SpoolError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, stream, received_ms, size, failed_ms, error FROM dead_letters ORDER BY seq",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(DeadLetter {
+                    seq: r.get(0)?,
+                    stream: r.get(1)?,
+                    received_ms: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as u64,
+                    failed_ms: r.get(4)?,
+                    error: r.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// Deletes messages received before `cutoff_ms`, oldest first, stopping

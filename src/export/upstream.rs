@@ -48,6 +48,49 @@ pub struct Ack {
 /// Resolves when the upstream acknowledged (or refused) one message.
 pub type AckFuture = BoxFuture<'static, Result<Ack, String>>;
 
+/// Why the upstream did not take one message.
+///
+/// `permanent` means sending it again can never succeed (it is larger than
+/// the server's `max_payload` or the stream's `max_msg_size`): the forwarder
+/// moves it to the dead letters instead of retrying it forever, which would
+/// stall everything behind it. Anything else (lost link, timeout, stream
+/// missing, storage full) is transient and the message is retried.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub permanent: bool,
+    pub detail: String,
+}
+
+impl Refusal {
+    fn transient(detail: String) -> Refusal {
+        Refusal {
+            permanent: false,
+            detail,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// A message's acknowledgement, with its refusal classified.
+pub type Acknowledgement = BoxFuture<'static, Result<Ack, Refusal>>;
+
+/// Whether a JetStream publish error can never succeed on retry.
+fn nats_permanent(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+        return true;
+    }
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|j| j.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
 pub enum Session {
     Nats(NatsSession),
     Mqtt(MqttSession),
@@ -68,10 +111,18 @@ impl Session {
 
     /// Hands one message to the connection; the future resolves with the
     /// upstream's acknowledgement. Messages go out in call order.
-    pub async fn publish(&mut self, row: &Row, msg_id: &str) -> Result<AckFuture, UpstreamError> {
+    pub async fn publish(
+        &mut self,
+        row: &Row,
+        msg_id: &str,
+    ) -> Result<Acknowledgement, UpstreamError> {
         match self {
             Session::Nats(s) => s.publish(row, msg_id).await,
-            Session::Mqtt(s) => s.publish(row).await,
+            Session::Mqtt(s) => Ok(s
+                .publish(row)
+                .await?
+                .map(|r| r.map_err(Refusal::transient))
+                .boxed()),
         }
     }
 
@@ -184,12 +235,12 @@ impl NatsSession {
         })
     }
 
-    async fn publish(&mut self, row: &Row, msg_id: &str) -> Result<AckFuture, UpstreamError> {
+    async fn publish(&mut self, row: &Row, msg_id: &str) -> Result<Acknowledgement, UpstreamError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
         headers.insert("Export-Stream", row.stream.as_str());
         headers.insert("Export-Received-Ms", row.received_ms.to_string().as_str());
-        let ack = self
+        let ack = match self
             .js
             .publish_with_headers(
                 nats_subject(&self.prefix, &row.stream),
@@ -197,13 +248,27 @@ impl NatsSession {
                 row.payload.clone(),
             )
             .await
-            .map_err(|e| UpstreamError::Publish(e.to_string()))?;
+        {
+            Ok(ack) => ack,
+            // Over the server's max_payload: refused before it is sent.
+            Err(e) if nats_permanent(&e) => {
+                let r = Refusal {
+                    permanent: true,
+                    detail: e.to_string(),
+                };
+                return Ok(futures::future::ready(Err(r)).boxed());
+            }
+            Err(e) => return Err(UpstreamError::Publish(e.to_string())),
+        };
         Ok(async move {
             ack.await
                 .map(|a| Ack {
                     duplicate: a.duplicate,
                 })
-                .map_err(|e| e.to_string())
+                .map_err(|e| Refusal {
+                    permanent: nats_permanent(&e),
+                    detail: e.to_string(),
+                })
         }
         .boxed())
     }

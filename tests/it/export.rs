@@ -551,3 +551,76 @@ fn drop_oldest_keeps_the_newest_and_forwards_them_in_order() {
     .expect("the kept messages did not arrive");
     assert_eq!(received, (15..25).collect::<Vec<_>>());
 }
+
+/// A message the upstream refuses for good (over the stream's
+/// `max_msg_size`) in the middle of a backlog: before the dead letters it
+/// ended every session at the same row and nothing behind it was delivered.
+/// Now it is moved aside, listed and counted, and the rest arrive in order.
+#[test]
+fn a_message_over_the_streams_max_msg_size_is_dead_lettered_and_the_rest_flow_in_order() {
+    // More than one forwarding window (export.batch.forward = 64) behind it.
+    const N: u64 = 100;
+    const POISON: u64 = 5;
+    let local = local_nats();
+    let upstream = NatsServer::start(NatsConfig {
+        jetstream: true,
+        ..Default::default()
+    });
+    let rt = runtime();
+    // The operator's stream, smaller per message than the poison one (the
+    // agent finds it and does not change it).
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(upstream.url()).await.unwrap());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: JS_STREAM.into(),
+            subjects: vec!["telemetry.>".into()],
+            max_message_size: 1024,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[
+            ("IOT_AGENT_EXPORT__UPSTREAM__URL", upstream.url()),
+            ("IOT_AGENT_EXPORT__UPSTREAM__STREAM", JS_STREAM.into()),
+        ],
+    );
+    // The backlog is spooled while the daemon is down.
+    for i in 0..N {
+        let p = if i == POISON {
+            format!("{i:08}:{}", "y".repeat(4000))
+        } else {
+            payload(i)
+        };
+        let out = run_once(&["export", "send", "--stream", "s1", "--", &p], &env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _agent = start_agent(&env);
+    let expected: Vec<u64> = (0..N).filter(|&i| i != POISON).collect();
+    let received = poll_until(Instant::now() + Duration::from_secs(60), || {
+        let r = rt.block_on(read_jetstream(&upstream.url()));
+        (r.len() >= expected.len()).then_some(r)
+    })
+    .expect("the messages behind the poison one were not delivered");
+    assert_eq!(received, expected);
+    let st = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let st = export_status(&env);
+        (st["backlog"]["messages"] == 0).then_some(st)
+    })
+    .expect("the spool did not drain");
+    assert_eq!(st["counters"]["dead-lettered"], 1, "{st}");
+    let dead = st["dead-letters"].as_array().expect("dead-letters list");
+    assert_eq!(dead.len(), 1, "{st}");
+    assert_eq!(dead[0]["stream"], "s1", "{st}");
+    assert!(dead[0]["size"].as_u64().unwrap() > 4000, "{st}");
+    assert!(!dead[0]["error"].as_str().unwrap().is_empty(), "{st}");
+}
