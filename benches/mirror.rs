@@ -138,7 +138,10 @@ fn main() {
         };
         let shutdown = CancellationToken::new();
         let mirror = Mirror::new(bus, snapd.clone(), settings, status);
-        tokio::spawn(mirror.run(shutdown.clone()));
+        tokio::spawn(iot_agent::supervisor::Subsystem::run(
+            mirror,
+            shutdown.clone().into(),
+        ));
 
         // The bare echo responder (own NATS connection), answering with a
         // payload the size of snapd's system-info envelope.

@@ -5,7 +5,8 @@
 //! - [`snapd`]: the REST client over snapd's unix socket;
 //! - [`identity`]: enrollment with the identity service, the credential store;
 //! - [`bus`]: broker connections and the topic vocabulary;
-//! - [`supervisor`]: runs subsystems, restarts them, stops them on signal;
+//! - [`supervisor`]: the one subsystem shape ([`supervisor::Subsystem`]); runs
+//!   subsystems, restarts them, stops them (and their tasks) on signal;
 //! - [`services`]: what the agent answers and watches;
 //! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
 //! - [`db`]: SQLite databases and their schema migrations;

@@ -24,12 +24,11 @@
 
 use crate::changes::times;
 use crate::snapd::{self, Change, ChangeSelect, Notices, Status};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, watch, Notify};
-use tokio_util::sync::CancellationToken;
 
 /// The fastest re-read while a change is in progress.
 pub const BUSY_MIN: Duration = Duration::from_secs(1);
@@ -148,7 +147,7 @@ impl Poller {
     }
 
     /// Reads until `shutdown`; returns the first failed read as an error.
-    pub async fn run(&self, shutdown: CancellationToken) -> RunResult {
+    async fn read(&self, shutdown: Shutdown) -> RunResult {
         // Whether snapd has notices is found out again on every (re)start:
         // snapd may have been refreshed meanwhile.
         let mut notices = true;
@@ -274,6 +273,17 @@ fn latest_notice(list: &[serde_json::Value]) -> Option<(i64, String)> {
             Some((times::parse_ns(s)?, s.to_string()))
         })
         .max_by_key(|(ns, _)| *ns)
+}
+
+/// The poller is shared (the DMS and the per-serial worker follow changes
+/// on it), so the subsystem is the shared handle.
+impl Subsystem for Arc<Poller> {
+    const NAME: &'static str = "change-poller";
+    const SECTION: &'static str = "snaplogger";
+
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        self.read(shutdown).await
+    }
 }
 
 #[cfg(test)]

@@ -22,14 +22,13 @@ use crate::changes::store::{status_name, RebootRecord, Store};
 use crate::changes::times;
 use crate::config::Config;
 use crate::snapd::{self, Change, ChangeSelect};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use crate::{errors, fsutil};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Bound on a configured reboot command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,6 +57,8 @@ pub struct Watchdog {
     clock: Clock,
     events: Option<Bus>,
     state: Mutex<State>,
+    /// The poller's snapshots.
+    snapshots: SnapshotRx,
 }
 
 /// The NATS subjects the watchdog publishes on (the AsyncAPI test).
@@ -91,7 +92,8 @@ pub struct Stuck {
 }
 
 impl Watchdog {
-    pub fn from_config(config: &Config, snapd: snapd::Client) -> Watchdog {
+    /// The watchdog of `watchdog.*`, watching `snapshots` (the poller's).
+    pub fn from_config(config: &Config, snapd: snapd::Client, snapshots: SnapshotRx) -> Watchdog {
         let w = &config.watchdog;
         let command = w.reboot.command.trim();
         Watchdog {
@@ -113,6 +115,7 @@ impl Watchdog {
             clock: Clock::new(guard::system_uptime()),
             events: None,
             state: Mutex::new(State::default()),
+            snapshots,
         }
     }
 
@@ -132,13 +135,15 @@ impl Watchdog {
     pub fn report_path(&self, change_id: &str) -> PathBuf {
         report_path(&self.data_dir, change_id)
     }
+}
+
+impl Subsystem for Arc<Watchdog> {
+    const NAME: &'static str = "watchdog";
+    const SECTION: &'static str = "watchdog";
 
     /// Watches the poller's snapshots until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        mut rx: SnapshotRx,
-        shutdown: CancellationToken,
-    ) -> RunResult {
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        let mut rx = self.snapshots.clone();
         tracing::info!(
             threshold = %humantime::format_duration(self.threshold),
             ignore = ?self.ignore,
@@ -179,7 +184,9 @@ impl Watchdog {
             }
         }
     }
+}
 
+impl Watchdog {
     fn watched<'a>(&'a self, snapshot: &'a Snapshot) -> impl Iterator<Item = &'a Change> {
         snapshot
             .changes
@@ -555,6 +562,7 @@ mod tests {
         Watchdog::from_config(
             &config,
             snapd::Client::new("/nonexistent", Duration::from_secs(1)),
+            tokio::sync::watch::channel(None).1,
         )
     }
 

@@ -29,8 +29,26 @@ pub fn limits(config: &Config) -> Limits {
     }
 }
 
-/// The export subsystem: runs intake, forwarder and status until
-/// cancelled; an error (spool unusable, intake subscription lost) ends all
+/// The export subsystem (`export.*`, started when `export.enabled`).
+#[derive(Clone)]
+pub struct Export {
+    /// The agent's configuration (`export` and the directories).
+    pub config: Arc<Config>,
+    /// The device-local NATS, where the intake listens.
+    pub bus: Bus,
+}
+
+impl crate::supervisor::Subsystem for Export {
+    const NAME: &'static str = "export";
+    const SECTION: &'static str = "export";
+
+    async fn run(self, shutdown: crate::supervisor::Shutdown) -> anyhow::Result<()> {
+        run(self.config, self.bus, shutdown.token().clone()).await
+    }
+}
+
+/// Runs intake, forwarder and status until cancelled (it waits for all
+/// three); an error (spool unusable, intake subscription lost) ends all
 /// three and the supervisor restarts the subsystem.
 pub async fn run(config: Arc<Config>, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = config.export.clone();

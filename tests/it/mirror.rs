@@ -108,7 +108,8 @@ async fn rig(opts: Opts) -> Rig {
     let mirror = Mirror::new(bus, snapd, settings, mqtt_rx);
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        mirror.run(token).await.expect("the mirror failed");
+        use iot_agent::supervisor::Subsystem;
+        mirror.run(token.into()).await.expect("the mirror failed");
     });
     let client = connect(&nats.url(), "snapd", password).await;
     let rig = Rig {

@@ -48,7 +48,7 @@ use crate::bus::topics::{self, Topic};
 use crate::bus::{Bus, StatusRx};
 use crate::config::Config;
 use crate::snapd::{self, RetryPolicy};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use endpoints::{Kind, Role};
@@ -61,7 +61,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 /// The micro-service name (`$SRV.PING.iot-agent`).
 pub const SERVICE_NAME: &str = "iot-agent";
@@ -127,10 +126,15 @@ impl Mirror {
             mqtt_status,
         }
     }
+}
+
+impl Subsystem for Mirror {
+    const NAME: &'static str = "snapd-mirror";
+    const SECTION: &'static str = "nats";
 
     /// Serves until `shutdown`; an error (the subscriptions ended) makes
     /// the supervisor start it again.
-    pub async fn run(self, shutdown: CancellationToken) -> RunResult {
+    async fn run(self, shutdown: Shutdown) -> RunResult {
         let service = self
             .bus
             .nats()
@@ -171,7 +175,7 @@ impl Mirror {
             self.bus.clone(),
             self.snapd.clone(),
             self.settings.follow.clone(),
-            shutdown.child_token(),
+            shutdown.token().child_token(),
         );
         let ctx = Arc::new(Ctx {
             mirror: self,

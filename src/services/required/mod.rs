@@ -11,6 +11,9 @@
 
 pub mod request;
 pub mod store;
+mod subsystem;
+
+pub use subsystem::NatsSide;
 
 use crate::backoff;
 use crate::bus::{topics, Bus, Topic};
