@@ -12,13 +12,18 @@
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
 //! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
+//! - [`clock`]: the wall clock ("now" in s, ms, ns) and snapd's RFC 3339 timestamps;
+//! - [`sys`]: the few libc calls (file lock, signals), the crate's only `unsafe`;
 //! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
 //! - [`agent`]: the `run` command that wires it all together.
+
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod backoff;
 pub mod bus;
 pub mod changes;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod control;
@@ -32,4 +37,5 @@ pub mod nats_server;
 pub mod services;
 pub mod snapd;
 pub mod supervisor;
+pub mod sys;
 pub mod tls;

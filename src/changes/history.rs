@@ -14,7 +14,7 @@
 
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, Store};
-use crate::changes::times;
+use crate::clock;
 use crate::config::Config;
 use crate::snapd::{Change, Status};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
@@ -128,11 +128,11 @@ impl History {
                 .changes
                 .iter()
                 .filter(|c| {
-                    let spawn = times::parse_ns(&c.spawn_time).unwrap_or(0);
+                    let spawn = clock::parse_ns(&c.spawn_time).unwrap_or(0);
                     let ready = c
                         .ready_time
                         .as_deref()
-                        .and_then(times::parse_ns)
+                        .and_then(clock::parse_ns)
                         .unwrap_or(0);
                     spawn.max(ready) >= since
                 })

@@ -22,7 +22,7 @@
 //! A failed read ends the run with the error; the supervisor logs it and
 //! restarts the poller with back-off. The snapshot survives the restart.
 
-use crate::changes::times;
+use crate::clock;
 use crate::snapd::{self, Change, ChangeSelect, Notices, Status};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::collections::HashMap;
@@ -153,13 +153,13 @@ impl Poller {
         let mut notices = true;
         let mut after: Option<(i64, String)> = None;
         loop {
-            let started = times::now_ns();
+            let started = clock::now_ns();
             let changes = self.snapd.changes(ChangeSelect::All, None).await?;
             let wait = next_wait(&changes, self.every, started, notices);
             self.publish(started, changes);
             if after.is_none() {
                 // Notices from before this read are already in it.
-                after = Some((started, times::format_ns(started)));
+                after = Some((started, clock::format_ns(started)));
             }
             let deadline = tokio::time::Instant::now() + wait;
             loop {
@@ -251,7 +251,7 @@ pub fn next_wait(changes: &[Change], every: Duration, now_ns: i64, notices: bool
         .iter()
         .filter(|c| !c.ready)
         .map(|c| {
-            let age = times::parse_ns(&c.spawn_time).map_or(0, |s| now_ns.saturating_sub(s));
+            let age = clock::parse_ns(&c.spawn_time).map_or(0, |s| now_ns.saturating_sub(s));
             Duration::from_nanos(u64::try_from(age).unwrap_or(0))
         })
         .min();
@@ -270,7 +270,7 @@ fn latest_notice(list: &[serde_json::Value]) -> Option<(i64, String)> {
                 .get("last-repeated")
                 .or_else(|| n.get("last-occurred"))?
                 .as_str()?;
-            Some((times::parse_ns(s)?, s.to_string()))
+            Some((clock::parse_ns(s)?, s.to_string()))
         })
         .max_by_key(|(ns, _)| *ns)
 }
@@ -304,7 +304,7 @@ mod tests {
     #[test]
     fn busy_changes_are_read_faster_the_younger_they_are() {
         let every = Duration::from_secs(3600);
-        let t0 = times::parse_ns(T0).unwrap();
+        let t0 = clock::parse_ns(T0).unwrap();
         let sec = 1_000_000_000i64;
         let done = change("1", "Done", true, T0);
         assert_eq!(

@@ -19,7 +19,7 @@ use crate::bus::{topics, Bus, Topic};
 use crate::changes::guard::{self, Budget, Clock, Hold, Progress};
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, RebootRecord, Store};
-use crate::changes::times;
+use crate::clock;
 use crate::config::Config;
 use crate::snapd::{self, Change, ChangeSelect};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
@@ -468,7 +468,7 @@ impl Watchdog {
             "stuck-change": stuck.id,
             "reason": reason,
             "threshold": humantime::format_duration(self.threshold).to_string(),
-            "written-at": times::now_rfc3339(),
+            "written-at": clock::now_rfc3339(),
             "changes": all,
         });
         let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use store::{Added, Pending, SnapRow, Store};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
@@ -72,12 +72,7 @@ pub struct Required {
 /// requests are served (and refused while the queue stays closed).
 const OPEN_WAIT: Duration = Duration::from_secs(3);
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::now_s as unix_now;
 
 fn result_topic(request_topic: &Topic) -> Topic {
     Topic::fixed(&format!("{}/{RESULT}", request_topic.mqtt()))
