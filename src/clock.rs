@@ -6,6 +6,7 @@
 //!
 //! This is wall-clock time, for what is stored or shown. Waiting and
 //! timeouts use `tokio::time` (monotonic, and paused in tests).
+#![warn(missing_docs)]
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

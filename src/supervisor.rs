@@ -12,6 +12,7 @@
 //! ([`Shutdown::spawn`]), so the supervisor waits for those tasks too, not
 //! only for `run`. Whatever is still running when the grace period ends is
 //! aborted and named in the log.
+#![warn(missing_docs)]
 
 use crate::backoff::Backoff;
 use futures::future::BoxFuture;
@@ -141,7 +142,9 @@ impl Unit {
 /// Restart and shutdown timing.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// First delay before restarting a failed subsystem.
     pub restart_base: Duration,
+    /// Longest delay between restarts.
     pub restart_cap: Duration,
     /// A run longer than this counts as healthy: back-off starts over.
     pub healthy_after: Duration,

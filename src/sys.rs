@@ -2,6 +2,7 @@
 //! advisory file lock and signals to another process. Every `unsafe` block
 //! of the crate is here (the crate denies `unsafe_code` elsewhere), each a
 //! plain system call on values owned by the caller.
+#![warn(missing_docs)]
 #![allow(unsafe_code)]
 
 use std::io;

@@ -11,6 +11,7 @@
 //! history with back-off while the other subsystems go on. Because the
 //! database is the memory of what was logged, the restart neither repeats
 //! nor skips a change that snapd still has.
+#![warn(missing_docs)]
 
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, Store};
@@ -29,8 +30,11 @@ const STARTUP_WINDOW_NS: i64 = 24 * 3600 * 1_000_000_000;
 /// Which changes the change logger writes to the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verbosity {
+    /// None.
     None,
+    /// Only changes that failed.
     FailedOnly,
+    /// Every change.
     All,
 }
 
@@ -45,6 +49,7 @@ impl Verbosity {
     }
 }
 
+/// The change history: every change snapd reported, in SQLite.
 pub struct History {
     path: PathBuf,
     keep: u32,

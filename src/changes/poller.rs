@@ -21,6 +21,7 @@
 //!
 //! A failed read ends the run with the error; the supervisor logs it and
 //! restarts the poller with back-off. The snapshot survives the restart.
+#![warn(missing_docs)]
 
 use crate::clock;
 use crate::snapd::{self, Change, ChangeSelect, Notices, Status};
@@ -45,10 +46,12 @@ pub struct Snapshot {
     pub seq: u64,
     /// When the read started, Unix nanoseconds.
     pub taken_ns: i64,
+    /// Every change of the read.
     pub changes: Vec<Change>,
 }
 
 impl Snapshot {
+    /// The change with this id, if snapd had it.
     pub fn get(&self, id: &str) -> Option<&Change> {
         self.changes.iter().find(|c| c.id == id)
     }
@@ -60,11 +63,13 @@ pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
 /// A change that appeared, or whose status changed, between two reads.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {
+    /// The change as read now.
     pub change: Change,
     /// Its status at the previous read; `None` when it is new.
     pub previous: Option<Status>,
 }
 
+/// The one reader of snapd's changes (see the module).
 pub struct Poller {
     snapd: snapd::Client,
     every: Duration,

@@ -14,6 +14,7 @@
 //!
 //! Kinds listed in `watchdog.ignore` are never stuck: `become-operational`
 //! retries the device registration for as long as there is no serial.
+#![warn(missing_docs)]
 
 use crate::bus::{topics, Bus, Topic};
 use crate::changes::guard::{self, Budget, Clock, Hold, Progress};
@@ -45,6 +46,7 @@ pub enum Reboot {
     Command(String),
 }
 
+/// The snap-change watchdog (see the module).
 pub struct Watchdog {
     snapd: snapd::Client,
     threshold: Duration,
@@ -86,6 +88,7 @@ struct State {
 /// Why a change is stuck.
 #[derive(Debug, Clone)]
 pub struct Stuck {
+    /// The change.
     pub change: Change,
     /// How long it has not moved.
     pub idle: Duration,
@@ -122,12 +125,6 @@ impl Watchdog {
     /// Publishes held-back reboots on this bus.
     pub fn with_events(mut self, bus: Bus) -> Watchdog {
         self.events = Some(bus);
-        self
-    }
-
-    /// Measures the boot grace from a system up this long now (tests).
-    pub fn with_uptime(mut self, uptime: Duration) -> Watchdog {
-        self.clock = Clock::new(uptime);
         self
     }
 
