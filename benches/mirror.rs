@@ -20,7 +20,7 @@ use bytes::Bytes;
 use common::servers::{NatsConfig, NatsServer, NatsUser};
 use common::snapd_double::SnapdDouble;
 use futures::StreamExt;
-use iot_agent::bus::Bus;
+use iot_agent::bus::Nats;
 use iot_agent::config;
 use iot_agent::services::mirror::{Mirror, Settings};
 use iot_agent::snapd::{self, Request};
@@ -127,7 +127,7 @@ fn main() {
             },
             ..Default::default()
         };
-        let bus = Bus::connect_nats(&cfg, "bench-mirror").await.unwrap();
+        let bus = Nats::connect(&cfg, "bench-mirror").await.unwrap();
         let (_tx, status) = iot_agent::bus::status::mqtt_status_channel();
         let settings = Settings {
             read_only: false,

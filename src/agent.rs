@@ -2,7 +2,7 @@
 //! together under the supervisor. SIGTERM or SIGINT stops it; SIGHUP makes
 //! it reload its enrollment (after `iot-agent unregister` or `enroll`).
 
-use crate::bus::Bus;
+use crate::bus::Nats;
 use crate::config::Config;
 use crate::export::Export;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
@@ -39,7 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let snapd = snapd::Client::from_config(&config);
     let identity = IdentityService::new(&config)?;
-    let bus = Bus::connect_nats(&config.nats, CLIENT_NAME).await?;
+    let bus = Nats::connect(&config.nats, CLIENT_NAME).await?;
     tracing::info!(url = %config.nats.url.as_str(), user = %config.nats.snapd.user, "NATS connection started");
 
     let reload = Arc::new(Notify::new());

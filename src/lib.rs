@@ -4,7 +4,7 @@
 //! - [`config`]: the layered configuration, one key namespace everywhere;
 //! - [`snapd`]: the REST client over snapd's unix socket;
 //! - [`identity`]: enrollment with the identity service, the credential store;
-//! - [`bus`]: broker connections and the topic vocabulary;
+//! - [`bus`]: two transports ([`bus::Nats`], [`bus::mqtt`]) and one topic vocabulary;
 //! - [`supervisor`]: the one subsystem shape ([`supervisor::Subsystem`]); runs
 //!   subsystems, restarts them, stops them (and their tasks) on signal;
 //! - [`services`]: what the agent answers and watches;

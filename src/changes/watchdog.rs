@@ -16,7 +16,7 @@
 //! retries the device registration for as long as there is no serial.
 #![warn(missing_docs)]
 
-use crate::bus::{topics, Bus, Topic};
+use crate::bus::{topics, Nats, Topic};
 use crate::changes::guard::{self, Budget, Clock, Hold, Progress};
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, RebootRecord, Store};
@@ -57,7 +57,7 @@ pub struct Watchdog {
     grace: Duration,
     budget: Budget,
     clock: Clock,
-    events: Option<Bus>,
+    events: Option<Nats>,
     state: Mutex<State>,
     /// The poller's snapshots.
     snapshots: SnapshotRx,
@@ -123,7 +123,7 @@ impl Watchdog {
     }
 
     /// Publishes held-back reboots on this bus.
-    pub fn with_events(mut self, bus: Bus) -> Watchdog {
+    pub fn with_events(mut self, bus: Nats) -> Watchdog {
         self.events = Some(bus);
         self
     }

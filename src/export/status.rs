@@ -5,7 +5,7 @@
 
 use super::forward::Shared;
 use super::spool::{counter, now_ms, Snapshot, Spool};
-use crate::bus::{topics, Bus, Topic};
+use crate::bus::{topics, Nats, Topic};
 use crate::config::ExportConfig;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -52,7 +52,7 @@ fn round(x: f64) -> f64 {
 pub async fn run(
     cfg: ExportConfig,
     spool_path: PathBuf,
-    bus: Bus,
+    bus: Nats,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

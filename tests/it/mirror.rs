@@ -10,7 +10,7 @@ use crate::common::unix_http;
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
-use iot_agent::bus::{Bus, ConnectionStatus, StatusTx};
+use iot_agent::bus::{ConnectionStatus, Nats, StatusTx};
 use iot_agent::services::mirror::{follow::FollowPolicy, Mirror, Settings};
 use iot_agent::snapd::{self, RetryPolicy};
 use serde_json::{json, Value};
@@ -87,7 +87,7 @@ async fn rig(opts: Opts) -> Rig {
         conflict_retries: 0,
         base_delay: Duration::from_millis(10),
     });
-    let bus = Bus::connect_nats(
+    let bus = Nats::connect(
         &crate::common::agent_nats_config(&nats.url(), password),
         "mirror-under-test",
     )

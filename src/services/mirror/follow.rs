@@ -7,7 +7,7 @@
 //! exists, [`Follower::follow`] becomes a subscription to it and nothing
 //! else in the mirror changes.
 
-use crate::bus::{topics, Bus};
+use crate::bus::{topics, Nats};
 use crate::snapd::{self, Status};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ impl Default for FollowPolicy {
 
 #[derive(Clone)]
 pub struct Follower {
-    bus: Bus,
+    bus: Nats,
     snapd: snapd::Client,
     policy: FollowPolicy,
     slots: Arc<Semaphore>,
@@ -49,7 +49,7 @@ pub struct Follower {
 
 impl Follower {
     pub fn new(
-        bus: Bus,
+        bus: Nats,
         snapd: snapd::Client,
         policy: FollowPolicy,
         shutdown: CancellationToken,

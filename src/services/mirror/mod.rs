@@ -45,7 +45,7 @@ pub mod own_conf;
 pub mod request;
 
 use crate::bus::topics::{self, Topic};
-use crate::bus::{Bus, StatusRx};
+use crate::bus::{Nats, StatusRx};
 use crate::config::Config;
 use crate::snapd::{self, RetryPolicy};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
@@ -98,7 +98,7 @@ impl Settings {
 /// The mirror service; cheap to clone (one per supervisor restart).
 #[derive(Clone)]
 pub struct Mirror {
-    bus: Bus,
+    bus: Nats,
     snapd: snapd::Client,
     settings: Settings,
     mqtt_status: StatusRx,
@@ -118,7 +118,7 @@ pub fn snapd_client(config: &Config) -> snapd::Client {
 }
 
 impl Mirror {
-    pub fn new(bus: Bus, snapd: snapd::Client, settings: Settings, mqtt_status: StatusRx) -> Self {
+    pub fn new(bus: Nats, snapd: snapd::Client, settings: Settings, mqtt_status: StatusRx) -> Self {
         Mirror {
             bus,
             snapd,
@@ -137,7 +137,7 @@ impl Subsystem for Mirror {
     async fn run(self, shutdown: Shutdown) -> RunResult {
         let service = self
             .bus
-            .nats()
+            .client()
             .service_builder()
             .description("snapd's REST API mirrored onto NATS subjects (asyncapi/asyncapi.yaml)")
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
@@ -394,7 +394,7 @@ impl Ctx {
         if answer.len() <= SMALL_ANSWER {
             return answer;
         }
-        let max = self.mirror.bus.nats().server_info().max_payload;
+        let max = self.mirror.bus.client().server_info().max_payload;
         if max == 0 || answer.len() <= max {
             return answer;
         }

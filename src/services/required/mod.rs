@@ -16,7 +16,7 @@ mod subsystem;
 pub use subsystem::NatsSide;
 
 use crate::backoff;
-use crate::bus::{topics, Bus, Topic};
+use crate::bus::{topics, Nats, Topic};
 use crate::snapd::{self, SnapAction, SnapName, Status};
 use crate::supervisor::RunResult;
 use bytes::Bytes;
@@ -376,7 +376,7 @@ fn tracking(s: &snapd::Snap) -> String {
 /// a serial, answers refusals at once, and forwards the worker's results.
 pub async fn serve_nats(
     required: Arc<Required>,
-    bus: Bus,
+    bus: Nats,
     snapd: snapd::Client,
     shutdown: CancellationToken,
 ) -> RunResult {

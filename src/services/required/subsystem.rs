@@ -3,7 +3,7 @@
 //! DMS session serves the MQTT side.
 
 use super::Required;
-use crate::bus::Bus;
+use crate::bus::Nats;
 use crate::snapd;
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ pub struct NatsSide {
     /// The queue the requests go to.
     pub required: Arc<Required>,
     /// The device-local NATS.
-    pub bus: Bus,
+    pub bus: Nats,
     /// Where the serial comes from.
     pub snapd: snapd::Client,
 }
