@@ -1,5 +1,5 @@
 //! The watchdog: a snapd change that is not ready and made no progress for
-//! `watchdog.threshold` is stuck ([`guard`](crate::changes::guard): progress
+//! `watchdog.threshold` is stuck ([`guard`]: progress
 //! on the monotonic clock, boot grace, reboot budget); the watchdog then
 //! writes every change snapd knows (with tasks) to
 //! `$SNAP_DATA/snap_changes_{X}.json`, fsync'd, and reboots the device.
