@@ -162,10 +162,11 @@ mod tests {
     use crate::config::values::UpstreamUrl;
 
     fn upstream(url: &str, max: u64) -> ExportUpstream {
-        let mut u = ExportUpstream::default();
-        u.url = UpstreamUrl::new(url);
-        u.max.payload = max;
-        u
+        ExportUpstream {
+            url: UpstreamUrl::new(url),
+            max: crate::config::ExportUpstreamMax { payload: max },
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -98,7 +98,8 @@ fn nats_permanent(e: &async_nats::jetstream::context::PublishError) -> bool {
 }
 
 pub enum Session {
-    Nats(NatsSession),
+    /// Boxed: the JetStream context is several times the MQTT handle.
+    Nats(Box<NatsSession>),
     Mqtt(MqttSession),
 }
 
@@ -106,9 +107,9 @@ impl Session {
     pub async fn connect(cfg: &ExportUpstream, window: usize) -> Result<Session, UpstreamError> {
         match cfg.url.kind() {
             None => Err(UpstreamError::NoUrl),
-            Some(UpstreamKind::Nats { tls }) => {
-                Ok(Session::Nats(NatsSession::connect(cfg, tls).await?))
-            }
+            Some(UpstreamKind::Nats { tls }) => Ok(Session::Nats(Box::new(
+                NatsSession::connect(cfg, tls).await?,
+            ))),
             Some(UpstreamKind::Mqtt { tls }) => {
                 Ok(Session::Mqtt(MqttSession::connect(cfg, tls, window).await?))
             }

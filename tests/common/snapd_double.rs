@@ -1234,10 +1234,7 @@ impl Req {
     }
 }
 
-async fn handle(
-    state: Arc<Mutex<State>>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Body> {
+async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let method = req.method().as_str().to_string();
     let uri = req.uri().clone();
     let headers: Vec<(String, String)> = req

@@ -141,7 +141,11 @@ impl Drop for TlsRedirect {
 }
 
 impl TlsRedirect {
-    pub async fn start(cert_pem: &std::path::Path, key_pem: &std::path::Path, location: String) -> TlsRedirect {
+    pub async fn start(
+        cert_pem: &std::path::Path,
+        key_pem: &std::path::Path,
+        location: String,
+    ) -> TlsRedirect {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_pem)

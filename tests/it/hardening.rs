@@ -58,7 +58,8 @@ async fn an_upload_redirected_from_https_to_http_is_refused() {
     let broker = Mosquitto::start_tls(&pki);
     let ca = pki.ca_cert.display().to_string();
     let sink = UploadSink::start().await;
-    let redirect = TlsRedirect::start(&pki.server_cert, &pki.server_key, sink.url("logs.txt")).await;
+    let redirect =
+        TlsRedirect::start(&pki.server_cert, &pki.server_key, sink.url("logs.txt")).await;
     let s = setup_on(
         pki,
         broker,
@@ -110,14 +111,22 @@ fn export_status_reports_dead_letters_it_cannot_read() {
         ),
     ];
     let out = run_once(&["export", "send", "--stream", "s1", "--", "x"], &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let spool = dir.path().join("common/export.db");
     rusqlite::Connection::open(&spool)
         .unwrap()
         .execute_batch("DROP TABLE dead_letters")
         .unwrap();
     let out = run_once(&["export", "status", "--json"], &env);
-    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("dead letters"), "{stderr}");
 }
