@@ -659,13 +659,23 @@ fn sized(i: u64, len: usize) -> String {
     format!("{i:08}:{}", "z".repeat(len - 9))
 }
 
-/// One request on the intake; the agent's JSON answer.
+/// One request on the intake; the agent's JSON answer. "No responders"
+/// (the intake's subscription not yet on the server) is retried: that
+/// request reached nobody, so it cannot be spooled twice.
 async fn request(client: &async_nats::Client, stream: &str, p: String) -> serde_json::Value {
-    let m = client
-        .request(format!("export.{stream}"), p.into())
-        .await
-        .expect("the intake answers");
-    serde_json::from_slice(&m.payload).unwrap()
+    for _ in 0..200 {
+        match client
+            .request(format!("export.{stream}"), p.clone().into())
+            .await
+        {
+            Ok(m) => return serde_json::from_slice(&m.payload).unwrap(),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the intake did not answer: {e}"),
+        }
+    }
+    panic!("the intake never subscribed");
 }
 
 /// The intake is capped at what the upstream can carry: the JetStream
