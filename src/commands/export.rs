@@ -30,10 +30,22 @@ pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCod
     for seg in stream.split('.') {
         topics::segment(seg).map_err(|e| anyhow::anyhow!("bad stream name {stream:?}: {e}"))?;
     }
+    // The size to report when refusing (a file's whole length, though only
+    // what can be accepted is read).
+    let mut size = None;
     let payload = match data {
         Data::Arg(s) => s.as_bytes().to_vec(),
         Data::File(p) => {
-            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
+            // Read no more than can be accepted: a huge file is refused,
+            // not loaded.
+            let mut b = Vec::new();
+            let f =
+                std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+            size = f.metadata().ok().map(|m| m.len() as usize);
+            f.take(MAX_PAYLOAD as u64 + 1)
+                .read_to_end(&mut b)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            b
         }
         Data::Stdin => {
             let mut b = Vec::new();
@@ -49,7 +61,8 @@ pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCod
     // the spool by the forwarder): nothing spooled here can be refused by
     // the upstream for its size later.
     let capacity = Capacity::new(&config.export.upstream, spool.learned_capacity()?.as_ref());
-    if let Err(why) = capacity.check(stream, payload.len()) {
+    let size = size.unwrap_or(0).max(payload.len());
+    if let Err(why) = capacity.check(stream, size) {
         eprintln!("iot-agent: refused: {why}");
         return Ok(ExitCode::FAILURE);
     }

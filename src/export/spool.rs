@@ -757,6 +757,31 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_acknowledged_size_and_the_newest_dead_letters_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(&d);
+        let l = lim(10_000, FullPolicy::RefuseNew);
+        s.insert_batch(&[msg("a", 10), msg("a", 300), msg("a", 20)], l)
+            .unwrap();
+        assert_eq!(s.largest_acked().unwrap(), 0);
+        s.remove_acked(1, 2, 2, 0).unwrap();
+        assert_eq!(s.largest_acked().unwrap(), 301);
+        // A smaller one later does not lower it.
+        s.remove_acked(3, 3, 1, 0).unwrap();
+        assert_eq!(s.largest_acked().unwrap(), 301);
+        s.insert_batch(&[msg("a", 1), msg("b", 2), msg("c", 3)], l)
+            .unwrap();
+        for seq in 4..=6 {
+            s.dead_letter(seq, "too large").unwrap();
+        }
+        let newest: Vec<i64> = s.dead_letters(2).unwrap().iter().map(|d| d.seq).collect();
+        assert_eq!(newest, vec![5, 6]);
+        assert_eq!(s.dead_letters(usize::MAX).unwrap().len(), 3);
+        assert_eq!(s.snapshot().unwrap().counters[counter::DEAD_LETTERED], 3);
+        assert_eq!(s.backlog().unwrap(), (0, 0));
+    }
+
+    #[test]
     fn reopening_keeps_id_and_data_and_read_only_reads() {
         let d = tempfile::tempdir().unwrap();
         let id = {
