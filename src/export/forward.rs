@@ -330,6 +330,7 @@ impl Forwarding<'_> {
                     .await
                     .map_err(|e| e.to_string())?;
                 let capacity = self.capacity.get();
+                let mut set_aside = 0;
                 for row in rows {
                     read_after = row.seq;
                     if let Err(why) = capacity.check(&row.stream, row.payload.len()) {
@@ -341,6 +342,7 @@ impl Forwarding<'_> {
                             .call(move |s| s.dead_letter(seq, &why))
                             .await
                             .map_err(|e| e.to_string())?;
+                        set_aside += 1;
                         continue;
                     }
                     let id = format!("{}-{}", self.spool_id, row.seq);
@@ -350,6 +352,10 @@ impl Forwarding<'_> {
                         .map_err(|e| e.to_string())?;
                     let size = (row.payload.len() + row.stream.len()) as u64;
                     inflight.push_back((row.seq, size, ack));
+                }
+                if set_aside > 0 && inflight.is_empty() {
+                    // Only oversized ones were read: read on, do not idle.
+                    continue;
                 }
             }
             let Some((seq, size, mut ack)) = inflight.pop_front() else {
