@@ -698,6 +698,20 @@ pub struct ExportUpstream {
     pub ca: OptPath,
     /// MQTT client id.
     pub client: String,
+    pub max: ExportUpstreamMax,
+}
+
+/// Bounds the upstream imposes that the agent cannot learn by itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExportUpstreamMax {
+    /// Largest payload the upstream takes, in bytes (an MQTT broker's
+    /// `message_size_limit`: MQTT 3.1.1 cannot tell it, and mosquitto
+    /// acknowledges an oversized message and drops it). 0: what the
+    /// upstream says (NATS `max_payload`, the stream's `max_msg_size`), 1 MiB
+    /// for MQTT. Intake refuses larger messages so none can be lost or
+    /// block the spool later (`crate::export::capacity`).
+    pub payload: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -758,6 +772,7 @@ impl Default for ExportUpstream {
             password: String::new(),
             ca: OptPath::default(),
             client: "iot-agent-export".into(),
+            max: ExportUpstreamMax::default(),
         }
     }
 }

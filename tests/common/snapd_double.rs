@@ -109,7 +109,14 @@ pub enum Fault {
     /// The next N non-GET requests get 409 `snap-change-conflict` (another
     /// change is running for the snap); then the fault clears itself.
     Conflict(u32),
+    /// `GET /v2/snapshots/{set}/export` sends its status line, headers and
+    /// the first half of the archive, then nothing more, with the
+    /// connection left open (a stalled export). Other requests are served.
+    StallExport,
 }
+
+/// What the double answers with: whole bodies, or one that stalls.
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// One request as the double received it.
 #[derive(Debug, Clone)]
@@ -1174,14 +1181,27 @@ fn assertion_reply(texts: &[&str], bundle: bool) -> Reply {
     }
 }
 
-fn into_response(r: Reply) -> Response<Full<Bytes>> {
+fn into_response(r: Reply) -> Response<Body> {
     let mut b = Response::builder()
         .status(r.status)
         .header("Content-Type", r.content_type);
     for (k, v) in r.headers {
         b = b.header(k, v);
     }
-    b.body(Full::new(Bytes::from(r.body)))
+    b.body(Full::new(Bytes::from(r.body)).boxed())
+        .expect("a valid response")
+}
+
+/// The reply's head and the first half of its body, then nothing, ever.
+fn into_stalled_response(r: Reply) -> Response<Body> {
+    use futures::StreamExt;
+    let half = Bytes::from(r.body[..r.body.len() / 2].to_vec());
+    let frames = futures::stream::iter([Ok::<_, Infallible>(hyper::body::Frame::data(half))])
+        .chain(futures::stream::pending());
+    Response::builder()
+        .status(r.status)
+        .header("Content-Type", r.content_type)
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
         .expect("a valid response")
 }
 
@@ -1214,10 +1234,7 @@ impl Req {
     }
 }
 
-async fn handle(
-    state: Arc<Mutex<State>>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let method = req.method().as_str().to_string();
     let uri = req.uri().clone();
     let headers: Vec<(String, String)> = req
@@ -1275,7 +1292,7 @@ async fn handle(
                 None,
             ))
         }
-        Some(Fault::Conflict(_)) | None => {}
+        Some(Fault::Conflict(_) | Fault::StallExport) | None => {}
     }
     let req = Req {
         method,
@@ -1298,7 +1315,11 @@ async fn handle(
         }
     }
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-    into_response(route(&mut st, &req))
+    let reply = route(&mut st, &req);
+    if fault == Some(Fault::StallExport) && req.path.ends_with("/export") && reply.status == 200 {
+        return into_stalled_response(reply);
+    }
+    into_response(reply)
 }
 
 fn route(st: &mut State, req: &Req) -> Reply {
