@@ -109,6 +109,10 @@ pub enum Fault {
     /// The next N non-GET requests get 409 `snap-change-conflict` (another
     /// change is running for the snap); then the fault clears itself.
     Conflict(u32),
+    /// Non-GET requests take effect at once (their change exists), but the
+    /// answer comes this late: a client that dies meanwhile never learns
+    /// the change id.
+    LateAnswer(Duration),
 }
 
 /// One request as the double received it.
@@ -1275,7 +1279,7 @@ async fn handle(
                 None,
             ))
         }
-        Some(Fault::Conflict(_)) | None => {}
+        Some(Fault::Conflict(_) | Fault::LateAnswer(_)) | None => {}
     }
     let req = Req {
         method,
@@ -1297,8 +1301,11 @@ async fn handle(
             return into_response(get_notices(&state, &req).await);
         }
     }
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-    into_response(route(&mut st, &req))
+    let reply = route(&mut state.lock().unwrap_or_else(|e| e.into_inner()), &req);
+    if let Some(Fault::LateAnswer(d)) = fault.filter(|_| req.method != "GET") {
+        tokio::time::sleep(d).await;
+    }
+    into_response(reply)
 }
 
 fn route(st: &mut State, req: &Req) -> Reply {
