@@ -474,6 +474,8 @@ pub struct Mosquitto {
     tls: Option<TlsFiles>,
     /// Sessions and queued messages kept on disk (`persistence true`).
     persistent: bool,
+    /// `set_tcp_nodelay true` (mosquitto's default is false).
+    nodelay: bool,
     child: Option<Child>,
 }
 
@@ -507,6 +509,13 @@ impl Mosquitto {
         Mosquitto::start(Some(Self::tls_files(pki)), true)
     }
 
+    /// [`Mosquitto::start_tls_persistent`] that sends small packets at once
+    /// (`set_tcp_nodelay true`): for the link benchmark, whose latency
+    /// should be the agent's, not mosquitto's Nagle wait for a delayed ACK.
+    pub fn start_tls_persistent_nodelay(pki: &TestPki) -> Mosquitto {
+        Mosquitto::start_with(Some(Self::tls_files(pki)), true, true)
+    }
+
     fn tls_files(pki: &TestPki) -> TlsFiles {
         TlsFiles {
             ca: pki.ca_cert.clone(),
@@ -516,6 +525,10 @@ impl Mosquitto {
     }
 
     fn start(tls: Option<TlsFiles>, persistent: bool) -> Mosquitto {
+        Mosquitto::start_with(tls, persistent, false)
+    }
+
+    fn start_with(tls: Option<TlsFiles>, persistent: bool, nodelay: bool) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("iot-agent-mosquitto-")
             .tempdir()
@@ -527,6 +540,7 @@ impl Mosquitto {
             console: dir.path().join("console.log"),
             tls,
             persistent,
+            nodelay,
             child: None,
             dir,
         };
@@ -569,6 +583,9 @@ impl Mosquitto {
             c += "user root\n";
         }
         c += "per_listener_settings false\n";
+        if self.nodelay {
+            c += "set_tcp_nodelay true\n";
+        }
         if self.persistent {
             c += &format!(
                 "persistence true\npersistence_location {}/\nautosave_interval 0\nmax_queued_messages 100000\n",
