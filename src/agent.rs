@@ -53,24 +53,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reload: reload.clone(),
     });
 
+    // The one reader of snapd's changes, shared by the change subsystems,
+    // the DMS (which rebuilds its heartbeat hashes when snaps change), and
+    // everything that follows the changes it starts (DMS actions, the
+    // per-serial required-install, the mirror's change events).
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
     // The DMS session owns the sender; the mirror reports what it says.
     let (mqtt_status_tx, mqtt_status) = crate::bus::status::mqtt_status_channel();
     let mirror = services::mirror::Mirror::new(
         bus.clone(),
         services::mirror::snapd_client(&config),
+        poller.clone(),
         services::mirror::Settings::from_config(&config),
         mqtt_status,
     );
 
     let mut sup = Supervisor::new(Policy::default());
-    // The one reader of snapd's changes, shared by the change subsystems
-    // and the DMS (which rebuilds its heartbeat hashes when snaps change, and
-    // follows the changes its actions start).
-    let poller = Arc::new(changes::Poller::new(
-        snapd.clone(),
-        config.snaplogger.duration.between.checks.get(),
-    ));
-    let required = add_required(&mut sup, &config, &snapd, &bus);
+    let required = add_required(&mut sup, &config, &snapd, &poller, &bus);
     if config.dms.enabled {
         let dms = Arc::new(Dms {
             snapd: snapd.clone(),
@@ -142,6 +144,7 @@ fn add_required(
     sup: &mut Supervisor,
     config: &Config,
     snapd: &snapd::Client,
+    poller: &Arc<changes::Poller>,
     bus: &Bus,
 ) -> Option<Arc<Required>> {
     if !config.required.enabled {
@@ -149,6 +152,7 @@ fn add_required(
     }
     let required = Required::new(
         snapd.clone(),
+        poller.clone(),
         config.required.database.location.path(),
         required::Settings {
             switch_channel: config.required.switch,

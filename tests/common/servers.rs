@@ -515,6 +515,13 @@ impl Mosquitto {
         Mosquitto::start(Some(Self::tls_files(pki)), true, "")
     }
 
+    /// [`Mosquitto::start_tls_persistent`] that sends small packets at once
+    /// (`set_tcp_nodelay true`): for the link benchmark, whose latency
+    /// should be the agent's, not mosquitto's Nagle wait for a delayed ACK.
+    pub fn start_tls_persistent_nodelay(pki: &TestPki) -> Mosquitto {
+        Mosquitto::start(Some(Self::tls_files(pki)), true, "set_tcp_nodelay true\n")
+    }
+
     fn tls_files(pki: &TestPki) -> TlsFiles {
         TlsFiles {
             ca: pki.ca_cert.clone(),

@@ -113,6 +113,10 @@ pub enum Fault {
     /// the first half of the archive, then nothing more, with the
     /// connection left open (a stalled export). Other requests are served.
     StallExport,
+    /// Non-GET requests take effect at once (their change exists), but the
+    /// answer comes this late: a client that dies meanwhile never learns
+    /// the change id.
+    LateAnswer(Duration),
 }
 
 /// What the double answers with: whole bodies, or one that stalls.
@@ -1292,7 +1296,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
                 None,
             ))
         }
-        Some(Fault::Conflict(_) | Fault::StallExport) | None => {}
+        Some(Fault::Conflict(_) | Fault::StallExport | Fault::LateAnswer(_)) | None => {}
     }
     let req = Req {
         method,
@@ -1314,10 +1318,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
             return into_response(get_notices(&state, &req).await);
         }
     }
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-    let reply = route(&mut st, &req);
+    let reply = route(&mut state.lock().unwrap_or_else(|e| e.into_inner()), &req);
     if fault == Some(Fault::StallExport) && req.path.ends_with("/export") && reply.status == 200 {
         return into_stalled_response(reply);
+    }
+    if let Some(Fault::LateAnswer(d)) = fault.filter(|_| req.method != "GET") {
+        tokio::time::sleep(d).await;
     }
     into_response(reply)
 }

@@ -46,6 +46,7 @@ pub mod request;
 
 use crate::bus::topics::{self, Topic};
 use crate::bus::{Bus, StatusRx};
+use crate::changes::Poller;
 use crate::config::Config;
 use crate::snapd::{self, RetryPolicy};
 use crate::supervisor::RunResult;
@@ -101,6 +102,8 @@ impl Settings {
 pub struct Mirror {
     bus: Bus,
     snapd: snapd::Client,
+    /// The shared change poller: changes started here are followed there.
+    changes: Arc<Poller>,
     settings: Settings,
     mqtt_status: StatusRx,
 }
@@ -119,10 +122,17 @@ pub fn snapd_client(config: &Config) -> snapd::Client {
 }
 
 impl Mirror {
-    pub fn new(bus: Bus, snapd: snapd::Client, settings: Settings, mqtt_status: StatusRx) -> Self {
+    pub fn new(
+        bus: Bus,
+        snapd: snapd::Client,
+        changes: Arc<Poller>,
+        settings: Settings,
+        mqtt_status: StatusRx,
+    ) -> Self {
         Mirror {
             bus,
             snapd,
+            changes,
             settings,
             mqtt_status,
         }
@@ -169,7 +179,7 @@ impl Mirror {
 
         let follower = Follower::new(
             self.bus.clone(),
-            self.snapd.clone(),
+            self.changes.clone(),
             self.settings.follow.clone(),
             shutdown.child_token(),
         );
