@@ -89,6 +89,9 @@ async fn nats_intake_rate(dir: &std::path::Path, inflight: usize, total: u64) ->
         bus.clone(),
         topics::export_intake("export").unwrap(),
         writer,
+        iot_agent::export::capacity::SharedCapacity::new(
+            iot_agent::export::capacity::Capacity::new(&ExportConfig::default().upstream, None),
+        ),
         stop.clone(),
     ));
     let client = async_nats::ConnectOptions::with_user_and_password("snapd".into(), "pw".into())
@@ -186,11 +189,15 @@ async fn replay_rate(dir: &std::path::Path, url: &str, total: u64, window: u32) 
     let probe = spool::Spool::open(&path, spool::Durability::Relaxed).unwrap();
     let stop = CancellationToken::new();
     let start = Instant::now();
+    let capacity = iot_agent::export::capacity::SharedCapacity::new(
+        iot_agent::export::capacity::Capacity::new(&cfg.upstream, None),
+    );
     let fwd = tokio::spawn(forward::run(
         cfg,
         path.clone(),
         Arc::new(Notify::new()),
         Arc::new(forward::Shared::default()),
+        capacity,
         stop.clone(),
     ));
     loop {

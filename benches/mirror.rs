@@ -21,6 +21,7 @@ use common::servers::{NatsConfig, NatsServer, NatsUser};
 use common::snapd_double::SnapdDouble;
 use futures::StreamExt;
 use iot_agent::bus::Nats;
+use iot_agent::changes::Poller;
 use iot_agent::config;
 use iot_agent::services::mirror::{Mirror, Settings};
 use iot_agent::snapd::{self, Request};
@@ -137,7 +138,9 @@ fn main() {
             follow: Default::default(),
         };
         let shutdown = CancellationToken::new();
-        let mirror = Mirror::new(bus, snapd.clone(), settings, status);
+        // Reads start no change: the shared change poller is not run.
+        let poller = Arc::new(Poller::new(snapd.clone(), Duration::from_secs(60)));
+        let mirror = Mirror::new(bus, snapd.clone(), poller, settings, status);
         tokio::spawn(iot_agent::supervisor::Subsystem::run(
             mirror,
             shutdown.clone().into(),

@@ -55,26 +55,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reload: reload.clone(),
     };
 
+    // The one reader of snapd's changes, shared by the change subsystems,
+    // the DMS (which rebuilds its heartbeat hashes when snaps change), and
+    // everything that follows the changes it starts (DMS actions, the
+    // per-serial required-install, the mirror's change events).
+    let poller = Arc::new(changes::Poller::new(
+        snapd.clone(),
+        config.snaplogger.duration.between.checks.get(),
+    ));
     // The DMS session owns the sender; the mirror reports what it says.
     let (mqtt_status_tx, mqtt_status) = crate::bus::status::mqtt_status_channel();
     let mirror = services::mirror::Mirror::new(
         bus.clone(),
         services::mirror::snapd_client(&config),
+        poller.clone(),
         services::mirror::Settings::from_config(&config),
         mqtt_status,
     );
 
-    // The one reader of snapd's changes, shared by the change subsystems
-    // and the DMS (which rebuilds its heartbeat hashes when snaps change, and
-    // follows the changes its actions start).
-    let poller = Arc::new(changes::Poller::new(
-        snapd.clone(),
-        config.snaplogger.duration.between.checks.get(),
-    ));
     let required = config
         .required
         .enabled
-        .then(|| required_queue(&config, &snapd));
+        .then(|| required_queue(&config, &snapd, &poller));
 
     // Every subsystem in one shape (crate::supervisor::Subsystem): built
     // from its configuration section here, started and stopped by the
@@ -141,9 +143,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// The per-serial action tree's queue (`required.*`): its worker is a
 /// subsystem, and the NATS side and the DMS session serve the tree with it.
-fn required_queue(config: &Config, snapd: &snapd::Client) -> Arc<Required> {
+fn required_queue(
+    config: &Config,
+    snapd: &snapd::Client,
+    poller: &Arc<changes::Poller>,
+) -> Arc<Required> {
     Required::new(
         snapd.clone(),
+        poller.clone(),
         config.required.database.location.path(),
         required::Settings {
             switch_channel: config.required.switch,

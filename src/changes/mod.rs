@@ -5,7 +5,9 @@
 //! ```text
 //! snapd --GET /v2/changes--> Poller --watch<Snapshot>--> History  -> SQLite (store)
 //!        (/v2/notices wakes it)    |                 \-> Watchdog -> report + reboot
-//!                                  \--broadcast<ChangeEvent>--> mirror (NATS)
+//!                                  \--follow(id)--> DMS completion reports,
+//!                                                   required-install, mirror
+//!                                                   change events (NATS)
 //! ```
 
 pub mod guard;
@@ -15,6 +17,6 @@ pub mod store;
 pub mod watchdog;
 
 pub use history::History;
-pub use poller::{ChangeEvent, Poller, Snapshot, SnapshotRx};
+pub use poller::{ChangeEvent, Following, Poller, Snapshot, SnapshotRx};
 pub use store::Store;
 pub use watchdog::Watchdog;

@@ -1,5 +1,8 @@
 //! The change poller: the one place that reads snapd's changes, for every
-//! subsystem that cares (the history, the watchdog, the mirror's events).
+//! subsystem that cares (the history, the watchdog), and the one way to
+//! follow a change the agent started ([`Poller::follow`]: DMS completion
+//! reports and snapshots, the per-serial required-install, the mirror's
+//! change events).
 //!
 //! Each read of `GET /v2/changes?select=all` becomes a [`Snapshot`] on a
 //! `watch` channel: a subscriber always sees the latest complete picture and
@@ -106,31 +109,42 @@ impl Poller {
         self.kick.notify_one();
     }
 
-    /// Follows one change until it is ready, within `timeout`: the one way
-    /// the agent waits for a change (a DMS action's completion report, a
-    /// required-install, a snapshot before its export). It asks for a read
-    /// now and then rides on the shared reads: a thousand followed changes
-    /// cost snapd no more requests than one.
-    pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Change, String> {
+    /// The first snapshot of this process, waiting for it (within
+    /// `timeout`; `None` when snapd could not be read by then).
+    pub async fn first_snapshot(&self, timeout: Duration) -> Option<Arc<Snapshot>> {
         let mut rx = self.subscribe();
+        self.kick();
+        let wait = async { rx.wait_for(|s| s.is_some()).await.ok()?.clone() };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+
+    /// Follows one change through the shared reads: the one way the agent
+    /// watches a change (a DMS action's completion report, a
+    /// required-install, a snapshot before its export, the mirror's change
+    /// events). It asks for a read now and then rides on the shared reads:
+    /// a thousand followed changes cost snapd no more requests than one.
+    pub fn follow(&self, id: &str) -> Following<'_> {
+        let rx = self.subscribe();
         let start_seq = rx.borrow().as_ref().map_or(0, |s| s.seq);
         self.kick();
+        Following {
+            poller: self,
+            id: id.to_string(),
+            rx,
+            start_seq,
+            last: None,
+        }
+    }
+
+    /// Follows one change until it is ready, within `timeout`
+    /// ([`Poller::follow`]).
+    pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<Change, String> {
+        let mut following = self.follow(id);
         let wait = async {
             loop {
-                if let Some(snap) = rx.borrow_and_update().clone() {
-                    match snap.get(id) {
-                        Some(c) if c.ready => return Ok(c.clone()),
-                        Some(_) => {}
-                        // Two reads after the request and still unknown:
-                        // snapd does not have it (forgotten, or never made).
-                        None if snap.seq > start_seq + 1 => {
-                            return Err(format!("snapd does not know change {id}"))
-                        }
-                        None => self.kick(),
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    return Err("the change poller stopped".to_string());
+                let c = following.next().await?;
+                if c.ready {
+                    return Ok(c);
                 }
             }
         };
@@ -244,6 +258,50 @@ impl Poller {
             taken_ns,
             changes,
         })));
+    }
+}
+
+/// One change followed through the poller's reads ([`Poller::follow`]).
+pub struct Following<'a> {
+    poller: &'a Poller,
+    id: String,
+    rx: SnapshotRx,
+    /// The snapshot sequence when the following began.
+    start_seq: u64,
+    /// The status and readiness last returned.
+    last: Option<(Status, bool)>,
+}
+
+impl Following<'_> {
+    /// The change as soon as a read has it, then each time its status or
+    /// readiness moves (a slow caller sees the latest, not every step).
+    /// Once it returned a ready change, it waits for ever: stop there.
+    /// An error when snapd does not know the change (still unknown two
+    /// reads after the following began) or the poller stopped for good.
+    pub async fn next(&mut self) -> Result<Change, String> {
+        loop {
+            if let Some(snap) = self.rx.borrow_and_update().clone() {
+                match snap.get(&self.id) {
+                    Some(c) if self.last != Some((c.status, c.ready)) => {
+                        self.last = Some((c.status, c.ready));
+                        return Ok(c.clone());
+                    }
+                    Some(_) => {}
+                    None if self.last.is_some() => {
+                        return Err(format!("snapd forgot change {}", self.id))
+                    }
+                    // Two reads after the request and still unknown: snapd
+                    // does not have it (forgotten, or never made).
+                    None if snap.seq > self.start_seq + 1 => {
+                        return Err(format!("snapd does not know change {}", self.id))
+                    }
+                    None => self.poller.kick(),
+                }
+            }
+            if self.rx.changed().await.is_err() {
+                return Err("the change poller stopped".to_string());
+            }
+        }
     }
 }
 
@@ -385,5 +443,36 @@ mod tests {
         );
         let snap = rx.borrow().clone().unwrap();
         assert_eq!((snap.seq, snap.taken_ns, snap.changes.len()), (3, 3, 2));
+    }
+
+    #[tokio::test]
+    async fn a_followed_change_is_seen_at_each_move_and_an_unknown_one_ends() {
+        let p = Poller::new(
+            snapd::Client::new("/nonexistent", Duration::from_secs(1)),
+            Duration::from_secs(60),
+        );
+        p.publish(1, vec![change("1", "Do", false, T0)]);
+        let mut f = p.follow("1");
+        assert_eq!(f.next().await.unwrap().status, Status::Do);
+        // A read where nothing moved returns nothing: the next move does.
+        p.publish(2, vec![change("1", "Do", false, T0)]);
+        p.publish(3, vec![change("1", "Doing", false, T0)]);
+        assert_eq!(f.next().await.unwrap().status, Status::Doing);
+        p.publish(4, vec![change("1", "Done", true, T0)]);
+        let done = f.next().await.unwrap();
+        assert!(done.ready && done.status == Status::Done);
+        assert_eq!(
+            p.wait_ready("1", Duration::from_secs(5))
+                .await
+                .unwrap()
+                .status,
+            Status::Done
+        );
+
+        let mut unknown = p.follow("9");
+        p.publish(5, vec![change("1", "Done", true, T0)]);
+        p.publish(6, vec![change("1", "Done", true, T0)]);
+        let e = unknown.next().await.unwrap_err();
+        assert!(e.contains("does not know change 9"), "{e}");
     }
 }

@@ -9,6 +9,7 @@
 use super::write_stdout;
 use crate::bus::topics;
 use crate::config::Config;
+use crate::export::capacity::Capacity;
 use crate::export::intake::MAX_PAYLOAD;
 use crate::export::spool::{Durability, NewMessage, Outcome, Spool};
 use crate::export::{limits, status};
@@ -29,10 +30,22 @@ pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCod
     for seg in stream.split('.') {
         topics::segment(seg).map_err(|e| anyhow::anyhow!("bad stream name {stream:?}: {e}"))?;
     }
+    // The size to report when refusing (a file's whole length, though only
+    // what can be accepted is read).
+    let mut size = None;
     let payload = match data {
         Data::Arg(s) => s.as_bytes().to_vec(),
         Data::File(p) => {
-            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
+            // Read no more than can be accepted: a huge file is refused,
+            // not loaded.
+            let mut b = Vec::new();
+            let f =
+                std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+            size = f.metadata().ok().map(|m| m.len() as usize);
+            f.take(MAX_PAYLOAD as u64 + 1)
+                .read_to_end(&mut b)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            b
         }
         Data::Stdin => {
             let mut b = Vec::new();
@@ -43,15 +56,21 @@ pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCod
             b
         }
     };
-    if payload.len() > MAX_PAYLOAD {
-        anyhow::bail!("the message is larger than the {MAX_PAYLOAD}-byte limit");
+    let mut spool = Spool::open(config.export.spool.path.path(), Durability::Full)?;
+    // The daemon's intake cap, with what the upstream said last (kept in
+    // the spool by the forwarder): nothing spooled here can be refused by
+    // the upstream for its size later.
+    let capacity = Capacity::new(&config.export.upstream, spool.learned_capacity()?.as_ref());
+    let size = size.unwrap_or(0).max(payload.len());
+    if let Err(why) = capacity.check(stream, size) {
+        eprintln!("iot-agent: refused: {why}");
+        return Ok(ExitCode::FAILURE);
     }
     if !config.export.enabled {
         eprintln!(
             "warning: export.enabled is false: the message waits in the spool until export is enabled"
         );
     }
-    let mut spool = Spool::open(config.export.spool.path.path(), Durability::Full)?;
     let out = spool.insert_batch(&[NewMessage::new(stream, payload)], limits(config))?;
     match out.into_iter().next() {
         Some(Outcome::Spooled(seq)) => {
@@ -69,8 +88,24 @@ pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCod
 pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let spool = Spool::open_read_only(config.export.spool.path.path())?;
     let snap = spool.snapshot()?;
-    let daemon: Option<Value> = spool.status()?.and_then(|s| serde_json::from_str(&s).ok());
+    let daemon: Option<Value> = match spool.status()? {
+        None => None,
+        Some(s) => match serde_json::from_str(&s) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!(
+                    "warning: the daemon's last status in the spool cannot be read ({e}): \
+                     upstream state and rates are not shown"
+                );
+                None
+            }
+        },
+    };
     let running = crate::control::running_daemon(config.data_dir()).is_some();
+    let dead = spool
+        .dead_letters(usize::MAX)
+        .context("cannot list the dead letters")?;
+    let capacity = Capacity::new(&config.export.upstream, spool.learned_capacity()?.as_ref());
     let mut doc = status::document(
         &config.export,
         &snap,
@@ -79,6 +114,8 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
             .as_ref()
             .map(|d| d["upstream"].clone())
             .unwrap_or(json!({"url": config.export.upstream.url.as_str()})),
+        &capacity,
+        &dead,
     );
     // Rates are measured by the daemon between two of its status rounds.
     doc["rates"] = daemon
@@ -90,10 +127,6 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         "enabled": config.export.enabled,
         "status-at-ms": daemon.as_ref().map(|d| d["at-ms"].clone()),
     });
-    // A spool written only by an older agent has no dead-letter table yet:
-    // it has no dead letters either.
-    let dead = spool.dead_letters().unwrap_or_default();
-    doc["dead-letters"] = serde_json::to_value(&dead)?;
     if as_json {
         return write_stdout(&(serde_json::to_string_pretty(&doc)? + "\n"));
     }
@@ -123,6 +156,17 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
         config.export.spool.max.bytes,
         humantime::format_duration(config.export.spool.max.age.get()),
         config.export.spool.full.as_str()
+    ));
+    let m = &doc["limits"]["message"];
+    out.push_str(&format!(
+        "max message:  {} bytes{} ({})\n",
+        n(&m["max-bytes"]),
+        if m["headers-counted"] == true {
+            ", export headers included"
+        } else {
+            ""
+        },
+        m["source"].as_str().unwrap_or("-")
     ));
     out.push_str(&format!(
         "received:     {}\nforwarded:    {}\ndropped:      {} oldest ({} bytes), {} refused, {} expired\nresent:       {} ({} suppressed by the upstream)\n",

@@ -476,6 +476,20 @@ section! {
         pub ca: OptPath,
         /// MQTT client id.
         pub client: String = "iot-agent-export".into(),
+        pub max: ExportUpstreamMax,
+    }
+}
+
+section! {
+    /// Bounds the upstream imposes that the agent cannot learn by itself.
+    pub struct ExportUpstreamMax {
+        /// Largest payload the upstream takes, in bytes (an MQTT broker's
+        /// `message_size_limit`: MQTT 3.1.1 cannot tell it, and mosquitto
+        /// acknowledges an oversized message and drops it). 0: what the
+        /// upstream says (NATS `max_payload`, the stream's `max_msg_size`), 1 MiB
+        /// for MQTT. Intake refuses larger messages so none can be lost or
+        /// block the spool later (`crate::export::capacity`).
+        pub payload: u64,
     }
 }
 

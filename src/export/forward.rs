@@ -16,7 +16,19 @@
 //! (JetStream answers, the stream exists) are more put in flight, so a
 //! message refused while the upstream was still coming up cannot be
 //! overtaken by the next one.
+//!
+//! No message can stall the spool for good. One over what the upstream can
+//! carry ([`super::capacity`]: spooled before the limit was known, or the
+//! limit shrank) is moved to the dead letters without being sent; one the
+//! upstream refuses for good (JetStream's answer) is moved there when
+//! refused. A broker that cannot say why it refuses (mosquitto's
+//! `max_packet_size` closes the connection; a broker may never ack) shows
+//! up as sessions that all fail on the same message sent alone: after
+//! [`POISON_TRIES`] such sessions in a row, the message is moved aside if it
+//! is larger than any the upstream has acknowledged (so a broken upstream
+//! that takes nothing cannot empty the spool into the dead letters).
 
+use super::capacity::{Capacity, SharedCapacity};
 use super::spool::{Durability, Row, Spool, SpoolError};
 use super::upstream::{Acknowledgement, Session, ACK_TIMEOUT};
 use crate::backoff::Backoff;
@@ -32,6 +44,31 @@ use tokio_util::sync::CancellationToken;
 /// How often the spool is looked at when nothing was committed by the
 /// daemon itself (`iot-agent export send` writes from another process).
 const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// Sessions in a row that may fail on the same message, sent alone, before
+/// it is taken for one the broker refuses for its size.
+pub const POISON_TRIES: u32 = 3;
+
+/// Why a session ended.
+struct Failure {
+    why: String,
+    /// The session's first message, sent alone, was never acknowledged (the
+    /// connection was lost or no ack came): its seq and size.
+    alone: Option<(i64, u64)>,
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Failure {
+        Failure { why, alone: None }
+    }
+}
+
+/// Sessions in a row that failed on the same message sent alone.
+#[derive(Default)]
+struct Strikes {
+    seq: i64,
+    n: u32,
+}
 
 /// The forwarder's state, as the status reports it.
 #[derive(Debug, Default)]
@@ -78,6 +115,7 @@ pub async fn run(
     spool_path: PathBuf,
     committed: Arc<Notify>,
     shared: Arc<Shared>,
+    capacity: SharedCapacity,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     if !cfg.upstream.url.is_set() {
@@ -92,6 +130,7 @@ pub async fn run(
     let window = cfg.batch.forward.max(1) as usize;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let url = cfg.upstream.url.as_str().to_string();
+    let mut strikes = Strikes::default();
     loop {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -103,21 +142,34 @@ pub async fn run(
                 shared.connected.store(true, Ordering::SeqCst);
                 shared.set_error(None);
                 backoff.reset();
+                if let Some(learned) = session.learned().cloned() {
+                    capacity.set(Capacity::new(&cfg.upstream, Some(&learned)));
+                    db.call(move |s| s.put_learned_capacity(&learned)).await?;
+                }
                 let run = Forwarding {
                     db: &db,
                     spool_id: &spool_id,
                     window,
                     committed: &committed,
                     shutdown: &shutdown,
+                    capacity: &capacity,
                 };
                 let r = run.session(&mut session).await;
                 shared.connected.store(false, Ordering::SeqCst);
                 match r {
                     Ok(()) => return Ok(()),
-                    Err(why) => why,
+                    Err(f) => {
+                        strike(&db, &url, &mut strikes, f.alone).await?;
+                        f.why
+                    }
                 }
             }
-            Err(e) => e.to_string(),
+            Err(e) => {
+                // An upstream that cannot be reached is unwell itself: the
+                // message that failed before is not the suspect any more.
+                strikes = Strikes::default();
+                e.to_string()
+            }
         };
         let delay = backoff.next_delay();
         tracing::warn!(
@@ -134,12 +186,59 @@ pub async fn run(
     }
 }
 
+/// Counts a session that failed on its first message sent alone, and moves
+/// that message to the dead letters after [`POISON_TRIES`] in a row when it
+/// is larger than anything the upstream acknowledged.
+async fn strike(
+    db: &Db,
+    url: &str,
+    strikes: &mut Strikes,
+    alone: Option<(i64, u64)>,
+) -> Result<(), SpoolError> {
+    let Some((seq, size)) = alone else {
+        *strikes = Strikes::default();
+        return Ok(());
+    };
+    if strikes.seq == seq {
+        strikes.n += 1;
+    } else {
+        *strikes = Strikes { seq, n: 1 };
+    }
+    if strikes.n < POISON_TRIES {
+        return Ok(());
+    }
+    let largest = db.call(|s| s.largest_acked()).await?;
+    if largest == 0 || size <= largest {
+        tracing::error!(
+            seq,
+            size,
+            largest_acknowledged = largest,
+            tries = strikes.n,
+            "export upstream fails every session on the same message, which is not larger than \
+             what it acknowledged before: the upstream is at fault; the message stays in the spool"
+        );
+        return Ok(());
+    }
+    let why = format!(
+        "the upstream {url} dropped the connection or never acknowledged, {} times in a row, when \
+         sent this message alone ({size} bytes; the largest it acknowledged was {largest} bytes): \
+         most likely over the broker's size limit (mosquitto max_packet_size or \
+         message_size_limit; set export.upstream.max.payload to it)",
+        strikes.n
+    );
+    tracing::error!(seq, error = %why, "export: message moved to the dead letters (see iot-agent export status)");
+    db.call(move |s| s.dead_letter(seq, &why)).await?;
+    *strikes = Strikes::default();
+    Ok(())
+}
+
 struct Forwarding<'a> {
     db: &'a Db,
     spool_id: &'a str,
     window: usize,
     committed: &'a Notify,
     shutdown: &'a CancellationToken,
+    capacity: &'a SharedCapacity,
 }
 
 /// Acknowledged messages not yet deleted.
@@ -156,7 +255,7 @@ impl Forwarding<'_> {
     ///
     /// Deleting acknowledged messages runs beside the publishing, in a task
     /// of its own, so the pipeline to the upstream never waits for it.
-    async fn session(&self, session: &mut Session) -> Result<(), String> {
+    async fn session(&self, session: &mut Session) -> Result<(), Failure> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Acked>();
         let db = self.db.clone();
         let deleter = tokio::spawn(async move {
@@ -174,14 +273,15 @@ impl Forwarding<'_> {
         let flushed = deleter
             .await
             .unwrap_or_else(|e| Err(format!("spool delete task failed: {e}")));
-        r.and(flushed)
+        r?;
+        flushed.map_err(Failure::from)
     }
 
     async fn pump(
         &self,
         session: &mut Session,
         deletes: &tokio::sync::mpsc::UnboundedSender<Acked>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let sent_before = self
             .db
             .call(|s| s.sent_through())
@@ -196,7 +296,7 @@ impl Forwarding<'_> {
             }
             Ok(())
         };
-        let mut inflight: VecDeque<(i64, Acknowledgement)> = VecDeque::new();
+        let mut inflight: VecDeque<(i64, u64, Acknowledgement)> = VecDeque::new();
         let mut read_after = 0i64;
         let mut first_acked = false;
         // One cancellation future and one ack deadline for the session, not
@@ -229,21 +329,40 @@ impl Forwarding<'_> {
                     })
                     .await
                     .map_err(|e| e.to_string())?;
+                let capacity = self.capacity.get();
+                let mut set_aside = 0;
                 for row in rows {
+                    read_after = row.seq;
+                    if let Err(why) = capacity.check(&row.stream, row.payload.len()) {
+                        // Spooled before the limit was known: it can never
+                        // go, and sending it would end the session.
+                        tracing::error!(seq = row.seq, error = %why, "export: message moved to the dead letters unsent (see iot-agent export status)");
+                        let seq = row.seq;
+                        self.db
+                            .call(move |s| s.dead_letter(seq, &why))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        set_aside += 1;
+                        continue;
+                    }
                     let id = format!("{}-{}", self.spool_id, row.seq);
                     let ack = session
                         .publish(&row, &id)
                         .await
                         .map_err(|e| e.to_string())?;
-                    read_after = row.seq;
-                    inflight.push_back((row.seq, ack));
+                    let size = (row.payload.len() + row.stream.len()) as u64;
+                    inflight.push_back((row.seq, size, ack));
+                }
+                if set_aside > 0 && inflight.is_empty() {
+                    // Only oversized ones were read: read on, do not idle.
+                    continue;
                 }
             }
-            let Some((seq, mut ack)) = inflight.pop_front() else {
+            let Some((seq, size, mut ack)) = inflight.pop_front() else {
                 flush(&mut acked)?;
                 tokio::select! {
                     _ = &mut cancelled => return Ok(()),
-                    _ = &mut lost => return Err("upstream connection lost".into()),
+                    _ = &mut lost => return Err("upstream connection lost".to_string().into()),
                     _ = self.committed.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
@@ -251,17 +370,23 @@ impl Forwarding<'_> {
                 last_ack = tokio::time::Instant::now();
                 continue;
             };
+            // Sent alone as the session's first: if it fails, it may be
+            // what the broker cannot take.
+            let alone = (!first_acked && inflight.is_empty()).then_some((seq, size));
             let ack = loop {
                 tokio::select! {
                     biased;
                     a = &mut ack => break Ok(a),
-                    _ = &mut cancelled => return flush(&mut acked),
+                    _ = &mut cancelled => return Ok(flush(&mut acked)?),
                     _ = &mut lost => {
                         flush(&mut acked)?;
-                        return Err(format!(
-                            "upstream connection lost with {} messages unacknowledged",
-                            inflight.len() + 1
-                        ));
+                        return Err(Failure {
+                            why: format!(
+                                "upstream connection lost with {} messages unacknowledged",
+                                inflight.len() + 1
+                            ),
+                            alone,
+                        });
                     }
                     _ = &mut deadline => {
                         // The timer is re-armed lazily: only a wait of
@@ -301,20 +426,26 @@ impl Forwarding<'_> {
                         .call(move |s| s.dead_letter(seq, &why))
                         .await
                         .map_err(|e| e.to_string())?;
-                    return Err(format!(
-                        "message {seq} refused for good, dead-lettered: {e}"
-                    ));
+                    return Err(
+                        format!("message {seq} refused for good, dead-lettered: {e}").into(),
+                    );
                 }
                 Ok(Err(e)) => {
                     flush(&mut acked)?;
-                    return Err(format!("message {seq} not acknowledged: {e}"));
+                    return Err(Failure {
+                        why: format!("message {seq} not acknowledged: {e}"),
+                        alone: alone.filter(|_| e.link_lost),
+                    });
                 }
                 Err(_) => {
                     flush(&mut acked)?;
-                    return Err(format!(
-                        "no acknowledgement for message {seq} within {}s",
-                        ACK_TIMEOUT.as_secs()
-                    ));
+                    return Err(Failure {
+                        why: format!(
+                            "no acknowledgement for message {seq} within {}s",
+                            ACK_TIMEOUT.as_secs()
+                        ),
+                        alone,
+                    });
                 }
             }
             if acked.n as usize >= self.window / 2 || inflight.is_empty() {

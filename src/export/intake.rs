@@ -9,11 +9,13 @@
 //!
 //! On NATS, a request (`nats req export.STREAM DATA`) is answered only after
 //! that commit: `{"ok":true,"seq":N}`, or `{"ok":false,"error":"..."}` when
-//! the message was refused (bad stream name, too large, spool full under
+//! the message was refused (bad stream name, larger than the upstream can
+//! carry, spool full under
 //! refuse-new) or the spool failed. A plain publish is spooled the same way
 //! but nobody can be told the outcome, so scripts that need the guarantee
 //! use requests or `iot-agent export send`.
 
+use super::capacity::SharedCapacity;
 use super::spool::{Limits, NewMessage, Outcome, Spool};
 use crate::bus::{topics, Incoming, Nats, Topic};
 use bytes::Bytes;
@@ -22,8 +24,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-/// Largest payload accepted: NATS' default `max_payload`, so whatever the
-/// intake accepts the usual upstream accepts too.
+/// Largest payload accepted in any case: NATS' default `max_payload` (the
+/// device-local server's too). The upstream's own limit, less the
+/// forwarder's headers, may be lower: see [`super::capacity`].
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// The answer to one producer: the message's seq, or why it was refused.
@@ -151,6 +154,7 @@ pub async fn serve(
     bus: Nats,
     intake: Topic,
     writer: Writer,
+    capacity: SharedCapacity,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut sub = bus.subscribe(&intake).await?;
@@ -174,11 +178,9 @@ pub async fn serve(
                 continue;
             }
         };
-        if m.payload.len() > MAX_PAYLOAD {
-            let why = format!(
-                "message of {} bytes is larger than the {MAX_PAYLOAD}-byte limit",
-                m.payload.len()
-            );
+        // Refused here, where the producer can be told, rather than
+        // spooled and then refused by the upstream for good.
+        if let Err(why) = capacity.get().check(&stream, m.payload.len()) {
             answer(&bus, &m, Err(why)).await;
             continue;
         }

@@ -8,6 +8,7 @@
 //! [`status`] reports backlog, drops and rates. The README's "Export"
 //! section is the user's view.
 
+pub mod capacity;
 pub mod forward;
 pub mod intake;
 pub mod spool;
@@ -65,6 +66,11 @@ pub async fn run(
     let path = cfg.spool.path.path().to_path_buf();
     let p = path.clone();
     let spool = tokio::task::spawn_blocking(move || Spool::open(&p, Durability::Full)).await??;
+    // What the upstream said last time applies before it is reached again.
+    let capacity = capacity::SharedCapacity::new(capacity::Capacity::new(
+        &cfg.upstream,
+        spool.learned_capacity()?.as_ref(),
+    ));
     let committed = Arc::new(Notify::new());
     let (writer, writer_thread) = intake::Writer::spawn(
         spool,
@@ -85,6 +91,7 @@ pub async fn run(
         bus.clone(),
         intake_topic,
         writer,
+        capacity.clone(),
         stop.clone(),
     ));
     let mut fwd = tokio::spawn(forward::run(
@@ -92,9 +99,10 @@ pub async fn run(
         path.clone(),
         committed,
         shared.clone(),
+        capacity.clone(),
         stop.clone(),
     ));
-    let mut status = tokio::spawn(status::run(cfg, path, bus, shared, stop.clone()));
+    let mut status = tokio::spawn(status::run(cfg, path, bus, shared, capacity, stop.clone()));
     let flat = |r: Result<anyhow::Result<()>, tokio::task::JoinError>| match r {
         Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!("export task failed: {e}")),

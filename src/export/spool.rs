@@ -405,7 +405,15 @@ impl Spool {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let removed = delete_range(&tx, first, last)?;
+        let (removed, largest) = delete_range_sized(&tx, first, last)?;
+        if largest > 0 {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('largest-acked', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = \
+                 CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+                [largest.to_string()],
+            )?;
+        }
         add_counters(
             &tx,
             &[
@@ -415,6 +423,48 @@ impl Spool {
         )?;
         tx.commit()?;
         Ok(removed)
+    }
+
+    /// The size of the largest message the upstream ever acknowledged from
+    /// this spool (0: none yet). A message that kills the connection again
+    /// and again is taken for one over the broker's size limit only when it
+    /// is larger than this (see `forward`).
+    pub fn largest_acked(&self) -> Result<u64, SpoolError> {
+        Ok(self
+            .meta("largest-acked")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// What the upstream last said about its size limit.
+    pub fn learned_capacity(&self) -> Result<Option<super::capacity::Learned>, SpoolError> {
+        Ok(self
+            .meta("upstream-capacity")?
+            .and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    pub fn put_learned_capacity(
+        &mut self,
+        learned: &super::capacity::Learned,
+    ) -> Result<(), SpoolError> {
+        let doc = serde_json::to_string(learned).unwrap_or_default();
+        self.set_meta("upstream-capacity", &doc)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, SpoolError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), SpoolError> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
     }
 
     /// Moves message `seq` (refused for good by the upstream) out of the
@@ -435,13 +485,15 @@ impl Spool {
         Ok(n)
     }
 
-    /// The dead letters, oldest first (without their payloads).
-    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, SpoolError> {
+    /// The newest `limit` dead letters, oldest first (without their
+    /// payloads).
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT seq, stream, received_ms, size, failed_ms, error FROM dead_letters ORDER BY seq",
+            "SELECT * FROM (SELECT seq, stream, received_ms, size, failed_ms, error \
+             FROM dead_letters ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
         )?;
         let rows = st
-            .query_map([], |r| {
+            .query_map([limit.min(i64::MAX as usize) as i64], |r| {
                 Ok(DeadLetter {
                     seq: r.get(0)?,
                     stream: r.get(1)?,
@@ -546,32 +598,35 @@ impl Spool {
     /// Stores the daemon's last status document (rates, upstream state) for
     /// `iot-agent export status`.
     pub fn put_status(&mut self, doc: &str) -> Result<(), SpoolError> {
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('status', ?1) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [doc],
-        )?;
-        Ok(())
+        self.set_meta("status", doc)
     }
 
     pub fn status(&self) -> Result<Option<String>, SpoolError> {
-        Ok(self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'status'", [], |r| {
-                r.get(0)
-            })
-            .optional()?)
+        self.meta("status")
     }
 }
 
 fn delete_range(tx: &rusqlite::Transaction, first: i64, last: i64) -> Result<u64, SpoolError> {
-    let (n, bytes): (i64, i64) = {
+    delete_range_sized(tx, first, last).map(|(n, _)| n)
+}
+
+/// Deletes `first..=last`; returns how many and the largest size.
+fn delete_range_sized(
+    tx: &rusqlite::Transaction,
+    first: i64,
+    last: i64,
+) -> Result<(u64, i64), SpoolError> {
+    let (n, bytes, largest): (i64, i64, i64) = {
         let mut st =
             tx.prepare_cached("DELETE FROM messages WHERE seq BETWEEN ?1 AND ?2 RETURNING size")?;
         let sizes: Vec<i64> = st
             .query_map([first, last], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        (sizes.len() as i64, sizes.iter().sum())
+        (
+            sizes.len() as i64,
+            sizes.iter().sum(),
+            sizes.iter().copied().max().unwrap_or(0),
+        )
     };
     if n > 0 {
         tx.execute(
@@ -579,7 +634,7 @@ fn delete_range(tx: &rusqlite::Transaction, first: i64, last: i64) -> Result<u64
             [n, bytes],
         )?;
     }
-    Ok(n as u64)
+    Ok((n as u64, largest))
 }
 
 fn add_counters(tx: &rusqlite::Transaction, adds: &[(&str, u64)]) -> Result<(), SpoolError> {
@@ -694,6 +749,31 @@ mod tests {
         let snap = s.snapshot().unwrap();
         assert_eq!((snap.messages, snap.counters[counter::EXPIRED]), (1, 2));
         assert_eq!(s.expire(now_ms() - 60_000).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_largest_acknowledged_size_and_the_newest_dead_letters_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(&d);
+        let l = lim(10_000, FullPolicy::RefuseNew);
+        s.insert_batch(&[msg("a", 10), msg("a", 300), msg("a", 20)], l)
+            .unwrap();
+        assert_eq!(s.largest_acked().unwrap(), 0);
+        s.remove_acked(1, 2, 2, 0).unwrap();
+        assert_eq!(s.largest_acked().unwrap(), 301);
+        // A smaller one later does not lower it.
+        s.remove_acked(3, 3, 1, 0).unwrap();
+        assert_eq!(s.largest_acked().unwrap(), 301);
+        s.insert_batch(&[msg("a", 1), msg("b", 2), msg("c", 3)], l)
+            .unwrap();
+        for seq in 4..=6 {
+            s.dead_letter(seq, "too large").unwrap();
+        }
+        let newest: Vec<i64> = s.dead_letters(2).unwrap().iter().map(|d| d.seq).collect();
+        assert_eq!(newest, vec![5, 6]);
+        assert_eq!(s.dead_letters(usize::MAX).unwrap().len(), 3);
+        assert_eq!(s.snapshot().unwrap().counters[counter::DEAD_LETTERED], 3);
+        assert_eq!(s.backlog().unwrap(), (0, 0));
     }
 
     #[test]

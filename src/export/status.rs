@@ -1,10 +1,12 @@
-//! Status: backlog, oldest age, drop counts and rates, published on the
-//! health subject every `export.status.interval` and kept in the spool for
+//! Status: backlog, oldest age, drop counts and rates, the intake's size
+//! cap and the dead letters, published on the health subject every
+//! `export.status.interval` and kept in the spool for
 //! `iot-agent export status`. The same loop expires messages older than
 //! `export.spool.max.age`.
 
+use super::capacity::{Capacity, SharedCapacity};
 use super::forward::Shared;
-use super::spool::{counter, now_ms, Snapshot, Spool};
+use super::spool::{counter, now_ms, DeadLetter, Snapshot, Spool};
 use crate::bus::{topics, Nats, Topic};
 use crate::config::ExportConfig;
 use serde_json::{json, Value};
@@ -14,12 +16,19 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Most dead letters in the published status (the newest; all of them are
+/// counted, and `iot-agent export status` lists them all): the document
+/// must stay far below the local NATS' `max_payload`.
+pub const PUBLISHED_DEAD_LETTERS: usize = 100;
+
 /// The status document (also what `export status --json` prints).
 pub fn document(
     cfg: &ExportConfig,
     snap: &Snapshot,
     rates: Option<(f64, f64)>,
     upstream: Value,
+    capacity: &Capacity,
+    dead: &[DeadLetter],
 ) -> Value {
     let oldest_age = snap
         .oldest_ms
@@ -37,10 +46,12 @@ pub fn document(
             "max-bytes": cfg.spool.max.bytes,
             "max-age": humantime::format_duration(cfg.spool.max.age.get()).to_string(),
             "full": cfg.spool.full.as_str(),
+            "message": capacity.describe(),
         },
         "counters": snap.counters,
         "rates": rates.map(|(i, o)| json!({"in-per-s": round(i), "out-per-s": round(o)})),
         "upstream": upstream,
+        "dead-letters": dead,
     })
 }
 
@@ -54,6 +65,7 @@ pub async fn run(
     spool_path: PathBuf,
     bus: Nats,
     shared: Arc<Shared>,
+    capacity: SharedCapacity,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let spool = tokio::task::spawn_blocking(move || {
@@ -85,7 +97,9 @@ pub async fn run(
                 "export: messages expired unsent (export.spool.max.age)"
             );
         }
-        let snap = db.call(|s| s.snapshot()).await?;
+        let (snap, dead) = db
+            .call(|s| Ok((s.snapshot()?, s.dead_letters(PUBLISHED_DEAD_LETTERS)?)))
+            .await?;
         let now = Instant::now();
         let (inn, out) = (
             snap.counters[counter::RECEIVED],
@@ -104,7 +118,7 @@ pub async fn run(
             "connected": shared.connected.load(Ordering::SeqCst),
             "error": shared.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         });
-        let doc = document(&cfg, &snap, rates, upstream);
+        let doc = document(&cfg, &snap, rates, upstream, &capacity.get(), &dead);
         let text = doc.to_string();
         let stored = text.clone();
         db.call(move |s| s.put_status(&stored)).await?;

@@ -7,6 +7,7 @@
 //! fails the forwarder drops the session (nothing more leaves it) and opens
 //! a new one that starts again from the oldest unacknowledged message.
 
+use super::capacity::Learned;
 use super::spool::Row;
 use crate::config::values::UpstreamKind;
 use crate::config::ExportUpstream;
@@ -58,13 +59,18 @@ pub type AckFuture = BoxFuture<'static, Result<Ack, String>>;
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub permanent: bool,
+    /// The connection was lost before the answer came (what a broker that
+    /// cannot say "too large" does: mosquitto's `max_packet_size`).
+    pub link_lost: bool,
     pub detail: String,
 }
 
 impl Refusal {
-    fn transient(detail: String) -> Refusal {
+    /// An MQTT confirmation fails only when its connection is lost.
+    fn link_lost(detail: String) -> Refusal {
         Refusal {
             permanent: false,
+            link_lost: true,
             detail,
         }
     }
@@ -92,7 +98,8 @@ fn nats_permanent(e: &async_nats::jetstream::context::PublishError) -> bool {
 }
 
 pub enum Session {
-    Nats(NatsSession),
+    /// Boxed: the JetStream context is several times the MQTT handle.
+    Nats(Box<NatsSession>),
     Mqtt(MqttSession),
 }
 
@@ -100,9 +107,9 @@ impl Session {
     pub async fn connect(cfg: &ExportUpstream, window: usize) -> Result<Session, UpstreamError> {
         match cfg.url.kind() {
             None => Err(UpstreamError::NoUrl),
-            Some(UpstreamKind::Nats { tls }) => {
-                Ok(Session::Nats(NatsSession::connect(cfg, tls).await?))
-            }
+            Some(UpstreamKind::Nats { tls }) => Ok(Session::Nats(Box::new(
+                NatsSession::connect(cfg, tls).await?,
+            ))),
             Some(UpstreamKind::Mqtt { tls }) => {
                 Ok(Session::Mqtt(MqttSession::connect(cfg, tls, window).await?))
             }
@@ -121,8 +128,17 @@ impl Session {
             Session::Mqtt(s) => Ok(s
                 .publish(row)
                 .await?
-                .map(|r| r.map_err(Refusal::transient))
+                .map(|r| r.map_err(Refusal::link_lost))
                 .boxed()),
+        }
+    }
+
+    /// What the upstream said about its size limit when it was connected
+    /// (NATS); MQTT cannot say.
+    pub fn learned(&self) -> Option<&Learned> {
+        match self {
+            Session::Nats(s) => Some(&s.learned),
+            Session::Mqtt(_) => None,
         }
     }
 
@@ -158,10 +174,34 @@ pub fn mqtt_topic(prefix: &str, stream: &str) -> String {
 
 // ------------------------------------------------------------- NATS ---
 
+/// Headers the forwarder adds to each NATS message (besides `Nats-Msg-Id`).
+const HEADER_STREAM: &str = "Export-Stream";
+const HEADER_RECEIVED: &str = "Export-Received-Ms";
+
+/// The most bytes the forwarder's headers take on the wire for a message
+/// of `stream`: they count against `max_payload` and `max_msg_size`, so
+/// the intake cap ([`super::capacity`]) takes them off. An upper bound:
+/// the message id and time at their longest (`{spool id}-{i64}`, an i64).
+pub fn header_bytes(stream: &str) -> usize {
+    const VERSION_LINE: usize = "NATS/1.0\r\n".len();
+    const I64: usize = 20;
+    const MSG_ID: usize = 16 + 1 + I64;
+    let line = |name: &str, value: usize| name.len() + ": ".len() + value + "\r\n".len();
+    VERSION_LINE
+        + line(
+            AsRef::<str>::as_ref(&async_nats::header::NATS_MESSAGE_ID),
+            MSG_ID,
+        )
+        + line(HEADER_STREAM, stream.len())
+        + line(HEADER_RECEIVED, I64)
+        + "\r\n".len()
+}
+
 pub struct NatsSession {
     js: async_nats::jetstream::Context,
     lost: CancellationToken,
     prefix: String,
+    learned: Learned,
 }
 
 impl NatsSession {
@@ -211,35 +251,45 @@ impl NatsSession {
             .map_err(|_| err("timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
         established.store(true, Ordering::SeqCst);
+        let max_payload = client.server_info().max_payload as u64;
         let js = async_nats::jetstream::ContextBuilder::new()
             .timeout(ACK_TIMEOUT)
             .build(client);
+        let mut stream_max = None;
         if !cfg.stream.is_empty() {
             let subjects = vec![format!("{}.>", cfg.upstream_prefix())];
-            js.get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: cfg.stream.clone(),
-                subjects,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| UpstreamError::Stream {
-                stream: cfg.stream.clone(),
-                detail: e.to_string(),
-            })?;
+            let stream = js
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: cfg.stream.clone(),
+                    subjects,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| UpstreamError::Stream {
+                    stream: cfg.stream.clone(),
+                    detail: e.to_string(),
+                })?;
+            stream_max = Some(stream.cached_info().config.max_message_size as i64);
         }
+        let learned = Learned::nats(
+            &url,
+            max_payload,
+            stream_max.map(|m| (cfg.stream.as_str(), m)),
+        );
         Ok(NatsSession {
             js,
             lost,
             prefix: cfg.upstream_prefix(),
+            learned,
         })
     }
 
     async fn publish(&mut self, row: &Row, msg_id: &str) -> Result<Acknowledgement, UpstreamError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
-        headers.insert("Export-Stream", row.stream.as_str());
-        headers.insert("Export-Received-Ms", row.received_ms.to_string().as_str());
+        headers.insert(HEADER_STREAM, row.stream.as_str());
+        headers.insert(HEADER_RECEIVED, row.received_ms.to_string().as_str());
         let ack = match self
             .js
             .publish_with_headers(
@@ -254,6 +304,7 @@ impl NatsSession {
             Err(e) if nats_permanent(&e) => {
                 let r = Refusal {
                     permanent: true,
+                    link_lost: false,
                     detail: e.to_string(),
                 };
                 return Ok(futures::future::ready(Err(r)).boxed());
@@ -267,6 +318,7 @@ impl NatsSession {
                 })
                 .map_err(|e| Refusal {
                     permanent: nats_permanent(&e),
+                    link_lost: false,
                     detail: e.to_string(),
                 })
         }

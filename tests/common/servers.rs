@@ -474,6 +474,8 @@ pub struct Mosquitto {
     tls: Option<TlsFiles>,
     /// Sessions and queued messages kept on disk (`persistence true`).
     persistent: bool,
+    /// Lines added to the configuration (a test's own limits).
+    extra: String,
     child: Option<Child>,
 }
 
@@ -487,7 +489,13 @@ struct TlsFiles {
 impl Mosquitto {
     /// Plain MQTT on `127.0.0.1:PORT`, anonymous clients allowed.
     pub fn start_plain() -> Mosquitto {
-        Mosquitto::start(None, false)
+        Mosquitto::start(None, false, "")
+    }
+
+    /// [`Mosquitto::start_plain`] with extra configuration lines (limits
+    /// such as `message_size_limit` or `max_packet_size`).
+    pub fn start_plain_with(extra: &str) -> Mosquitto {
+        Mosquitto::start(None, false, extra)
     }
 
     /// MQTT over TLS on `127.0.0.1:PORT`: clients must present a certificate
@@ -496,7 +504,7 @@ impl Mosquitto {
     /// counts the certificate identity as a username, so such clients are
     /// accepted while clients without a certificate are refused.
     pub fn start_tls(pki: &TestPki) -> Mosquitto {
-        Mosquitto::start(Some(Self::tls_files(pki)), false)
+        Mosquitto::start(Some(Self::tls_files(pki)), false, "")
     }
 
     /// [`Mosquitto::start_tls`] with persistence on, as a DMS deployment
@@ -504,7 +512,14 @@ impl Mosquitto {
     /// a broker restart that saves them ([`Mosquitto::terminate`]), and the
     /// queue per client is large enough for a burst of several thousand.
     pub fn start_tls_persistent(pki: &TestPki) -> Mosquitto {
-        Mosquitto::start(Some(Self::tls_files(pki)), true)
+        Mosquitto::start(Some(Self::tls_files(pki)), true, "")
+    }
+
+    /// [`Mosquitto::start_tls_persistent`] that sends small packets at once
+    /// (`set_tcp_nodelay true`): for the link benchmark, whose latency
+    /// should be the agent's, not mosquitto's Nagle wait for a delayed ACK.
+    pub fn start_tls_persistent_nodelay(pki: &TestPki) -> Mosquitto {
+        Mosquitto::start(Some(Self::tls_files(pki)), true, "set_tcp_nodelay true\n")
     }
 
     fn tls_files(pki: &TestPki) -> TlsFiles {
@@ -515,7 +530,7 @@ impl Mosquitto {
         }
     }
 
-    fn start(tls: Option<TlsFiles>, persistent: bool) -> Mosquitto {
+    fn start(tls: Option<TlsFiles>, persistent: bool, extra: &str) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("iot-agent-mosquitto-")
             .tempdir()
@@ -527,6 +542,7 @@ impl Mosquitto {
             console: dir.path().join("console.log"),
             tls,
             persistent,
+            extra: extra.to_string(),
             child: None,
             dir,
         };
@@ -592,6 +608,10 @@ impl Mosquitto {
                 );
                 c += "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n";
             }
+        }
+        c += &self.extra;
+        if !c.ends_with('\n') {
+            c.push('\n');
         }
         c
     }

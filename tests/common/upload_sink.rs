@@ -125,3 +125,80 @@ impl Hanging {
         Hanging { port, task }
     }
 }
+
+/// An https server (the test PKI's server certificate for 127.0.0.1) that
+/// answers every request with `307 Temporary Redirect` to `location`: a
+/// presigned https URL that sends the upload on to plain http.
+pub struct TlsRedirect {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsRedirect {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsRedirect {
+    pub async fn start(
+        cert_pem: &std::path::Path,
+        key_pem: &std::path::Path,
+        location: String,
+    ) -> TlsRedirect {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_pem)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key_pem).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, location) = (acceptor.clone(), location.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        move |_req: hyper::Request<hyper::body::Incoming>| {
+                            let location = location.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .status(307)
+                                        .header("Location", location)
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        TlsRedirect { port, task }
+    }
+
+    /// A presigned-looking https URL on this server.
+    pub fn url(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}/bucket/logs.txt?X-Amz-Signature=secret-signature",
+            self.port
+        )
+    }
+}

@@ -1,8 +1,8 @@
 //! The DMS link under load and faults, against a real mosquitto with
 //! persistence on (as a DMS deployment runs it): a burst of thousands of
 //! actions, a backlog delivered by the persistent session after the agent
-//! was down, SIGKILL in the middle of an action and between its answer and
-//! its change's end, and broker outages longer than the keep-alive with
+//! was down, SIGKILL in the middle of an action (before and after snapd
+//! made its change) and between its answer and its change's end, and broker outages longer than the keep-alive with
 //! and without the broker's session.
 
 use super::dms::{setup_on, DmsClient, Setup};
@@ -194,6 +194,54 @@ async fn sigkill_between_the_answer_and_the_change_end_reports_completion_after_
     assert_eq!(done["result"]["change"], change.as_str());
     assert_eq!(done["result"]["status"], "Done");
     assert_eq!(s.snapd.posts_to("/v2/snaps/other"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_after_snapd_took_the_action_follows_its_change_after_restart() {
+    let mut s = persistent_setup(&[]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    // snapd makes the change at once but answers too late: the agent dies
+    // with the action `started` and no change id.
+    s.snapd.set_change_mode(ChangeMode::Manual);
+    s.snapd
+        .set_fault(Some(Fault::LateAnswer(Duration::from_secs(60))));
+    dms.publish_raw(request("late", "install", "other")).await;
+    let snapd = &s.snapd;
+    until("snapd to make the install's change", || {
+        snapd.changes().iter().any(|c| c["kind"] == "install-snap")
+    })
+    .await;
+    s.agent.signal("KILL");
+    s.agent.wait_exit();
+    s.snapd.set_fault(None);
+    let change = s
+        .snapd
+        .changes()
+        .iter()
+        .find(|c| c["kind"] == "install-snap")
+        .and_then(|c| c["id"].as_str().map(str::to_string))
+        .unwrap();
+    s.start_agent_again();
+    // The reply it would have had, then the completion of that change.
+    let v = dms.response("late").await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["result"], change.as_str(), "{v}");
+    s.snapd.set_change_status(&change, "Done");
+    let raw = dms
+        .wait(&responses_topic(), |p| {
+            serde_json::from_slice::<Value>(p)
+                .map(|v| v["id"] == "late" && is_completion(&v))
+                .unwrap_or(false)
+        })
+        .await;
+    let done: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(done["success"], true, "{done}");
+    assert_eq!(done["result"]["change"], change.as_str());
+    assert_eq!(
+        s.snapd.posts_to("/v2/snaps/other"),
+        1,
+        "the install ran twice"
+    );
 }
 
 /// Waits until `iot-agent status` reports the DMS link as `connected`.

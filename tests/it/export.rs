@@ -624,3 +624,310 @@ fn a_message_over_the_streams_max_msg_size_is_dead_lettered_and_the_rest_flow_in
     assert!(dead[0]["size"].as_u64().unwrap() > 4000, "{st}");
     assert!(!dead[0]["error"].as_str().unwrap().is_empty(), "{st}");
 }
+
+/// The last status the daemon published on `iot.agent.export.status`.
+fn published_status(
+    rt: &tokio::runtime::Runtime,
+    local: &NatsServer,
+    until: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    rt.block_on(async {
+        use futures::StreamExt;
+        let c = async_nats::ConnectOptions::with_user_and_password(
+            "snapd".into(),
+            AGENT_PASSWORD.into(),
+        )
+        .connect(local.url())
+        .await
+        .unwrap();
+        let mut sub = c.subscribe("iot.agent.export.status").await.unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .expect("no status published")
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if until(&v) {
+                return v;
+            }
+        }
+    })
+}
+
+/// A payload of exactly `len` bytes, numbered like [`payload`].
+fn sized(i: u64, len: usize) -> String {
+    format!("{i:08}:{}", "z".repeat(len - 9))
+}
+
+/// One request on the intake; the agent's JSON answer. "No responders"
+/// (the intake's subscription not yet on the server) is retried: that
+/// request reached nobody, so it cannot be spooled twice.
+async fn request(client: &async_nats::Client, stream: &str, p: String) -> serde_json::Value {
+    for _ in 0..200 {
+        match client
+            .request(format!("export.{stream}"), p.clone().into())
+            .await
+        {
+            Ok(m) => return serde_json::from_slice(&m.payload).unwrap(),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the intake did not answer: {e}"),
+        }
+    }
+    panic!("the intake never subscribed");
+}
+
+/// The intake is capped at what the upstream can carry: the JetStream
+/// stream's `max_msg_size` less the forwarder's headers, learned when the
+/// forwarder connects. A message over it is refused to its producer (NATS
+/// answer, `export send` exit status) instead of being accepted and then
+/// refused by the upstream; one at the cap is delivered, so the header
+/// allowance is not too small.
+#[test]
+fn intake_refuses_what_the_jetstream_stream_cannot_take_and_delivers_up_to_the_cap() {
+    let local = local_nats();
+    let upstream = NatsServer::start(NatsConfig {
+        jetstream: true,
+        ..Default::default()
+    });
+    let rt = runtime();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(upstream.url()).await.unwrap());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: JS_STREAM.into(),
+            subjects: vec!["telemetry.>".into()],
+            max_message_size: 1024,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[
+            ("IOT_AGENT_EXPORT__UPSTREAM__URL", upstream.url()),
+            ("IOT_AGENT_EXPORT__UPSTREAM__STREAM", JS_STREAM.into()),
+        ],
+    );
+    let _agent = start_agent(&env);
+    // The forwarder learned the stream's limit (and kept it in the spool).
+    poll_until(Instant::now() + Duration::from_secs(30), || {
+        (export_status(&env)["limits"]["message"]["max-bytes"] == 1024).then_some(())
+    })
+    .expect("the stream's max_msg_size was not learned");
+    let cap = 1024 - iot_agent::export::upstream::header_bytes("s1");
+    let (over, at) = rt.block_on(async {
+        let client = app_client(&local).await;
+        (
+            request(&client, "s1", sized(1, cap + 1)).await,
+            request(&client, "s1", sized(0, cap)).await,
+        )
+    });
+    assert_eq!(over["ok"], false, "{over}");
+    let why = over["error"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("at most {cap} bytes")) && why.contains("max_msg_size"),
+        "{why}"
+    );
+    assert_eq!(at["ok"], true, "{at}");
+    let out = run_once(
+        &["export", "send", "--stream", "s1", "--", &sized(2, cap + 1)],
+        &env,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("at most {cap} bytes")) && stderr.contains("split"),
+        "{stderr}"
+    );
+    let received = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let r = rt.block_on(read_jetstream(&upstream.url()));
+        (!r.is_empty()).then_some(r)
+    })
+    .expect("the message at the cap was not delivered");
+    assert_eq!(received, vec![0]);
+    let st = export_status(&env);
+    assert_eq!(st["counters"]["dead-lettered"], 0, "{st}");
+    assert_eq!(st["backlog"]["messages"], 0, "{st}");
+}
+
+/// MQTT 3.1.1 cannot tell its size limit, and mosquitto acknowledges a
+/// message over `message_size_limit` and drops it: delivery would be
+/// claimed for a lost message. With `export.upstream.max.payload` set to the
+/// broker's limit, intake refuses larger messages, and one spooled before
+/// the limit was configured is moved to the dead letters unsent instead of
+/// being silently lost.
+#[test]
+fn an_mqtt_brokers_configured_size_limit_caps_intake_and_nothing_is_lost_silently() {
+    const LIMIT: usize = 1000;
+    let local = local_nats();
+    let broker = Mosquitto::start_plain_with(&format!("message_size_limit {LIMIT}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let url = ("IOT_AGENT_EXPORT__UPSTREAM__URL", broker.url());
+    // Spooled while no limit was configured (daemon down).
+    let unlimited = agent_env(dir.path(), &local, std::slice::from_ref(&url));
+    let out = run_once(
+        &["export", "send", "--stream", "s1", "--", &sized(0, 1500)],
+        &unlimited,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[
+            url,
+            (
+                "IOT_AGENT_EXPORT__UPSTREAM__MAX__PAYLOAD",
+                LIMIT.to_string(),
+            ),
+        ],
+    );
+    let out = run_once(
+        &[
+            "export",
+            "send",
+            "--stream",
+            "s1",
+            "--",
+            &sized(9, LIMIT + 1),
+        ],
+        &env,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("at most {LIMIT} bytes"))
+            && stderr.contains("export.upstream.max.payload"),
+        "{stderr}"
+    );
+    let out = run_once(
+        &["export", "send", "--stream", "s1", "--", &sized(1, LIMIT)],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let rt = runtime();
+    let checker = MqttChecker::start(&rt, broker.port());
+    checker.wait_subscribed(1);
+    let agent = start_agent(&env);
+    let (over, at) = rt.block_on(async {
+        let client = app_client(&local).await;
+        (
+            request(&client, "s1", sized(8, LIMIT + 1)).await,
+            request(&client, "s1", sized(2, LIMIT)).await,
+        )
+    });
+    assert_eq!(over["ok"], false, "{over}");
+    assert!(
+        over["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("at most {LIMIT} bytes")),
+        "{over}"
+    );
+    assert_eq!(at["ok"], true, "{at}");
+    let received = checker.wait_distinct(2);
+    assert_eq!(received, vec![1, 2], "only what the broker takes, in order");
+    let st = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let st = export_status(&env);
+        (st["backlog"]["messages"] == 0).then_some(st)
+    })
+    .expect("the spool did not drain");
+    assert_eq!(st["counters"]["dead-lettered"], 1, "{st}");
+    assert_eq!(st["counters"]["forwarded"], 2, "{st}");
+    let dead = &st["dead-letters"][0];
+    assert_eq!(dead["seq"], 1, "{st}");
+    assert!(
+        dead["error"]
+            .as_str()
+            .unwrap()
+            .contains("export.upstream.max.payload"),
+        "{st}"
+    );
+    assert_eq!(agent.count("panicked"), 0);
+    checker.task.abort();
+}
+
+/// mosquitto's `max_packet_size` closes the connection on a larger message
+/// and says nothing else. Before, every session ended on that message and
+/// nothing behind it was ever delivered; now, after a few sessions that
+/// fail on it sent alone, it is moved to the dead letters (it is larger
+/// than anything the broker acknowledged) and the rest flow in order. The
+/// dead letter is listed in the published status too.
+#[test]
+fn a_message_the_mqtt_broker_drops_the_connection_for_is_dead_lettered_and_the_rest_flow() {
+    // More than one forwarding window (export.batch.forward = 64) behind it.
+    const N: u64 = 100;
+    const POISON: u64 = 5;
+    let local = local_nats();
+    let broker = Mosquitto::start_plain_with("max_packet_size 2000\n");
+    let dir = tempfile::tempdir().unwrap();
+    let env = agent_env(
+        dir.path(),
+        &local,
+        &[("IOT_AGENT_EXPORT__UPSTREAM__URL", broker.url())],
+    );
+    for i in 0..N {
+        let p = if i == POISON {
+            sized(i, 4000)
+        } else {
+            payload(i)
+        };
+        let out = run_once(&["export", "send", "--stream", "s1", "--", &p], &env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rt = runtime();
+    let checker = MqttChecker::start(&rt, broker.port());
+    checker.wait_subscribed(1);
+    let mut agent = start_agent(&env);
+    agent.wait_for("moved to the dead letters");
+    let received = checker.wait_distinct(N - 1);
+    assert!(!received.contains(&POISON));
+    // Renumbered without the poison one: 0..N-1 in order, re-sends after
+    // each cut allowed.
+    let renumbered: Vec<u64> = received
+        .iter()
+        .map(|&v| if v > POISON { v - 1 } else { v })
+        .collect();
+    let dups = check_in_order(&renumbered, N - 1);
+    let st = poll_until(Instant::now() + Duration::from_secs(30), || {
+        let st = export_status(&env);
+        (st["backlog"]["messages"] == 0).then_some(st)
+    })
+    .expect("the spool did not drain");
+    assert!(dups <= st["counters"]["resent"].as_u64().unwrap(), "{st}");
+    assert_eq!(st["counters"]["dead-lettered"], 1, "{st}");
+    let dead = &st["dead-letters"][0];
+    assert_eq!(dead["seq"], POISON + 1, "{st}");
+    assert!(
+        dead["error"].as_str().unwrap().contains("size limit"),
+        "{st}"
+    );
+    let published = published_status(&rt, &local, |v| {
+        v["dead-letters"].as_array().is_some_and(|d| !d.is_empty())
+    });
+    assert_eq!(
+        published["dead-letters"][0]["seq"],
+        POISON + 1,
+        "{published}"
+    );
+    assert_eq!(published["counters"]["dead-lettered"], 1, "{published}");
+    assert_eq!(agent.count("panicked"), 0);
+    checker.task.abort();
+}

@@ -13,6 +13,7 @@ mod dms;
 mod dms_faults;
 mod export;
 mod fuzz_smoke;
+mod hardening;
 mod harness;
 mod identity;
 mod mirror;

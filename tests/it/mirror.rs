@@ -11,11 +11,13 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use iot_agent::bus::{ConnectionStatus, Nats, StatusTx};
+use iot_agent::changes::Poller;
 use iot_agent::services::mirror::{follow::FollowPolicy, Mirror, Settings};
 use iot_agent::snapd::{self, RetryPolicy};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +46,10 @@ struct Opts {
     /// Point the mirror here instead of at the double.
     socket: Option<PathBuf>,
     example_conf: bool,
+    /// Run the shared change poller the mirror follows its changes through
+    /// (its reads of snapd would show among the requests the other tests
+    /// count).
+    poller: bool,
 }
 
 impl Default for Opts {
@@ -53,6 +59,7 @@ impl Default for Opts {
             timeout: Duration::from_secs(5),
             socket: None,
             example_conf: false,
+            poller: false,
         }
     }
 }
@@ -100,12 +107,19 @@ async fn rig(opts: Opts) -> Rig {
         timeout: opts.timeout,
         max_in_flight: 16,
         follow: FollowPolicy {
-            interval: Duration::from_millis(50),
+            first_look: Duration::from_millis(50),
             ..Default::default()
         },
     };
     let shutdown = CancellationToken::new();
-    let mirror = Mirror::new(bus, snapd, settings, mqtt_rx);
+    // The shared change poller the mirror follows its changes through, run
+    // as the agent runs it when the test follows changes.
+    let poller = Arc::new(Poller::new(snapd.clone(), Duration::from_secs(60)));
+    if opts.poller {
+        let (p, token) = (poller.clone(), shutdown.clone());
+        tokio::spawn(iot_agent::supervisor::Subsystem::run(p, token.into()));
+    }
+    let mirror = Mirror::new(bus, snapd, poller, settings, mqtt_rx);
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         use iot_agent::supervisor::Subsystem;
@@ -301,7 +315,11 @@ async fn assertions_and_logs_come_in_the_documented_wrappers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_started_change_is_followed_on_its_event_subject() {
-    let rig = rig(Opts::default()).await;
+    let rig = rig(Opts {
+        poller: true,
+        ..Default::default()
+    })
+    .await;
     rig.snapd.set_change_mode(ChangeMode::Manual);
     rig.snapd.add_store_snap("world");
     let mut events = rig

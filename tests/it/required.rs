@@ -191,6 +191,9 @@ async fn a_restart_in_the_middle_resumes_the_install() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Killed once the agent recorded it (not merely once snapd made it).
+    s.agent
+        .wait_for("required-install change started and recorded");
     s.agent.signal("KILL");
     s.agent.wait_exit();
     s.snapd.set_change_mode(ChangeMode::Auto);

@@ -102,6 +102,65 @@ async fn snap_action(ctx: &Ctx, req: &Request) -> ActionResult {
     Ok((json!(change), Next::FollowChange(change)))
 }
 
+/// The kinds of change snapd makes for each snap action (a refresh onto
+/// another channel may be named for the switch).
+fn change_kinds(action: &str) -> &'static [&'static str] {
+    match action {
+        "install" => &["install-snap"],
+        "remove" => &["remove-snap"],
+        "refresh" => &["refresh-snap"],
+        "revert" => &["revert-snap"],
+        "enable" => &["enable-snap"],
+        "disable" => &["disable-snap"],
+        "switch" => &["refresh-snap", "switch-snap", "switch-snap-channel"],
+        _ => &[],
+    }
+}
+
+/// After a restart, the change of an action that was cut short after it
+/// was marked `started`: snapd may have taken the request while the agent
+/// died before it learned the change id. It is the one change of the
+/// action's kind for its snap (`data.snap-names`) spawned from when the
+/// action was marked started (less a second for clock steps) until now.
+/// `Ok(None)`: snapd shows none. `Err`: why the change cannot be told
+/// (several candidates: another client acted on the snap meanwhile; or an
+/// action whose change this cannot recognise).
+pub fn change_of_started(
+    req: &Request,
+    started_ms: i64,
+    changes: &[snapd::Change],
+) -> Result<Option<String>, String> {
+    let kinds = change_kinds(&req.action);
+    if kinds.is_empty() {
+        return Err(format!(
+            "the change of a {} action, if snapd made one, cannot be told from others",
+            req.action
+        ));
+    }
+    let since_ns = started_ms.saturating_sub(1000).saturating_mul(1_000_000);
+    let found: Vec<&snapd::Change> = changes
+        .iter()
+        .filter(|c| kinds.contains(&c.kind.as_str()))
+        .filter(|c| crate::clock::parse_ns(&c.spawn_time).is_some_and(|t| t >= since_ns))
+        .filter(|c| {
+            c.data
+                .as_ref()
+                .and_then(|d| d["snap-names"].as_array())
+                .is_some_and(|names| names.iter().any(|n| n.as_str() == Some(&req.snap)))
+        })
+        .collect();
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.id.clone())),
+        many => Err(format!(
+            "snapd has {} changes for {} since the action started (changes {}), so which is its own cannot be told",
+            many.len(),
+            req.snap,
+            many.iter().map(|c| c.id.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 async fn switch(ctx: &Ctx, req: &Request) -> ActionResult {
     let name = snap_name(req)?;
     let channel = req.data.trim();
@@ -508,4 +567,61 @@ pub async fn wait_ready(ctx: &Ctx, id: &str) -> Result<snapd::Change, String> {
 pub async fn completion(ctx: &Ctx, req: &Request, change_id: &str) -> Response {
     let outcome = wait_ready(ctx, change_id).await;
     super::completion::report(req, outcome.as_ref().map_err(Clone::clone))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(id: &str, kind: &str, snap: &str, spawn: &str) -> snapd::Change {
+        serde_json::from_value(json!({
+            "id": id, "kind": kind, "summary": "s", "status": "Doing", "ready": false,
+            "spawn-time": spawn, "data": {"snap-names": [snap]}
+        }))
+        .unwrap()
+    }
+
+    fn req(action: &str, snap: &str) -> Request {
+        Request {
+            id: "a".into(),
+            action: action.into(),
+            snap: snap.into(),
+            data: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_change_of_a_started_action_is_its_kind_for_its_snap_since_it_started() {
+        // 2026-11-21T05:00:00Z in Unix milliseconds.
+        let started = crate::clock::parse_ns("2026-11-21T05:00:00Z").unwrap() / 1_000_000;
+        let changes = vec![
+            change("1", "install-snap", "other", "2026-11-21T04:00:00Z"),
+            change("2", "remove-snap", "other", "2026-11-21T05:00:01Z"),
+            change("3", "install-snap", "third", "2026-11-21T05:00:01Z"),
+            change("4", "install-snap", "other", "2026-11-21T05:00:00.2Z"),
+        ];
+        let install = req("install", "other");
+        assert_eq!(
+            change_of_started(&install, started, &changes),
+            Ok(Some("4".into()))
+        );
+        assert_eq!(
+            change_of_started(&install, started, &changes[..3]),
+            Ok(None),
+            "an older change of the same kind is not its own"
+        );
+        let mut two = changes.clone();
+        two.push(change("5", "install-snap", "other", "2026-11-21T05:10:00Z"));
+        let e = change_of_started(&install, started, &two).unwrap_err();
+        assert!(e.contains("4, 5"), "{e}");
+        assert_eq!(
+            change_of_started(
+                &req("switch", "other"),
+                started,
+                &[change("6", "refresh-snap", "other", "2026-11-21T05:00:03Z")]
+            ),
+            Ok(Some("6".into()))
+        );
+        assert!(change_of_started(&req("setconf", "other"), started, &changes).is_err());
+    }
 }

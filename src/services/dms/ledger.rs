@@ -81,6 +81,9 @@ pub struct Unfinished {
     /// The stored completion report when it was not acknowledged.
     pub unacked_completion: Option<Bytes>,
     pub received_ms: i64,
+    /// The last change of state (for a `started` row: when it was marked
+    /// started, just before snapd was asked).
+    pub updated_ms: i64,
 }
 
 /// The link state as the daemon last wrote it.
@@ -234,7 +237,7 @@ impl Ledger {
     pub fn unfinished(&self) -> Result<Vec<Unfinished>, DbError> {
         self.with(|c| {
             let mut q = c.prepare(
-                "SELECT id, action, snap, data, state, response, response_acked, change, completion, completion_acked, received_ms \
+                "SELECT id, action, snap, data, state, response, response_acked, change, completion, completion_acked, received_ms, updated_ms \
                  FROM actions WHERE state != 'done' OR response_acked = 0 \
                  OR (change IS NOT NULL AND (completion IS NULL OR completion_acked = 0)) \
                  ORDER BY received_ms, id",
@@ -259,6 +262,7 @@ impl Ledger {
                         .filter(|_| !r.get::<_, bool>(9).unwrap_or(false))
                         .map(Bytes::from),
                     received_ms: r.get(10)?,
+                    updated_ms: r.get(11)?,
                 })
             })?;
             rows.collect()

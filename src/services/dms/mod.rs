@@ -344,8 +344,9 @@ async fn prune(ledger: Arc<Ledger>, age: Duration, count: u64, shutdown: Shutdow
 
 /// Finishes what a previous run of the agent left: replies not
 /// acknowledged are sent again, actions never started are run, actions
-/// cut short are reported failed (never run again), and changes still
-/// unreported are followed.
+/// cut short are never run again (their change is followed when snapd made
+/// one, otherwise they are reported failed), and changes still unreported
+/// are followed.
 async fn resume(h: Arc<Handler>) {
     let rows = match blocking(&h.ledger, |l| l.unfinished()).await {
         Ok(r) => r,
@@ -375,23 +376,7 @@ async fn resume_one(h: &Handler, row: Unfinished) {
             tracing::info!(id = %req.id, action = %req.action, "running a DMS action received before the restart");
             run_action(h, req, None).await;
         }
-        State::Started => {
-            // It may have taken effect: never run it again.
-            let resp = Response::fail(
-                &req.id,
-                &req.action,
-                "the agent stopped (restart or power cut) while running this action; it was \
-                 not run again and may or may not have taken effect: check the device (list)",
-            );
-            tracing::warn!(id = %req.id, action = %req.action, "a DMS action was cut short by a restart; reporting it failed");
-            let bytes = resp.to_bytes();
-            let b = bytes.clone();
-            let id = req.id.clone();
-            if let Err(e) = blocking(&h.ledger, move |l| l.answer(&id, &b, None)).await {
-                tracing::error!(id = %req.id, error = %e, "cannot store a DMS reply");
-            }
-            h.outbox.send(&req.id, Kind::Response, bytes).await;
-        }
+        State::Started => resume_started(h, req, row.updated_ms).await,
         State::Done => {
             if let Some(resp) = row.unacked_response {
                 h.outbox.send(&req.id, Kind::Response, resp).await;
@@ -404,6 +389,57 @@ async fn resume_one(h: &Handler, row: Unfinished) {
                 follow(h, &req, &change).await;
             }
         }
+    }
+}
+
+/// An action cut short after it was marked `started` (never run again: it
+/// may have taken effect). When snapd made its change, the reply it would
+/// have had is sent and the change followed to its completion report;
+/// otherwise it is reported failed, saying why.
+async fn resume_started(h: &Handler, req: Request, started_ms: i64) {
+    let found = match h.ctx.changes.first_snapshot(h.ctx.change_timeout).await {
+        Some(snap) => actions::change_of_started(&req, started_ms, &snap.changes),
+        None => Err("snapd's changes could not be read to find out".into()),
+    };
+    let (resp, change) = match found {
+        Ok(Some(change)) => {
+            tracing::info!(id = %req.id, action = %req.action, %change, "a DMS action cut short by a restart had started its change; following it");
+            (Response::ok(&req, serde_json::json!(change)), Some(change))
+        }
+        Ok(None) => (
+            Response::fail(
+                &req.id,
+                &req.action,
+                "the agent stopped (restart or power cut) while running this action; snapd shows no \
+                 change for it, so it most likely did not take effect; it was not run again: check \
+                 the device (list) and send it again if needed",
+            ),
+            None,
+        ),
+        Err(why) => (
+            Response::fail(
+                &req.id,
+                &req.action,
+                format!(
+                    "the agent stopped (restart or power cut) while running this action; it was \
+                     not run again and may or may not have taken effect ({why}): check the device \
+                     (list)"
+                ),
+            ),
+            None,
+        ),
+    };
+    if change.is_none() {
+        tracing::warn!(id = %req.id, action = %req.action, "a DMS action was cut short by a restart; reporting it failed: {}", resp.message);
+    }
+    let bytes = resp.to_bytes();
+    let (id, b, c) = (req.id.clone(), bytes.clone(), change.clone());
+    if let Err(e) = blocking(&h.ledger, move |l| l.answer(&id, &b, c.as_deref())).await {
+        tracing::error!(id = %req.id, error = %e, "cannot store a DMS reply");
+    }
+    h.outbox.send(&req.id, Kind::Response, bytes).await;
+    if let Some(change) = change.filter(|_| h.report) {
+        follow(h, &req, &change).await;
     }
 }
 

@@ -3,35 +3,37 @@
 //! `snapd.events.changes.{id}` each time its status moves, so the client
 //! that started an install can watch it instead of polling.
 //!
-//! Deliberately small and on its own: when the shared change poller
-//! exists, [`Follower::follow`] becomes a subscription to it and nothing
-//! else in the mirror changes.
+//! The change is followed through the shared change poller
+//! ([`crate::changes::Poller::follow`]), the one way the agent follows a
+//! change: following costs snapd no request of its own.
 
 use crate::bus::{topics, Nats};
-use crate::snapd::{self, Status};
+use crate::changes::Poller;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// How often and for how long a change is followed, and how many at once.
+/// When and for how long a change is followed, and how many at once.
 #[derive(Debug, Clone)]
 pub struct FollowPolicy {
-    /// Delay between two looks at the change.
-    pub interval: Duration,
+    /// The wait before the first look at the change: the requester
+    /// subscribes to the events after it got the change id, so the first
+    /// event must not race it.
+    pub first_look: Duration,
     /// A change still not ready after this is no longer followed (snapd
     /// itself may keep it for hours: `become-operational` on an unregistered
     /// device).
     pub max_age: Duration,
     /// Changes followed at once; beyond it new changes are not followed
-    /// (logged), so a burst of requests cannot pile up pollers.
+    /// (logged), so a burst of requests cannot pile up followers.
     pub max_followed: usize,
 }
 
 impl Default for FollowPolicy {
     fn default() -> Self {
         FollowPolicy {
-            interval: Duration::from_millis(500),
+            first_look: Duration::from_millis(500),
             max_age: Duration::from_secs(3600),
             max_followed: 32,
         }
@@ -41,7 +43,7 @@ impl Default for FollowPolicy {
 #[derive(Clone)]
 pub struct Follower {
     bus: Nats,
-    snapd: snapd::Client,
+    changes: Arc<Poller>,
     policy: FollowPolicy,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -50,14 +52,14 @@ pub struct Follower {
 impl Follower {
     pub fn new(
         bus: Nats,
-        snapd: snapd::Client,
+        changes: Arc<Poller>,
         policy: FollowPolicy,
         shutdown: CancellationToken,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(policy.max_followed));
         Follower {
             bus,
-            snapd,
+            changes,
             policy,
             slots,
             shutdown,
@@ -90,33 +92,24 @@ impl Follower {
     }
 
     async fn run(&self, id: &str, topic: &topics::Topic) {
-        let started = Instant::now();
-        let mut last: Option<(Status, bool)> = None;
-        while started.elapsed() < self.policy.max_age {
-            // First wait, then look: the requester subscribes to the events
-            // after it got the change id, so the first event must not race it.
-            tokio::time::sleep(self.policy.interval).await;
-            match self.snapd.change(id).await {
-                Ok(change) => {
-                    let now = (change.status, change.ready);
-                    if last != Some(now) {
-                        last = Some(now);
-                        let payload = serde_json::to_vec(&change).unwrap_or_default();
-                        if let Err(e) = self.bus.publish(topic, payload.into()).await {
-                            tracing::debug!(change = id, error = %e, "cannot publish change event");
-                        }
-                    }
-                    if change.ready {
-                        return;
-                    }
-                }
-                Err(e) if e.is_transient() => {
-                    tracing::debug!(change = id, error = %e, "cannot look at change; trying again");
-                }
-                Err(e) => {
+        let deadline = tokio::time::Instant::now() + self.policy.max_age;
+        tokio::time::sleep(self.policy.first_look).await;
+        let mut following = self.changes.follow(id);
+        loop {
+            let change = match tokio::time::timeout_at(deadline, following.next()).await {
+                Err(_) => break,
+                Ok(Err(e)) => {
                     tracing::debug!(change = id, error = %e, "change no longer followed");
                     return;
                 }
+                Ok(Ok(change)) => change,
+            };
+            let payload = serde_json::to_vec(&change).unwrap_or_default();
+            if let Err(e) = self.bus.publish(topic, payload.into()).await {
+                tracing::debug!(change = id, error = %e, "cannot publish change event");
+            }
+            if change.ready {
+                return;
             }
         }
         tracing::info!(

@@ -46,6 +46,7 @@ pub mod request;
 
 use crate::bus::topics::{self, Topic};
 use crate::bus::{Nats, StatusRx};
+use crate::changes::Poller;
 use crate::config::Config;
 use crate::snapd::{self, RetryPolicy};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
@@ -100,6 +101,8 @@ impl Settings {
 pub struct Mirror {
     bus: Nats,
     snapd: snapd::Client,
+    /// The shared change poller: changes started here are followed there.
+    changes: Arc<Poller>,
     settings: Settings,
     mqtt_status: StatusRx,
 }
@@ -118,10 +121,17 @@ pub fn snapd_client(config: &Config) -> snapd::Client {
 }
 
 impl Mirror {
-    pub fn new(bus: Nats, snapd: snapd::Client, settings: Settings, mqtt_status: StatusRx) -> Self {
+    pub fn new(
+        bus: Nats,
+        snapd: snapd::Client,
+        changes: Arc<Poller>,
+        settings: Settings,
+        mqtt_status: StatusRx,
+    ) -> Self {
         Mirror {
             bus,
             snapd,
+            changes,
             settings,
             mqtt_status,
         }
@@ -173,7 +183,7 @@ impl Subsystem for Mirror {
 
         let follower = Follower::new(
             self.bus.clone(),
-            self.snapd.clone(),
+            self.changes.clone(),
             self.settings.follow.clone(),
             shutdown.token().child_token(),
         );

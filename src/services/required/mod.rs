@@ -17,6 +17,7 @@ pub use subsystem::NatsSide;
 
 use crate::backoff;
 use crate::bus::{topics, Nats, Topic};
+use crate::changes::Poller;
 use crate::snapd::{self, SnapAction, SnapName, Status};
 use crate::supervisor::RunResult;
 use bytes::Bytes;
@@ -57,6 +58,8 @@ pub struct Settings {
 
 pub struct Required {
     snapd: snapd::Client,
+    /// The shared change poller: installs are followed there.
+    changes: Arc<Poller>,
     /// Opened by the worker (retried with back-off by the supervisor when
     /// the file cannot be opened); requests are refused until then.
     store: std::sync::OnceLock<Store>,
@@ -85,12 +88,14 @@ fn failure(id: &str, message: &str) -> Bytes {
 impl Required {
     pub fn new(
         snapd: snapd::Client,
+        changes: Arc<Poller>,
         db_path: &std::path::Path,
         settings: Settings,
     ) -> Arc<Required> {
         let (results, _) = broadcast::channel(64);
         Arc::new(Required {
             snapd,
+            changes,
             store: std::sync::OnceLock::new(),
             db_path: db_path.to_path_buf(),
             settings,
@@ -315,6 +320,7 @@ impl Required {
         row.change = Some(change.clone());
         row.status = "pending".into();
         self.store().set_snap(req, row)?;
+        tracing::info!(id = %req, snap = %row.name, %change, "required-install change started and recorded");
         match self.wait(&change).await {
             Ok(()) => {
                 row.status = if action == "switch" {
@@ -333,27 +339,19 @@ impl Required {
         Ok(self.store().set_snap(req, row)?)
     }
 
-    /// Waits for a change to be ready; Ok when it is Done.
+    /// Waits for a change to be ready (through the shared change poller);
+    /// Ok when it is Done.
     async fn wait(&self, id: &str) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + self.settings.change_timeout;
-        loop {
-            let ch = self.snapd.change(id).await.map_err(|e| e.to_string())?;
-            if ch.ready {
-                return if ch.status == Status::Done {
-                    Ok(())
-                } else {
-                    Err(ch
-                        .err
-                        .unwrap_or_else(|| format!("change {id} ended {:?}", ch.status)))
-                };
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "change {id} still {:?} after the timeout",
-                    ch.status
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let ch = self
+            .changes
+            .wait_ready(id, self.settings.change_timeout)
+            .await?;
+        if ch.status == Status::Done {
+            Ok(())
+        } else {
+            Err(ch
+                .err
+                .unwrap_or_else(|| format!("change {id} ended {:?}", ch.status)))
         }
     }
 }

@@ -128,7 +128,18 @@ pub enum Fault {
     /// The next N non-GET requests get 409 `snap-change-conflict` (another
     /// change is running for the snap); then the fault clears itself.
     Conflict(u32),
+    /// `GET /v2/snapshots/{set}/export` sends its status line, headers and
+    /// the first half of the archive, then nothing more, with the
+    /// connection left open (a stalled export). Other requests are served.
+    StallExport,
+    /// Non-GET requests take effect at once (their change exists), but the
+    /// answer comes this late: a client that dies meanwhile never learns
+    /// the change id.
+    LateAnswer(Duration),
 }
+
+/// What the double answers with: whole bodies, or one that stalls.
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// One request as the double received it.
 #[derive(Debug, Clone)]

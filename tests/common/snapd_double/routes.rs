@@ -33,7 +33,7 @@ impl Req {
 pub(super) async fn handle(
     state: Arc<Mutex<State>>,
     req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let method = req.method().as_str().to_string();
     let uri = req.uri().clone();
     let headers: Vec<(String, String)> = req
@@ -91,7 +91,7 @@ pub(super) async fn handle(
                 None,
             ))
         }
-        Some(Fault::Conflict(_)) | None => {}
+        Some(Fault::Conflict(_) | Fault::StallExport | Fault::LateAnswer(_)) | None => {}
     }
     let req = Req {
         method,
@@ -117,8 +117,14 @@ pub(super) async fn handle(
             return into_response(get_notices(&state, &req).await);
         }
     }
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-    into_response(route(&mut st, &req))
+    let reply = route(&mut state.lock().unwrap_or_else(|e| e.into_inner()), &req);
+    if fault == Some(Fault::StallExport) && req.path.ends_with("/export") && reply.status == 200 {
+        return into_stalled_response(reply);
+    }
+    if let Some(Fault::LateAnswer(d)) = fault.filter(|_| req.method != "GET") {
+        tokio::time::sleep(d).await;
+    }
+    into_response(reply)
 }
 
 pub(super) fn route(st: &mut State, req: &Req) -> Reply {

@@ -105,14 +105,27 @@ pub(super) fn assertion_reply(texts: &[&str], bundle: bool) -> Reply {
     }
 }
 
-pub(super) fn into_response(r: Reply) -> Response<Full<Bytes>> {
+pub(super) fn into_response(r: Reply) -> Response<Body> {
     let mut b = Response::builder()
         .status(r.status)
         .header("Content-Type", r.content_type);
     for (k, v) in r.headers {
         b = b.header(k, v);
     }
-    b.body(Full::new(Bytes::from(r.body)))
+    b.body(Full::new(Bytes::from(r.body)).boxed())
+        .expect("a valid response")
+}
+
+/// The reply's head and the first half of its body, then nothing, ever.
+pub(super) fn into_stalled_response(r: Reply) -> Response<Body> {
+    use futures::StreamExt;
+    let half = Bytes::from(r.body[..r.body.len() / 2].to_vec());
+    let frames = futures::stream::iter([Ok::<_, Infallible>(hyper::body::Frame::data(half))])
+        .chain(futures::stream::pending());
+    Response::builder()
+        .status(r.status)
+        .header("Content-Type", r.content_type)
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
         .expect("a valid response")
 }
 
