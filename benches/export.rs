@@ -15,7 +15,7 @@
 mod common;
 
 use common::servers::{NatsConfig, NatsServer, NatsUser};
-use iot_agent::bus::{topics, Bus};
+use iot_agent::bus::{topics, Nats};
 use iot_agent::config::{self, ExportConfig, FullPolicy, UpstreamUrl};
 use iot_agent::export::{forward, intake, spool};
 use std::sync::Arc;
@@ -81,7 +81,7 @@ async fn nats_intake_rate(dir: &std::path::Path, inflight: usize, total: u64) ->
         },
         ..Default::default()
     };
-    let bus = Bus::connect_nats(&cfg, "bench").await.unwrap();
+    let bus = Nats::connect(&cfg, "bench").await.unwrap();
     let s = spool::Spool::open(&dir.join("nats.db"), spool::Durability::Full).unwrap();
     let (writer, thread) = intake::Writer::spawn(s, limits(), 1024, Arc::new(Notify::new()));
     let stop = CancellationToken::new();

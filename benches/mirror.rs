@@ -20,7 +20,7 @@ use bytes::Bytes;
 use common::servers::{NatsConfig, NatsServer, NatsUser};
 use common::snapd_double::SnapdDouble;
 use futures::StreamExt;
-use iot_agent::bus::Bus;
+use iot_agent::bus::Nats;
 use iot_agent::changes::Poller;
 use iot_agent::config;
 use iot_agent::services::mirror::{Mirror, Settings};
@@ -128,7 +128,7 @@ fn main() {
             },
             ..Default::default()
         };
-        let bus = Bus::connect_nats(&cfg, "bench-mirror").await.unwrap();
+        let bus = Nats::connect(&cfg, "bench-mirror").await.unwrap();
         let (_tx, status) = iot_agent::bus::status::mqtt_status_channel();
         let settings = Settings {
             read_only: false,
@@ -141,7 +141,10 @@ fn main() {
         // Reads start no change: the shared change poller is not run.
         let poller = Arc::new(Poller::new(snapd.clone(), Duration::from_secs(60)));
         let mirror = Mirror::new(bus, snapd.clone(), poller, settings, status);
-        tokio::spawn(mirror.run(shutdown.clone()));
+        tokio::spawn(iot_agent::supervisor::Subsystem::run(
+            mirror,
+            shutdown.clone().into(),
+        ));
 
         // The bare echo responder (own NATS connection), answering with a
         // payload the size of snapd's system-info envelope.

@@ -2,12 +2,14 @@
 //! together under the supervisor. SIGTERM or SIGINT stops it; SIGHUP makes
 //! it reload its enrollment (after `iot-agent unregister` or `enroll`).
 
-use crate::bus::Bus;
+use crate::bus::Nats;
 use crate::config::Config;
+use crate::export::Export;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
 use crate::services::required::{self, Required};
-use crate::supervisor::{Policy, Subsystem, Supervisor};
+use crate::services::snapd_health::SnapdHealth;
+use crate::supervisor::{Policy, Supervisor};
 use crate::{changes, control, services, snapd};
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
@@ -37,13 +39,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let snapd = snapd::Client::from_config(&config);
     let identity = IdentityService::new(&config)?;
-    let bus = Bus::connect_nats(&config.nats, CLIENT_NAME).await?;
+    let bus = Nats::connect(&config.nats, CLIENT_NAME).await?;
     tracing::info!(url = %config.nats.url.as_str(), user = %config.nats.snapd.user, "NATS connection started");
 
     let reload = Arc::new(Notify::new());
     let store = Store::from_config(&config);
     let (creds_tx, creds_rx): (_, CredentialsRx) = watch::channel(None);
-    let enroller = Arc::new(Enroller {
+    let enroller = Enroller {
         snapd: snapd.clone(),
         service: identity,
         store: store.clone(),
@@ -51,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         retry_cap: config.identity.retry.max.get(),
         credentials: creds_tx,
         reload: reload.clone(),
-    });
+    };
 
     // The one reader of snapd's changes, shared by the change subsystems,
     // the DMS (which rebuilds its heartbeat hashes when snaps change), and
@@ -71,10 +73,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mqtt_status,
     );
 
+    let required = config
+        .required
+        .enabled
+        .then(|| required_queue(&config, &snapd, &poller));
+
+    // Every subsystem in one shape (crate::supervisor::Subsystem): built
+    // from its configuration section here, started and stopped by the
+    // supervisor. A new subsystem is one more `sup.add` line.
     let mut sup = Supervisor::new(Policy::default());
-    let required = add_required(&mut sup, &config, &snapd, &poller, &bus);
+    if let Some(required) = &required {
+        sup.add(required.clone());
+        sup.add(required::NatsSide {
+            required: required.clone(),
+            bus: bus.clone(),
+            snapd: snapd.clone(),
+        });
+    }
     if config.dms.enabled {
-        let dms = Arc::new(Dms {
+        sup.add(Dms {
             snapd: snapd.clone(),
             changes: poller.clone(),
             required,
@@ -82,46 +99,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             status: mqtt_status_tx,
             store,
             reload: reload.clone(),
-            settings: dms::Settings {
-                heartbeat: config.dms.heartbeat.interval.get(),
-                metrics: config.dms.metrics.interval.get(),
-                change_timeout: config.dms.change.timeout.get(),
-                upload_timeout: config.dms.upload.timeout.get(),
-                upload_limit: config.dms.upload.limit,
-                ca: config.dms.ca.clone(),
-                verify: config.dms.verify,
-                protocol: config.dms.protocol,
-                completion: config.dms.completion,
-                scratch_dir: config.common_dir().join("tmp"),
-                keepalive: config.dms.keepalive.get(),
-                concurrency: config.dms.actions.concurrency.max(1) as usize,
-                ledger: dms::LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
-                ledger_max_age: config.dms.ledger.max.age.get(),
-                ledger_max_count: config.dms.ledger.max.count,
-            },
+            settings: dms::Settings::from_config(&config),
         });
-        sup.add(Subsystem::new("dms", move |t| {
-            let d = dms.clone();
-            async move { d.run(t).await }
-        }));
     }
-    add_change_subsystems(&mut sup, &config, &snapd, poller, &bus);
-    sup.add(Subsystem::new("snapd-mirror", move |t| {
-        mirror.clone().run(t)
-    }));
-    sup.add(Subsystem::new("snapd-health", move |t| {
-        services::snapd_health::run(snapd.clone(), t)
-    }));
-    sup.add(Subsystem::new("enrollment", move |t| {
-        let e = enroller.clone();
-        async move { e.run(t).await }
-    }));
-
+    sup.add(Arc::new(changes::History::from_config(
+        &config,
+        poller.subscribe(),
+    )));
+    if config.watchdog.enabled {
+        sup.add(Arc::new(
+            changes::Watchdog::from_config(&config, snapd.clone(), poller.subscribe())
+                .with_events(bus.clone()),
+        ));
+    } else {
+        tracing::info!("snap change watchdog off (watchdog.enabled=false)");
+    }
+    sup.add(poller);
+    sup.add(mirror);
+    sup.add(SnapdHealth {
+        client: snapd.clone(),
+    });
+    sup.add(enroller);
     if config.export.enabled {
-        let (config, bus) = (config.clone(), bus.clone());
-        sup.add(Subsystem::new("export", move |t| {
-            crate::export::run(config.clone(), bus.clone(), t)
-        }));
+        sup.add(Export {
+            config: config.clone(),
+            bus: bus.clone(),
+        });
     }
 
     let shutdown = CancellationToken::new();
@@ -138,19 +141,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The per-serial action tree: its queue worker and its NATS side (the DMS
-/// session serves the MQTT side with the returned handler).
-fn add_required(
-    sup: &mut Supervisor,
+/// The per-serial action tree's queue (`required.*`): its worker is a
+/// subsystem, and the NATS side and the DMS session serve the tree with it.
+fn required_queue(
     config: &Config,
     snapd: &snapd::Client,
     poller: &Arc<changes::Poller>,
-    bus: &Bus,
-) -> Option<Arc<Required>> {
-    if !config.required.enabled {
-        return None;
-    }
-    let required = Required::new(
+) -> Arc<Required> {
+    Required::new(
         snapd.clone(),
         poller.clone(),
         config.required.database.location.path(),
@@ -160,46 +158,7 @@ fn add_required(
             retry_max: config.required.retry.max.get(),
             change_timeout: config.dms.change.timeout.get(),
         },
-    );
-    let worker = required.clone();
-    sup.add(Subsystem::new("required-install", move |t| {
-        worker.clone().run_worker(t)
-    }));
-    let (r, b, s) = (required.clone(), bus.clone(), snapd.clone());
-    sup.add(Subsystem::new("per-serial-nats", move |t| {
-        required::serve_nats(r.clone(), b.clone(), s.clone(), t)
-    }));
-    Some(required)
-}
-
-/// The change poller, the history fed by it, and the watchdog when enabled.
-fn add_change_subsystems(
-    sup: &mut Supervisor,
-    config: &Config,
-    snapd: &snapd::Client,
-    poller: Arc<changes::Poller>,
-    bus: &Bus,
-) {
-    let history = Arc::new(changes::History::from_config(config));
-    let rx = poller.subscribe();
-    sup.add(Subsystem::new("change-history", move |t| {
-        history.clone().run(rx.clone(), t)
-    }));
-    if config.watchdog.enabled {
-        let watchdog = Arc::new(
-            changes::Watchdog::from_config(config, snapd.clone()).with_events(bus.clone()),
-        );
-        let rx = poller.subscribe();
-        sup.add(Subsystem::new("watchdog", move |t| {
-            watchdog.clone().run(rx.clone(), t)
-        }));
-    } else {
-        tracing::info!("snap change watchdog off (watchdog.enabled=false)");
-    }
-    sup.add(Subsystem::new("change-poller", move |t| {
-        let p = poller.clone();
-        async move { p.run(t).await }
-    }));
+    )
 }
 
 /// Creates the data and common directories, 0700 even when they existed

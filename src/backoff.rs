@@ -1,9 +1,11 @@
 //! Exponential back-off with jitter and a cap, shared by everything that
 //! retries (broker connections, subsystem restarts, enrollment).
+#![warn(missing_docs)]
 
 use rand::Rng;
 use std::time::Duration;
 
+/// Exponential back-off with jitter between attempts of one thing.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
@@ -12,6 +14,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Starts at `base`, doubles per attempt, never above `cap`.
     pub fn new(base: Duration, cap: Duration) -> Self {
         Backoff {
             base,
@@ -33,10 +36,12 @@ impl Backoff {
         self.attempt = 32;
     }
 
+    /// Starts over at `base` (after a success, or a long healthy run).
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
 
+    /// Attempts since the last reset.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }

@@ -20,14 +20,7 @@ pub struct PidLock {
     _file: std::fs::File,
 }
 
-fn flock(file: &std::fs::File, op: libc::c_int) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+use crate::sys::flock;
 
 /// Records this process as the running daemon and holds the lock. Fails
 /// when another daemon holds it.
@@ -74,16 +67,12 @@ pub fn running_daemon(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(pid_path(data_dir)).ok()?;
     let pid: i32 = text.trim().parse().ok().filter(|p| *p > 0)?;
     // Signal 0 checks that the process exists and may be signalled.
-    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    crate::sys::kill(pid, 0).ok().map(|()| pid)
 }
 
 /// Asks the daemon to reload its enrollment.
 pub fn signal_reload(pid: i32) -> io::Result<()> {
-    if unsafe { libc::kill(pid, libc::SIGHUP) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sys::kill(pid, libc::SIGHUP)
 }
 
 #[cfg(test)]

@@ -4,20 +4,26 @@
 //! - [`config`]: the layered configuration, one key namespace everywhere;
 //! - [`snapd`]: the REST client over snapd's unix socket;
 //! - [`identity`]: enrollment with the identity service, the credential store;
-//! - [`bus`]: broker connections and the topic vocabulary;
-//! - [`supervisor`]: runs subsystems, restarts them, stops them on signal;
+//! - [`bus`]: two transports ([`bus::Nats`], [`bus::mqtt`]) and one topic vocabulary;
+//! - [`supervisor`]: the one subsystem shape ([`supervisor::Subsystem`]); runs
+//!   subsystems, restarts them, stops them (and their tasks) on signal;
 //! - [`services`]: what the agent answers and watches;
 //! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
 //! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
+//! - [`clock`]: the wall clock ("now" in s, ms, ns) and snapd's RFC 3339 timestamps;
+//! - [`sys`]: the few libc calls (file lock, signals), the crate's only `unsafe`;
 //! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
 //! - [`agent`]: the `run` command that wires it all together.
+
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod backoff;
 pub mod bus;
 pub mod changes;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod control;
@@ -31,4 +37,5 @@ pub mod nats_server;
 pub mod services;
 pub mod snapd;
 pub mod supervisor;
+pub mod sys;
 pub mod tls;

@@ -1,5 +1,6 @@
 //! The `iot-agent` command line: parsing and dispatch only; the commands
 //! live in the library (`commands`, `agent`).
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 use iot_agent::commands;

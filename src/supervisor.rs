@@ -1,10 +1,18 @@
 //! The supervisor: runs each enabled subsystem as a task, restarts one that
 //! fails with back-off, and stops them all within a bound on shutdown.
 //!
+//! Every subsystem has one shape, [`Subsystem`]: a name, the configuration
+//! section it is configured by, and `run(self, shutdown)`. `agent.rs` builds
+//! each enabled one from the configuration and hands it to
+//! [`Supervisor::add`]; that line is all the wiring a new subsystem needs.
+//!
 //! snapd stops a daemon with SIGTERM and kills it after a while, so
 //! everything the agent does must wind down promptly: subsystems watch the
-//! shared [`CancellationToken`] and the supervisor aborts whatever is still
-//! running when the grace period ends.
+//! [`Shutdown`] they are given and spawn their background tasks through it
+//! ([`Shutdown::spawn`]), so the supervisor waits for those tasks too, not
+//! only for `run`. Whatever is still running when the grace period ends is
+//! aborted and named in the log.
+#![warn(missing_docs)]
 
 use crate::backoff::Backoff;
 use futures::future::BoxFuture;
@@ -12,45 +20,131 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::task::TaskTracker;
 
 /// The result of one run of a subsystem.
 pub type RunResult = Result<(), anyhow::Error>;
 
-type RunFn = Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, RunResult> + Send + Sync>;
+/// A part of the agent that owns its state and runs until shutdown (the
+/// DMS link, the snapd mirror, export, ...).
+///
+/// The value is a cheap handle (a struct of clones, or an `Arc` of the
+/// subsystem's state): the supervisor keeps it and runs a fresh clone on
+/// every (re)start, so state that must survive a restart lives behind the
+/// handle, and state of one run lives in `run`.
+pub trait Subsystem: Clone + Send + Sync + 'static {
+    /// Its name in the log (`subsystem=...`).
+    const NAME: &'static str;
+    /// The configuration section it is configured by (`dms`, `export`,
+    /// ...), named in the log when it starts.
+    const SECTION: &'static str;
 
-/// A named, restartable unit of work.
-#[derive(Clone)]
-pub struct Subsystem {
-    name: &'static str,
-    run: RunFn,
+    /// Runs until `shutdown` is cancelled, then returns `Ok(())` promptly
+    /// (the agent has a few seconds in all). Returning `Ok(())` earlier
+    /// means finished for good; an error means failed: the supervisor logs
+    /// it and starts a fresh clone after back-off. Tasks it spawns go
+    /// through [`Shutdown::spawn`].
+    fn run(self, shutdown: Shutdown) -> impl Future<Output = RunResult> + Send;
 }
 
-impl Subsystem {
-    /// `run` is called for every (re)start with the shutdown token. It
-    /// returns `Ok(())` when it has finished for good (or was cancelled) and
-    /// an error when it failed and should be restarted.
-    pub fn new<F, Fut>(name: &'static str, run: F) -> Self
-    where
-        F: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = RunResult> + Send + 'static,
-    {
-        Subsystem {
-            name,
-            run: Arc::new(move |t| Box::pin(run(t))),
+/// What a subsystem stops by: the agent's stop signal, and the tracker of
+/// the tasks it spawned, which the supervisor waits for on shutdown.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Shutdown {
+    /// A stop signal of its own, with a fresh tracker (tests, benchmarks).
+    pub fn new() -> Self {
+        Shutdown::default()
+    }
+
+    /// Resolves once the agent stops.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// True once the agent stops.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Stops whatever was given this (or a [`Shutdown::child`] of it).
+    pub fn cancel(&self) {
+        self.token.cancel()
+    }
+
+    /// The stop signal as a token, for code that takes one.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// A signal that stops with this one and can also be stopped alone
+    /// (one DMS session), with the same tracker.
+    pub fn child(&self) -> Shutdown {
+        Shutdown {
+            token: self.token.child_token(),
+            tasks: self.tasks.clone(),
         }
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
+    /// Spawns a task the supervisor waits for when the agent stops (within
+    /// the grace period): the task must itself watch [`Shutdown::cancelled`].
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tasks.spawn(task)
+    }
+
+    /// Waits for every task spawned through this tracker (after `run`
+    /// returned: nothing spawns any more).
+    async fn wait_tasks(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+impl From<CancellationToken> for Shutdown {
+    fn from(token: CancellationToken) -> Self {
+        Shutdown {
+            token,
+            tasks: TaskTracker::new(),
+        }
+    }
+}
+
+type RunFn = Arc<dyn Fn(Shutdown) -> BoxFuture<'static, RunResult> + Send + Sync>;
+
+/// A subsystem as the supervisor holds it: named, restartable.
+#[derive(Clone)]
+struct Unit {
+    name: &'static str,
+    section: &'static str,
+    run: RunFn,
+}
+
+impl Unit {
+    fn of<S: Subsystem>(s: S) -> Self {
+        Unit {
+            name: S::NAME,
+            section: S::SECTION,
+            run: Arc::new(move |shutdown| Box::pin(s.clone().run(shutdown))),
+        }
     }
 }
 
 /// Restart and shutdown timing.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// First delay before restarting a failed subsystem.
     pub restart_base: Duration,
+    /// Longest delay between restarts.
     pub restart_cap: Duration,
     /// A run longer than this counts as healthy: back-off starts over.
     pub healthy_after: Duration,
@@ -69,21 +163,24 @@ impl Default for Policy {
     }
 }
 
+/// Runs the subsystems it was given until shutdown.
 pub struct Supervisor {
-    subsystems: Vec<Subsystem>,
+    units: Vec<Unit>,
     policy: Policy,
 }
 
 impl Supervisor {
+    /// A supervisor with no subsystems yet.
     pub fn new(policy: Policy) -> Self {
         Supervisor {
-            subsystems: Vec::new(),
+            units: Vec::new(),
             policy,
         }
     }
 
-    pub fn add(&mut self, s: Subsystem) -> &mut Self {
-        self.subsystems.push(s);
+    /// Adds a subsystem, started by [`Supervisor::run`].
+    pub fn add<S: Subsystem>(&mut self, s: S) -> &mut Self {
+        self.units.push(Unit::of(s));
         self
     }
 
@@ -93,8 +190,8 @@ impl Supervisor {
     pub async fn run(self, shutdown: CancellationToken) -> Vec<&'static str> {
         let mut set = JoinSet::new();
         let mut names = HashMap::new();
-        for s in self.subsystems {
-            tracing::info!(subsystem = s.name, "starting");
+        for s in self.units {
+            tracing::info!(subsystem = s.name, section = s.section, "starting");
             let name = s.name;
             let handle = set.spawn(keep_running(s, self.policy.clone(), shutdown.clone()));
             names.insert(handle.id(), name);
@@ -137,8 +234,16 @@ impl Supervisor {
     }
 }
 
-/// Runs one subsystem, restarting it after failures and panics.
-async fn keep_running(s: Subsystem, policy: Policy, shutdown: CancellationToken) -> &'static str {
+/// Runs one subsystem, restarting it after failures and panics; once the
+/// agent stops, waits for the tasks it spawned too.
+async fn keep_running(s: Unit, policy: Policy, shutdown: CancellationToken) -> &'static str {
+    let shutdown = Shutdown::from(shutdown);
+    let name = run_until_done(&s, &policy, &shutdown).await;
+    shutdown.wait_tasks().await;
+    name
+}
+
+async fn run_until_done(s: &Unit, policy: &Policy, shutdown: &Shutdown) -> &'static str {
     let mut backoff = Backoff::new(policy.restart_base, policy.restart_cap);
     loop {
         let started = Instant::now();
@@ -186,6 +291,32 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    impl Unit {
+        /// A unit from a closure, as the tests write them.
+        fn from_fn<F, Fut>(name: &'static str, run: F) -> Unit
+        where
+            F: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = RunResult> + Send + 'static,
+        {
+            Unit {
+                name,
+                section: "test",
+                run: Arc::new(move |s: Shutdown| Box::pin(run(s.token().clone()))),
+            }
+        }
+    }
+
+    impl Supervisor {
+        fn add_fn<F, Fut>(&mut self, name: &'static str, run: F) -> &mut Self
+        where
+            F: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = RunResult> + Send + 'static,
+        {
+            self.units.push(Unit::from_fn(name, run));
+            self
+        }
+    }
+
     fn fast() -> Policy {
         Policy {
             restart_base: Duration::from_millis(5),
@@ -202,7 +333,7 @@ mod tests {
         let done_tx = Arc::new(std::sync::Mutex::new(Some(done_tx)));
         let r = runs.clone();
         let mut sup = Supervisor::new(fast());
-        sup.add(Subsystem::new("flaky", move |_t| {
+        sup.add_fn("flaky", move |_t| {
             let n = r.fetch_add(1, Ordering::SeqCst);
             let done_tx = done_tx.clone();
             async move {
@@ -217,7 +348,7 @@ mod tests {
                     }
                 }
             }
-        }));
+        });
         let aborted = sup.run(CancellationToken::new()).await;
         done_rx.await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 3);
@@ -227,21 +358,60 @@ mod tests {
     #[tokio::test]
     async fn shutdown_stops_cooperative_and_aborts_stubborn_subsystems() {
         let mut sup = Supervisor::new(fast());
-        sup.add(Subsystem::new(
-            "polite",
-            |t: CancellationToken| async move {
-                t.cancelled().await;
-                Ok(())
-            },
-        ));
-        sup.add(Subsystem::new("stubborn", |_t| async move {
+        sup.add_fn("polite", |t: CancellationToken| async move {
+            t.cancelled().await;
+            Ok(())
+        });
+        sup.add_fn("stubborn", |_t| async move {
             futures::future::pending::<()>().await;
             Ok(())
-        }));
+        });
         let token = CancellationToken::new();
         let run = tokio::spawn(sup.run(token.clone()));
         token.cancel();
         let aborted = run.await.unwrap();
         assert_eq!(aborted, vec!["stubborn"]);
+    }
+
+    /// A subsystem in the one shape, with a background task that needs a
+    /// moment to finish once the agent stops.
+    #[derive(Clone)]
+    struct Slow {
+        finished: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Subsystem for Slow {
+        const NAME: &'static str = "slow";
+        const SECTION: &'static str = "test";
+
+        async fn run(self, shutdown: Shutdown) -> RunResult {
+            let s = shutdown.clone();
+            shutdown.spawn(async move {
+                s.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.finished.store(true, Ordering::SeqCst);
+            });
+            shutdown.cancelled().await;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_tasks_a_subsystem_spawned() {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut sup = Supervisor::new(fast());
+        sup.add(Slow {
+            finished: finished.clone(),
+        });
+        let token = CancellationToken::new();
+        let run = tokio::spawn(sup.run(token.clone()));
+        tokio::task::yield_now().await;
+        token.cancel();
+        let aborted = run.await.unwrap();
+        assert!(aborted.is_empty(), "{aborted:?}");
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "returned before the task ended"
+        );
     }
 }

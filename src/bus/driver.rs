@@ -31,6 +31,7 @@
 //!   re-sends stored responses; the export forwarder restarts from its
 //!   spool), so the register and rumqttc never disagree on what is in
 //!   flight.
+#![warn(missing_docs)]
 
 use super::status::ConnectionStatus;
 use super::Topic;
@@ -55,8 +56,11 @@ const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot publish on {topic}: {detail}")]
+/// A publish that could not be queued or was refused.
 pub struct PublishError {
+    /// Where it was for.
     pub topic: String,
+    /// Why it failed.
     pub detail: String,
 }
 
@@ -64,7 +68,9 @@ pub struct PublishError {
 /// only by [`MqttHandle::ack`], once their receiver has made them safe.
 #[derive(Debug, Clone)]
 pub struct MqttMessage {
+    /// Where it was published.
     pub topic: Topic,
+    /// Its body.
     pub payload: Bytes,
     publish: rumqttc::Publish,
 }
@@ -94,6 +100,7 @@ pub struct DriverSettings {
     pub broker: String,
     /// Subscribed at QoS 1 on every new connection.
     pub subscriptions: Vec<Topic>,
+    /// Whether a lost connection is made again.
     pub reconnect: Reconnect,
     /// QoS 1 publishes awaiting their PUBACK at once (also rumqttc's
     /// inflight window).
@@ -167,7 +174,9 @@ pub struct MqttHandle {
 
 /// A connection that keeps itself up (or ends, see [`Reconnect`]).
 pub struct MqttLink {
+    /// Publishes and acknowledges on the connection.
     pub handle: MqttHandle,
+    /// What the broker delivers.
     pub messages: Inbox,
     /// Ends when the driver ends (shutdown, or a lost `Never` connection).
     pub driver: tokio::task::JoinHandle<()>,
@@ -266,11 +275,6 @@ impl MqttHandle {
     /// True once every subscription of the current connection is granted.
     pub fn subscribed(&self) -> watch::Receiver<bool> {
         self.shared.subscribed.subscribe()
-    }
-
-    /// QoS 0 messages dropped because their consumer was behind.
-    pub fn dropped_inbound(&self) -> u64 {
-        self.shared.dropped_qos0.load(Ordering::Relaxed)
     }
 
     /// Publishes at QoS 0 when connected; returns false (nothing queued)

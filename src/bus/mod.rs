@@ -1,261 +1,34 @@
-//! The message bus: broker connections and the topic vocabulary.
+//! The message bus: two transports and one topic vocabulary.
 //!
-//! Services receive a [`Bus`] handle, never a concrete client, and address
-//! everything by [`Topic`] (written once in [`topics`]). [`Bus`] is the
-//! device-local NATS connection; [`mqtt`] is the DMS broker connection,
-//! which exists only while the device has credentials.
+//! The agent speaks on two brokers whose semantics differ, so each keeps
+//! its own type rather than hiding behind one transport trait:
+//! - [`Nats`] ([`nats`]): the device-local NATS connection. Core NATS,
+//!   request/reply, at most once: an answer is a reply message, and nothing
+//!   is kept for a subscriber that is not there. The snapd mirror, the
+//!   per-serial tree's NATS side, export intake and the health subjects.
+//! - [`mqtt::MqttHandle`] ([`mqtt`], run by [`driver`]): the DMS broker
+//!   connection, which exists only while the device has credentials. MQTT
+//!   QoS 1: a message is acknowledged (PUBACK) only once its receiver has
+//!   made it safe, and holding back acknowledgements is how the DMS session
+//!   admits work; replies are publishes confirmed by the broker.
+//!
+//! A trait over both would have to be the weaker of the two (no
+//! acknowledgement that means "stored", no request/reply), and the code
+//! that serves both transports does not need it: the per-serial tree keeps
+//! its logic transport-free ([`crate::services::required::Required::receive`]
+//! takes a topic and a payload and says what to publish), and each
+//! transport's side acknowledges in its own terms. What the transports do
+//! share is written once: the topic vocabulary ([`topics`], MQTT form
+//! mapped to NATS subjects), the protected trees, and the connection status
+//! ([`status`]).
 
 pub mod driver;
 pub mod mqtt;
+pub mod nats;
 pub mod status;
 pub mod topics;
 
 pub use status::{ConnectionStatus, StatusRx, StatusTx};
 pub use topics::Topic;
 
-use crate::backoff;
-use crate::config::NatsConfig;
-use bytes::Bytes;
-use futures::StreamExt;
-use std::time::Duration;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("cannot connect to NATS at {url}: {detail}")]
-    Connect { url: String, detail: String },
-    #[error("cannot subscribe to {topic}: {detail}")]
-    Subscribe { topic: String, detail: String },
-    #[error("cannot publish on {topic}: {detail}")]
-    Publish { topic: String, detail: String },
-    #[error("request on {topic} failed: {detail}")]
-    Request { topic: String, detail: String },
-    #[error("the message on {topic} has no reply subject")]
-    NoReplyTo { topic: String },
-}
-
-/// First and longest delay between reconnection attempts.
-const RECONNECT_BASE: Duration = Duration::from_millis(250);
-const RECONNECT_CAP: Duration = Duration::from_secs(30);
-
-/// A cloneable handle on the agent's broker connections.
-#[derive(Clone, Debug)]
-pub struct Bus {
-    nats: async_nats::Client,
-    guard: Guard,
-}
-
-/// What decides whether the device-changing subjects may be served on this
-/// connection: the agent is root on the device, and a server that lets
-/// anyone in (or the well-known password) would hand that to every local
-/// process.
-#[derive(Clone, Debug, Default)]
-struct Guard {
-    /// `nats.insecure`: serve anyway.
-    insecure: bool,
-    /// `nats.snapd.password` is the reference agent's published default.
-    default_password: bool,
-}
-
-/// A message received on a subscription.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub topic: Topic,
-    /// The subject as received (NATS form). `topic` maps `.` to `/`, so a
-    /// NATS token holding a `/` is only told apart here.
-    pub subject: String,
-    pub payload: Bytes,
-    reply: Option<async_nats::Subject>,
-}
-
-impl Incoming {
-    /// True when the sender waits for an answer (a request).
-    pub fn wants_reply(&self) -> bool {
-        self.reply.is_some()
-    }
-}
-
-/// A stream of [`Incoming`] messages; unsubscribes when dropped.
-pub struct Subscription {
-    inner: async_nats::Subscriber,
-}
-
-impl Subscription {
-    pub async fn next(&mut self) -> Option<Incoming> {
-        let m = self.inner.next().await?;
-        Some(Incoming {
-            topic: Topic::from_nats(m.subject.as_str()),
-            subject: m.subject.to_string(),
-            payload: m.payload,
-            reply: m.reply,
-        })
-    }
-}
-
-impl Bus {
-    /// Connects to NATS as `nats.snapd.user`. Returns at once: the first
-    /// connection and every reconnection happen in the background with
-    /// back-off, each failure logged with what to check.
-    pub async fn connect_nats(cfg: &NatsConfig, client_name: &str) -> Result<Bus, BusError> {
-        let url = cfg.url.as_str().to_string();
-        let log_url = url.clone();
-        let opts = async_nats::ConnectOptions::with_user_and_password(
-            cfg.snapd.user.clone(),
-            cfg.snapd.password.clone(),
-        )
-        .name(client_name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .reconnect_delay_callback(move |attempts| {
-            // async-nats calls this before every attempt, the first one
-            // included (attempts = 1): that one goes at once.
-            let failed = attempts.saturating_sub(1);
-            if failed == 0 {
-                return Duration::ZERO;
-            }
-            let d = backoff::delay(RECONNECT_BASE, RECONNECT_CAP, failed as u32 - 1);
-            // One line per doubling, then one per capped delay: visible, not a flood.
-            if failed.is_power_of_two() || d >= RECONNECT_CAP.mul_f64(0.8) {
-                tracing::warn!(
-                    url = %log_url,
-                    attempt = attempts,
-                    retry_in = %humantime::format_duration(Duration::from_millis(d.as_millis() as u64)),
-                    "NATS server not reachable; retrying (is nats-server running? check nats.url)"
-                );
-            }
-            d
-        })
-        .event_callback(move |event| async move {
-            use async_nats::{Event, ServerError};
-            match event {
-                Event::Connected => tracing::info!("connected to NATS"),
-                Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
-                    "NATS refused the agent's user: check nats.snapd.user and nats.snapd.password \
-                     against the server's authorization block"
-                ),
-                Event::LameDuckMode => tracing::warn!("NATS server is shutting down (lame duck)"),
-                Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS slow consumer: messages dropped"),
-                other => tracing::debug!(event = %other, "NATS event"),
-            }
-        });
-        let nats = opts
-            .connect(cfg.url.servers())
-            .await
-            .map_err(|e| BusError::Connect {
-                url,
-                detail: e.to_string(),
-            })?;
-        let guard = Guard {
-            insecure: cfg.insecure,
-            default_password: cfg.snapd.password == crate::config::WELL_KNOWN_NATS_PASSWORD,
-        };
-        Ok(Bus { nats, guard })
-    }
-
-    /// Wraps an existing NATS client (tests, tools).
-    pub fn from_nats(nats: async_nats::Client) -> Bus {
-        Bus {
-            nats,
-            guard: Guard::default(),
-        }
-    }
-
-    /// Why subjects that change the device (mirror writes, the per-serial
-    /// tree) must not be served on this connection; `None` when they may.
-    /// Read from the server's latest INFO on every call, so a reconnection
-    /// to a differently configured server is noticed. Until the first INFO
-    /// arrives the answer is "not yet" (the safe side).
-    pub fn unprotected(&self) -> Option<String> {
-        if self.guard.insecure {
-            return None;
-        }
-        let info = self.nats.server_info();
-        if info.server_id.is_empty() {
-            return Some("the agent is not connected to NATS yet".into());
-        }
-        if !info.auth_required {
-            return Some(
-                "the NATS server requires no authorization, so every local process could use \
-                 the agent's subjects (configure users as in docs/nats-server.conf, or set \
-                 nats.insecure=true to accept this)"
-                    .into(),
-            );
-        }
-        if self.guard.default_password {
-            return Some(
-                "nats.snapd.password is the reference agent's well-known default, which anyone \
-                 can use (set your own, or set nats.insecure=true to accept this)"
-                    .into(),
-            );
-        }
-        None
-    }
-
-    /// The underlying NATS client, for APIs the handle does not wrap
-    /// (the micro-service registration).
-    pub fn nats(&self) -> &async_nats::Client {
-        &self.nats
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.nats.connection_state() == async_nats::connection::State::Connected
-    }
-
-    pub async fn publish(&self, topic: &Topic, payload: Bytes) -> Result<(), BusError> {
-        self.nats
-            .publish(topic.nats(), payload)
-            .await
-            .map_err(|e| BusError::Publish {
-                topic: topic.to_string(),
-                detail: e.to_string(),
-            })
-    }
-
-    pub async fn subscribe(&self, topic: &Topic) -> Result<Subscription, BusError> {
-        let inner = self
-            .nats
-            .subscribe(topic.nats())
-            .await
-            .map_err(|e| BusError::Subscribe {
-                topic: topic.to_string(),
-                detail: e.to_string(),
-            })?;
-        Ok(Subscription { inner })
-    }
-
-    /// Sends a request and waits for its answer (the client's request
-    /// timeout applies).
-    pub async fn request(&self, topic: &Topic, payload: Bytes) -> Result<Bytes, BusError> {
-        self.nats
-            .request(topic.nats(), payload)
-            .await
-            .map(|m| m.payload)
-            .map_err(|e| BusError::Request {
-                topic: topic.to_string(),
-                detail: e.to_string(),
-            })
-    }
-
-    /// Answers a request.
-    pub async fn reply(&self, to: &Incoming, payload: Bytes) -> Result<(), BusError> {
-        let subject = to.reply.clone().ok_or_else(|| BusError::NoReplyTo {
-            topic: to.topic.to_string(),
-        })?;
-        self.nats
-            .publish(subject, payload)
-            .await
-            .map_err(|e| BusError::Publish {
-                topic: to.topic.to_string(),
-                detail: e.to_string(),
-            })
-    }
-
-    /// Waits until everything published so far reached the server.
-    pub async fn flush(&self) -> Result<(), BusError> {
-        self.nats.flush().await.map_err(|e| BusError::Publish {
-            topic: "(flush)".into(),
-            detail: e.to_string(),
-        })
-    }
-}
+pub use nats::{Incoming, Nats, NatsError, Subscription};

@@ -3,6 +3,7 @@
 //! [`crate::tls`] from the enrollment and `dms.ca` / `dms.verify`).
 //!
 //! The connection itself is run by the shared [`super::driver`].
+#![warn(missing_docs)]
 
 use super::driver::{self, DriverSettings, Reconnect};
 pub use super::driver::{Confirmation, MqttHandle, MqttLink, MqttMessage, PublishError};
@@ -18,12 +19,20 @@ use tokio_util::sync::CancellationToken;
 /// QoS 1 publishes (responses, results) awaiting their PUBACK at once.
 const WINDOW: u16 = 64;
 
+/// Why the DMS link could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
+    /// The enrollment's certificate or key is unusable.
     #[error("the device credentials cannot be used for TLS: {0}")]
     Credentials(String),
+    /// A publish failed.
     #[error("cannot publish on {topic}: {detail}")]
-    Publish { topic: String, detail: String },
+    Publish {
+        /// Where it was for.
+        topic: String,
+        /// Why it failed.
+        detail: String,
+    },
 }
 
 /// Connects with the credentials and drives the connection (see

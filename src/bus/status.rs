@@ -5,18 +5,21 @@
 //! A `watch` channel rather than a shared lock: readers always see the
 //! latest value without waiting on the writer, and the writer never learns
 //! (or cares) how many readers there are.
+#![warn(missing_docs)]
 
 use tokio::sync::watch;
 
 /// What is known about a connection right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionStatus {
+    /// Connected to the broker now.
     pub connected: bool,
     /// Why it is not connected (the last error), when known.
     pub error: Option<String>,
 }
 
 impl ConnectionStatus {
+    /// Connected, no error.
     pub fn connected() -> Self {
         ConnectionStatus {
             connected: true,
@@ -24,6 +27,7 @@ impl ConnectionStatus {
         }
     }
 
+    /// Not connected, for the reason given.
     pub fn disconnected(why: impl Into<String>) -> Self {
         ConnectionStatus {
             connected: false,

@@ -2,6 +2,7 @@
 //! once, in MQTT form (`a/b/c`). [`Topic::nats`] gives the NATS subject
 //! (`a.b.c`), mapping wildcards (`+` -> `*`, `#` -> `>`), so a service
 //! written against a [`Topic`] runs on either transport.
+#![warn(missing_docs)]
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ pub struct Topic(String);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{value:?} cannot be part of a topic: only letters, digits, '-' and '_' are allowed")]
 pub struct BadSegment {
+    /// The value refused.
     pub value: String,
 }
 
@@ -146,7 +148,9 @@ pub const SNAPD_CHANGE_EVENTS: &str = "snapd/events/changes";
 pub const SNAPD_REPLY: &str = "snapd/reply";
 /// The reference agent's subjects, kept for existing clients.
 pub const COMPAT_SNAPS_GET: &str = "v1/snapd/v2/snaps/get";
+/// The reference agent's apps (services) action.
 pub const COMPAT_APPS_POST: &str = "v1/snapd/v2/apps/post";
+/// The reference agent's assertions query.
 pub const COMPAT_ASSERTIONS_GET: &str = "v1/snapd/v2/assertions/get";
 /// `v1/snapd/v2/snaps/{snap}/post`.
 pub const COMPAT_SNAPS_PREFIX: &str = "v1/snapd/v2/snaps";
@@ -172,7 +176,9 @@ pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
 /// The NATS micro-service protocol's discovery subjects, answered by
 /// async-nats's service API (each also with `.{name}` and `.{name}.{id}`).
 pub const SERVICE_PING: &str = "$SRV/PING";
+/// See [`SERVICE_PING`].
 pub const SERVICE_INFO: &str = "$SRV/INFO";
+/// See [`SERVICE_PING`].
 pub const SERVICE_STATS: &str = "$SRV/STATS";
 
 /// The trees that let a client manage the device as if it held

@@ -44,7 +44,7 @@ impl Clock {
         let started = Instant::now();
         Clock {
             started,
-            wall_at_start_ns: crate::changes::times::now_ns(),
+            wall_at_start_ns: crate::clock::now_ns(),
             uptime_at_start: uptime,
         }
     }
@@ -56,7 +56,7 @@ impl Clock {
         let mono = self
             .wall_at_start_ns
             .saturating_add(i64::try_from(self.started.elapsed().as_nanos()).unwrap_or(i64::MAX));
-        crate::changes::times::now_ns().max(mono)
+        crate::clock::now_ns().max(mono)
     }
 
     /// Time since the system booted.

@@ -11,18 +11,18 @@
 //! history with back-off while the other subsystems go on. Because the
 //! database is the memory of what was logged, the restart neither repeats
 //! nor skips a change that snapd still has.
+#![warn(missing_docs)]
 
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, Store};
-use crate::changes::times;
+use crate::clock;
 use crate::config::Config;
 use crate::snapd::{Change, Status};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio_util::sync::CancellationToken;
 
 /// Changes younger than this are logged at start.
 const STARTUP_WINDOW_NS: i64 = 24 * 3600 * 1_000_000_000;
@@ -30,8 +30,11 @@ const STARTUP_WINDOW_NS: i64 = 24 * 3600 * 1_000_000_000;
 /// Which changes the change logger writes to the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verbosity {
+    /// None.
     None,
+    /// Only changes that failed.
     FailedOnly,
+    /// Every change.
     All,
 }
 
@@ -46,6 +49,7 @@ impl Verbosity {
     }
 }
 
+/// The change history: every change snapd reported, in SQLite.
 pub struct History {
     path: PathBuf,
     keep: u32,
@@ -55,10 +59,13 @@ pub struct History {
     /// logging happens once per process, not once per restart.
     started: AtomicBool,
     store: Mutex<Option<Store>>,
+    /// The poller's snapshots.
+    snapshots: SnapshotRx,
 }
 
 impl History {
-    pub fn from_config(config: &Config) -> History {
+    /// The history of `snaplogger.*`, fed by `snapshots` (the poller's).
+    pub fn from_config(config: &Config, snapshots: SnapshotRx) -> History {
         let s = &config.snaplogger;
         History {
             path: s.database.location.path().to_path_buf(),
@@ -67,15 +74,18 @@ impl History {
             log_startup: s.log.changes.startup,
             started: AtomicBool::new(false),
             store: Mutex::new(None),
+            snapshots,
         }
     }
+}
+
+impl Subsystem for Arc<History> {
+    const NAME: &'static str = "change-history";
+    const SECTION: &'static str = "snaplogger";
 
     /// Stores every snapshot until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        mut rx: SnapshotRx,
-        shutdown: CancellationToken,
-    ) -> RunResult {
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        let mut rx = self.snapshots.clone();
         let me = self.clone();
         let count = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
             let store =
@@ -98,7 +108,9 @@ impl History {
             }
         }
     }
+}
 
+impl History {
     /// Stores one snapshot and logs what it brought.
     fn handle(&self, snapshot: &Snapshot) -> anyhow::Result<()> {
         let mut guard = self.store.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,11 +133,11 @@ impl History {
                 .changes
                 .iter()
                 .filter(|c| {
-                    let spawn = times::parse_ns(&c.spawn_time).unwrap_or(0);
+                    let spawn = clock::parse_ns(&c.spawn_time).unwrap_or(0);
                     let ready = c
                         .ready_time
                         .as_deref()
-                        .and_then(times::parse_ns)
+                        .and_then(clock::parse_ns)
                         .unwrap_or(0);
                     spawn.max(ready) >= since
                 })

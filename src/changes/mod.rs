@@ -14,7 +14,6 @@ pub mod guard;
 pub mod history;
 pub mod poller;
 pub mod store;
-pub mod times;
 pub mod watchdog;
 
 pub use history::History;

@@ -24,15 +24,15 @@
 //!
 //! A failed read ends the run with the error; the supervisor logs it and
 //! restarts the poller with back-off. The snapshot survives the restart.
+#![warn(missing_docs)]
 
-use crate::changes::times;
+use crate::clock;
 use crate::snapd::{self, Change, ChangeSelect, Notices, Status};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, watch, Notify};
-use tokio_util::sync::CancellationToken;
 
 /// The fastest re-read while a change is in progress.
 pub const BUSY_MIN: Duration = Duration::from_secs(1);
@@ -49,10 +49,12 @@ pub struct Snapshot {
     pub seq: u64,
     /// When the read started, Unix nanoseconds.
     pub taken_ns: i64,
+    /// Every change of the read.
     pub changes: Vec<Change>,
 }
 
 impl Snapshot {
+    /// The change with this id, if snapd had it.
     pub fn get(&self, id: &str) -> Option<&Change> {
         self.changes.iter().find(|c| c.id == id)
     }
@@ -64,11 +66,13 @@ pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
 /// A change that appeared, or whose status changed, between two reads.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {
+    /// The change as read now.
     pub change: Change,
     /// Its status at the previous read; `None` when it is new.
     pub previous: Option<Status>,
 }
 
+/// The one reader of snapd's changes (see the module).
 pub struct Poller {
     snapd: snapd::Client,
     every: Duration,
@@ -162,19 +166,19 @@ impl Poller {
     }
 
     /// Reads until `shutdown`; returns the first failed read as an error.
-    pub async fn run(&self, shutdown: CancellationToken) -> RunResult {
+    async fn read(&self, shutdown: Shutdown) -> RunResult {
         // Whether snapd has notices is found out again on every (re)start:
         // snapd may have been refreshed meanwhile.
         let mut notices = true;
         let mut after: Option<(i64, String)> = None;
         loop {
-            let started = times::now_ns();
+            let started = clock::now_ns();
             let changes = self.snapd.changes(ChangeSelect::All, None).await?;
             let wait = next_wait(&changes, self.every, started, notices);
             self.publish(started, changes);
             if after.is_none() {
                 // Notices from before this read are already in it.
-                after = Some((started, times::format_ns(started)));
+                after = Some((started, clock::format_ns(started)));
             }
             let deadline = tokio::time::Instant::now() + wait;
             loop {
@@ -310,7 +314,7 @@ pub fn next_wait(changes: &[Change], every: Duration, now_ns: i64, notices: bool
         .iter()
         .filter(|c| !c.ready)
         .map(|c| {
-            let age = times::parse_ns(&c.spawn_time).map_or(0, |s| now_ns.saturating_sub(s));
+            let age = clock::parse_ns(&c.spawn_time).map_or(0, |s| now_ns.saturating_sub(s));
             Duration::from_nanos(u64::try_from(age).unwrap_or(0))
         })
         .min();
@@ -329,9 +333,20 @@ fn latest_notice(list: &[serde_json::Value]) -> Option<(i64, String)> {
                 .get("last-repeated")
                 .or_else(|| n.get("last-occurred"))?
                 .as_str()?;
-            Some((times::parse_ns(s)?, s.to_string()))
+            Some((clock::parse_ns(s)?, s.to_string()))
         })
         .max_by_key(|(ns, _)| *ns)
+}
+
+/// The poller is shared (the DMS and the per-serial worker follow changes
+/// on it), so the subsystem is the shared handle.
+impl Subsystem for Arc<Poller> {
+    const NAME: &'static str = "change-poller";
+    const SECTION: &'static str = "snaplogger";
+
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        self.read(shutdown).await
+    }
 }
 
 #[cfg(test)]
@@ -352,7 +367,7 @@ mod tests {
     #[test]
     fn busy_changes_are_read_faster_the_younger_they_are() {
         let every = Duration::from_secs(3600);
-        let t0 = times::parse_ns(T0).unwrap();
+        let t0 = clock::parse_ns(T0).unwrap();
         let sec = 1_000_000_000i64;
         let done = change("1", "Done", true, T0);
         assert_eq!(

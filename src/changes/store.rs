@@ -5,7 +5,7 @@
 //! file does not have it, so an agent restart (or a snapd restart) neither
 //! logs a change twice nor skips one that snapd still has.
 
-use crate::changes::times;
+use crate::clock;
 use crate::db::{self, DbError, Migration};
 use crate::snapd::Change;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -147,7 +147,7 @@ impl Store {
     pub fn apply(&mut self, changes: &[Change], keep: u32) -> Result<Applied, DbError> {
         let path = self.path.clone();
         let err = |e| DbError::classify(&path, e);
-        let now = times::now_rfc3339();
+        let now = clock::now_rfc3339();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -180,7 +180,7 @@ impl Store {
                     .map_err(err)?;
                 match stored {
                     None => {
-                        let spawn_ns = times::parse_ns(&c.spawn_time).unwrap_or(0);
+                        let spawn_ns = clock::parse_ns(&c.spawn_time).unwrap_or(0);
                         insert
                             .execute(params![
                                 c.id,
@@ -317,7 +317,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, at) = row.map_err(|e| self.err(e))?;
-            out.push((id, times::parse_ns(&at).unwrap_or_else(times::now_ns)));
+            out.push((id, clock::parse_ns(&at).unwrap_or_else(clock::now_ns)));
         }
         Ok(out)
     }
@@ -335,7 +335,7 @@ impl Store {
                     r.kind,
                     r.summary,
                     r.spawn_time,
-                    times::format_ns(r.at_ns),
+                    clock::format_ns(r.at_ns),
                     r.report
                 ],
             )
@@ -474,7 +474,7 @@ mod tests {
         };
         assert_eq!(s.list(&f).unwrap().len(), 2);
         let f = Filter {
-            since_ns: times::parse_ns("2026-11-21T05:00:02Z"),
+            since_ns: clock::parse_ns("2026-11-21T05:00:02Z"),
             ..Default::default()
         };
         assert_eq!(s.list(&f).unwrap().len(), 2);

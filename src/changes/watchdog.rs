@@ -1,5 +1,5 @@
 //! The watchdog: a snapd change that is not ready and made no progress for
-//! `watchdog.threshold` is stuck ([`guard`](crate::changes::guard): progress
+//! `watchdog.threshold` is stuck ([`guard`]: progress
 //! on the monotonic clock, boot grace, reboot budget); the watchdog then
 //! writes every change snapd knows (with tasks) to
 //! `$SNAP_DATA/snap_changes_{X}.json`, fsync'd, and reboots the device.
@@ -14,22 +14,22 @@
 //!
 //! Kinds listed in `watchdog.ignore` are never stuck: `become-operational`
 //! retries the device registration for as long as there is no serial.
+#![warn(missing_docs)]
 
-use crate::bus::{topics, Bus, Topic};
+use crate::bus::{topics, Nats, Topic};
 use crate::changes::guard::{self, Budget, Clock, Hold, Progress};
 use crate::changes::poller::{Snapshot, SnapshotRx};
 use crate::changes::store::{status_name, RebootRecord, Store};
-use crate::changes::times;
+use crate::clock;
 use crate::config::Config;
 use crate::snapd::{self, Change, ChangeSelect};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use crate::{errors, fsutil};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Bound on a configured reboot command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -46,6 +46,7 @@ pub enum Reboot {
     Command(String),
 }
 
+/// The snap-change watchdog (see the module).
 pub struct Watchdog {
     snapd: snapd::Client,
     threshold: Duration,
@@ -56,8 +57,10 @@ pub struct Watchdog {
     grace: Duration,
     budget: Budget,
     clock: Clock,
-    events: Option<Bus>,
+    events: Option<Nats>,
     state: Mutex<State>,
+    /// The poller's snapshots.
+    snapshots: SnapshotRx,
 }
 
 /// The NATS subjects the watchdog publishes on (the AsyncAPI test).
@@ -85,13 +88,15 @@ struct State {
 /// Why a change is stuck.
 #[derive(Debug, Clone)]
 pub struct Stuck {
+    /// The change.
     pub change: Change,
     /// How long it has not moved.
     pub idle: Duration,
 }
 
 impl Watchdog {
-    pub fn from_config(config: &Config, snapd: snapd::Client) -> Watchdog {
+    /// The watchdog of `watchdog.*`, watching `snapshots` (the poller's).
+    pub fn from_config(config: &Config, snapd: snapd::Client, snapshots: SnapshotRx) -> Watchdog {
         let w = &config.watchdog;
         let command = w.reboot.command.trim();
         Watchdog {
@@ -113,18 +118,13 @@ impl Watchdog {
             clock: Clock::new(guard::system_uptime()),
             events: None,
             state: Mutex::new(State::default()),
+            snapshots,
         }
     }
 
     /// Publishes held-back reboots on this bus.
-    pub fn with_events(mut self, bus: Bus) -> Watchdog {
+    pub fn with_events(mut self, bus: Nats) -> Watchdog {
         self.events = Some(bus);
-        self
-    }
-
-    /// Measures the boot grace from a system up this long now (tests).
-    pub fn with_uptime(mut self, uptime: Duration) -> Watchdog {
-        self.clock = Clock::new(uptime);
         self
     }
 
@@ -132,13 +132,15 @@ impl Watchdog {
     pub fn report_path(&self, change_id: &str) -> PathBuf {
         report_path(&self.data_dir, change_id)
     }
+}
+
+impl Subsystem for Arc<Watchdog> {
+    const NAME: &'static str = "watchdog";
+    const SECTION: &'static str = "watchdog";
 
     /// Watches the poller's snapshots until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        mut rx: SnapshotRx,
-        shutdown: CancellationToken,
-    ) -> RunResult {
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        let mut rx = self.snapshots.clone();
         tracing::info!(
             threshold = %humantime::format_duration(self.threshold),
             ignore = ?self.ignore,
@@ -179,7 +181,9 @@ impl Watchdog {
             }
         }
     }
+}
 
+impl Watchdog {
     fn watched<'a>(&'a self, snapshot: &'a Snapshot) -> impl Iterator<Item = &'a Change> {
         snapshot
             .changes
@@ -461,7 +465,7 @@ impl Watchdog {
             "stuck-change": stuck.id,
             "reason": reason,
             "threshold": humantime::format_duration(self.threshold).to_string(),
-            "written-at": times::now_rfc3339(),
+            "written-at": clock::now_rfc3339(),
             "changes": all,
         });
         let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
@@ -555,6 +559,7 @@ mod tests {
         Watchdog::from_config(
             &config,
             snapd::Client::new("/nonexistent", Duration::from_secs(1)),
+            tokio::sync::watch::channel(None).1,
         )
     }
 

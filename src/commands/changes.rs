@@ -3,7 +3,7 @@
 
 use super::write_stdout;
 use crate::changes::store::{Filter, Store, Stored};
-use crate::changes::times;
+use crate::clock;
 use crate::config::Config;
 use crate::snapd::Change;
 use anyhow::{bail, Context};
@@ -24,7 +24,7 @@ pub fn list(config: &Config, filter: &Filter, as_json: bool) -> anyhow::Result<(
         table.push(row([
             &c.id,
             &c.status,
-            &times::format_short(c.spawn_ns),
+            &clock::format_short(c.spawn_ns),
             &ready_cell(c.ready_time.as_deref()),
             &c.kind,
             &c.summary,
@@ -70,8 +70,8 @@ fn json_of(s: &Stored) -> serde_json::Value {
 
 fn ready_cell(ready_time: Option<&str>) -> String {
     ready_time
-        .and_then(times::parse_ns)
-        .map(times::format_short)
+        .and_then(clock::parse_ns)
+        .map(clock::format_short)
         .unwrap_or_else(|| "-".into())
 }
 
@@ -83,7 +83,7 @@ fn render_change(s: &Stored, c: &Change) -> String {
         ("kind", &s.kind),
         ("summary", &s.summary),
         ("status", &s.status),
-        ("spawn", &times::format_short(s.spawn_ns)),
+        ("spawn", &clock::format_short(s.spawn_ns)),
         ("ready", &ready),
         ("first seen", &s.first_seen),
     ] {
@@ -104,8 +104,8 @@ fn render_change(s: &Stored, c: &Change) -> String {
             .unwrap_or_default();
         table.push(row([
             &status,
-            &times::parse_ns(&t.spawn_time)
-                .map(times::format_short)
+            &clock::parse_ns(&t.spawn_time)
+                .map(clock::format_short)
                 .unwrap_or_default(),
             &ready_cell(t.ready_time.as_deref()),
             &t.summary,
@@ -154,9 +154,9 @@ fn render(rows: &[Vec<String>]) -> String {
 pub fn parse_since(s: &str) -> anyhow::Result<i64> {
     let s = s.trim();
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(times::now_ns().saturating_sub(times::duration_ns(d)));
+        return Ok(clock::now_ns().saturating_sub(clock::duration_ns(d)));
     }
-    times::parse_ns(s).with_context(|| {
+    clock::parse_ns(s).with_context(|| {
         format!("invalid --since {s:?}: write a duration such as \"2h\" or \"3d\", or an RFC 3339 time such as \"2026-11-21T05:00:00Z\"")
     })
 }
@@ -188,12 +188,12 @@ mod tests {
 
     #[test]
     fn since_takes_durations_and_times() {
-        let now = times::now_ns();
+        let now = clock::now_ns();
         let two_h = parse_since("2h").unwrap();
         assert!((now - two_h - 7_200_000_000_000).abs() < 60_000_000_000);
         assert_eq!(
             parse_since("2026-11-21T05:00:00Z").unwrap(),
-            times::parse_ns("2026-11-21T05:00:00Z").unwrap()
+            clock::parse_ns("2026-11-21T05:00:00Z").unwrap()
         );
         let err = parse_since("last tuesday").unwrap_err().to_string();
         assert!(err.contains("last tuesday"), "{err}");

@@ -405,8 +405,3 @@ impl<P: Provider> Provider for Named<P> {
         self.0.data()
     }
 }
-
-/// Convenience for tests and tools: where the file layer is read from.
-pub fn file_for(opts: &LoadOptions) -> PathBuf {
-    opts.file.clone().unwrap_or_else(Config::default_file)
-}

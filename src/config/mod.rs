@@ -20,284 +20,263 @@ pub use values::{
     UpstreamUrl,
 };
 
+/// Declares a configuration section: the struct, deserialized with
+/// `#[serde(default)]` so that every key is optional, and its `Default`,
+/// with each field's default written next to the field (`= expr`; a field
+/// without one takes its type's default). The defaults are written here
+/// once: `iot-agent config`, the README's table and the snap's hook all
+/// read them from `Config::default()`.
+macro_rules! section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$fmeta:meta])*
+                pub $field:ident: $ty:ty $(= $default:expr)?
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $( $field: section!(@default $($default)?), )* }
+            }
+        }
+    };
+    (@default $default:expr) => { $default };
+    (@default) => { Default::default() };
+}
+
 /// The password that the reference agent shipped for the `snapd` NATS user.
 /// Anyone who has read its source knows it, so the agent warns when it is in use.
 pub const WELL_KNOWN_NATS_PASSWORD: &str = "accept solve carbon atmosphere";
 
-/// Every setting of the agent. Field docs are the user-facing key docs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Config {
-    /// Base URL of the IoT Identity service.
-    pub url: ServiceUrl,
-    pub identity: IdentityConfig,
-    pub snapd: SnapdConfig,
-    pub nats: NatsConfig,
-    pub log: LogConfig,
-    pub dirs: Dirs,
-    pub snaplogger: SnapLogger,
-    pub dms: DmsConfig,
-    pub required: RequiredConfig,
-    pub watchdog: Watchdog,
-    pub export: ExportConfig,
-}
-
-/// How the agent talks to the identity service at `url`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct IdentityConfig {
-    /// Extra CA certificate(s) (PEM) trusted for `https://` URLs, for a
-    /// private PKI; the system's roots are trusted as well.
-    pub ca: OptPath,
-    /// Bound on one enrollment request.
-    pub timeout: Duration,
-    /// Longest wait between enrollment attempts.
-    pub retry: IdentityRetry,
-    /// Allow a plain `http://` identity service on a host that is not
-    /// loopback (the answer carries the device's private key in clear).
-    pub insecure: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct IdentityRetry {
-    pub max: Duration,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        IdentityConfig {
-            ca: OptPath::default(),
-            timeout: Duration::from_secs(30),
-            retry: IdentityRetry::default(),
-            insecure: false,
-        }
+section! {
+    /// Every setting of the agent. Field docs are the user-facing key docs.
+    pub struct Config {
+        /// Base URL of the IoT Identity service.
+        pub url: ServiceUrl = ServiceUrl::new("http://localhost:8030"),
+        pub identity: IdentityConfig,
+        pub snapd: SnapdConfig,
+        pub nats: NatsConfig,
+        pub log: LogConfig,
+        pub dirs: Dirs,
+        pub snaplogger: SnapLogger,
+        pub dms: DmsConfig,
+        pub required: RequiredConfig,
+        pub watchdog: Watchdog,
+        pub export: ExportConfig,
     }
 }
 
-impl Default for IdentityRetry {
-    fn default() -> Self {
-        IdentityRetry {
-            max: Duration::from_secs(600),
-        }
+section! {
+    /// How the agent talks to the identity service at `url`.
+    pub struct IdentityConfig {
+        /// Extra CA certificate(s) (PEM) trusted for `https://` URLs, for a
+        /// private PKI; the system's roots are trusted as well.
+        pub ca: OptPath,
+        /// Bound on one enrollment request.
+        pub timeout: Duration = Duration::from_secs(30),
+        /// Longest wait between enrollment attempts.
+        pub retry: IdentityRetry,
+        /// Allow a plain `http://` identity service on a host that is not
+        /// loopback (the answer carries the device's private key in clear).
+        pub insecure: bool,
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SnapdConfig {
-    /// snapd's REST API socket.
-    pub socket: ExpandPath,
-    /// Bound on one request to snapd (connect, send and read the whole answer).
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NatsConfig {
-    /// Device-local NATS server(s), comma separated.
-    pub url: NatsUrl,
-    pub snapd: NatsCredentials,
-    /// Refuse every mirrored snapd request but GET (`agent-read-only`).
-    pub readonly: bool,
-    /// Serve writes (and the per-serial tree) even on a NATS server that
-    /// requires no authorization, or with the well-known default password:
-    /// then every local process can manage the device. Off: such a server
-    /// gets a read-only mirror and no per-serial tree.
-    pub insecure: bool,
-    /// Bound on one mirrored snapd request: the requester gets an
-    /// `agent-timeout` answer after it, so it must stay below the request
-    /// timeout of the NATS clients (commonly 5 to 10 s).
-    pub timeout: Duration,
-    /// Run the snap's own nats-server (the `nats` daemon), configured by
-    /// `iot-agent nats-config` from these keys; `false` turns it off for
-    /// users who run their own server at `nats.url`.
-    pub bundled: bool,
-    /// JetStream's store of the bundled server (MQTT sessions).
-    pub store: ExpandPath,
-    pub mqtt: NatsMqtt,
-    /// The user for every other local client (other snaps): any subject but
-    /// the agent's trees. Its password is generated on first start.
-    pub device: NatsCredentials,
-    /// An optional user for an operator's terminal or browser (empty user:
-    /// none): it may request everything, but not serve the agent's subjects.
-    pub operator: NatsCredentials,
-    pub leaf: NatsLeaf,
-}
-
-/// The bundled server's MQTT listener (loopback).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct NatsMqtt {
-    /// Port on 127.0.0.1; 0: no MQTT listener.
-    pub port: u16,
-}
-
-/// A leaf-node connection of the bundled server toward the fleet's cluster.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct NatsLeaf {
-    /// `nats-leaf://host:7422` or `tls://host:7422`; empty: no leaf node.
-    pub url: String,
-    pub user: String,
-    pub password: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NatsCredentials {
-    pub user: String,
-    pub password: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LogConfig {
-    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
-    pub level: LogLevel,
-}
-
-/// Where the agent keeps state. In a snap these follow `$SNAP_DATA` (per
-/// revision, rolled back with the snap) and `$SNAP_COMMON` (kept across
-/// revisions); outside a snap they are fixed system paths, never the current
-/// directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Dirs {
-    pub data: ExpandPath,
-    pub common: ExpandPath,
-}
-
-/// Per-serial action topics (`devices/actions/{serial}/...`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RequiredConfig {
-    pub enabled: bool,
-    /// Switch a required snap that is installed but tracks another channel.
-    pub switch: bool,
-    pub database: Location,
-    /// Attempts before a required-install is reported as failed.
-    pub attempts: u32,
-    pub retry: RetryCap,
-}
-
-/// `*.location` of a file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Location {
-    pub location: ExpandPath,
-}
-
-impl Default for Location {
-    fn default() -> Self {
-        Location {
-            location: ExpandPath::new("$SNAP_DATA/required.db"),
-        }
+section! {
+    pub struct IdentityRetry {
+        pub max: Duration = Duration::from_secs(600),
     }
 }
 
-/// `*.retry.max`: the longest wait between attempts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RetryCap {
-    pub max: Duration,
-}
-
-impl Default for RetryCap {
-    fn default() -> Self {
-        RetryCap {
-            max: Duration::from_secs(600),
-        }
+section! {
+    pub struct SnapdConfig {
+        /// snapd's REST API socket.
+        pub socket: ExpandPath = ExpandPath::new("/run/snapd.socket"),
+        /// Bound on one request to snapd (connect, send and read the whole answer).
+        pub timeout: Duration = Duration::from_secs(30),
     }
 }
 
-impl Default for RequiredConfig {
-    fn default() -> Self {
-        RequiredConfig {
-            enabled: true,
-            switch: true,
-            database: Location::default(),
-            attempts: 10,
-            retry: RetryCap::default(),
-        }
+section! {
+    pub struct NatsConfig {
+        /// Device-local NATS server(s), comma separated.
+        pub url: NatsUrl = NatsUrl::new("nats://127.0.0.1:4222"),
+        pub snapd: NatsCredentials,
+        /// Refuse every mirrored snapd request but GET (`agent-read-only`).
+        pub readonly: bool,
+        /// Serve writes (and the per-serial tree) even on a NATS server that
+        /// requires no authorization, or with the well-known default password:
+        /// then every local process can manage the device. Off: such a server
+        /// gets a read-only mirror and no per-serial tree.
+        pub insecure: bool,
+        /// Bound on one mirrored snapd request: the requester gets an
+        /// `agent-timeout` answer after it, so it must stay below the request
+        /// timeout of the NATS clients (commonly 5 to 10 s).
+        pub timeout: Duration = Duration::from_secs(4),
+        /// Run the snap's own nats-server (the `nats` daemon), configured by
+        /// `iot-agent nats-config` from these keys; `false` turns it off for
+        /// users who run their own server at `nats.url`.
+        pub bundled: bool = true,
+        /// JetStream's store of the bundled server (MQTT sessions).
+        pub store: ExpandPath = ExpandPath::new("$SNAP_COMMON/nats"),
+        pub mqtt: NatsMqtt,
+        /// The user for every other local client (other snaps): any subject but
+        /// the agent's trees. Its password is generated on first start.
+        pub device: NatsCredentials = NatsCredentials {
+            user: "device".into(),
+            password: String::new(),
+        },
+        /// An optional user for an operator's terminal or browser (empty user:
+        /// none): it may request everything, but not serve the agent's subjects.
+        pub operator: NatsCredentials = NatsCredentials {
+            user: String::new(),
+            password: String::new(),
+        },
+        pub leaf: NatsLeaf,
     }
 }
 
-/// The DMS management channel (MQTT with the enrollment's credentials).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DmsConfig {
-    pub enabled: bool,
-    /// The CA certificate that signs the broker (a file path or the PEM
-    /// text), trusted besides the enrollment's organization certificate.
-    /// A reference deployment's broker is signed by the identity service's
-    /// CA, which the enrollment does not carry.
-    pub ca: PemSource,
-    /// `full` (chain and host name) or `chain` (chain only, for a broker
-    /// certificate such as `CN=mqtt` without subjectAltName).
-    pub verify: crate::tls::Verify,
-    /// `dmscore` (heartbeat hashes, `list` answered as `version:"2"`) or
-    /// `devicetwin` (the original DMS: no hashes, `list` as an array).
-    pub protocol: DmsProtocol,
-    /// Send a `completion` report when a change started by an action is ready.
-    pub completion: bool,
-    pub heartbeat: Every,
-    pub metrics: Every,
-    pub change: DmsChange,
-    pub upload: DmsUpload,
-    /// MQTT keep-alive with the DMS broker: a silent broker is noticed
-    /// after about 1.5 times this.
-    pub keepalive: Duration,
-    pub actions: DmsActions,
-    pub ledger: DmsLedger,
-}
-
-/// `dms.actions.*`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DmsActions {
-    /// Actions running at once; beyond it the agent stops acknowledging,
-    /// so the broker holds the rest.
-    pub concurrency: u32,
-}
-
-impl Default for DmsActions {
-    fn default() -> Self {
-        DmsActions { concurrency: 16 }
+section! {
+    /// The bundled server's MQTT listener (loopback).
+    pub struct NatsMqtt {
+        /// Port on 127.0.0.1; 0: no MQTT listener.
+        pub port: u16,
     }
 }
 
-/// `dms.ledger.*`: the durable record of DMS actions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DmsLedger {
-    pub location: ExpandPath,
-    pub max: DmsLedgerMax,
-}
-
-/// `dms.ledger.max.*`: finished actions are pruned beyond either bound.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DmsLedgerMax {
-    pub age: Duration,
-    pub count: u64,
-}
-
-impl Default for DmsLedger {
-    fn default() -> Self {
-        DmsLedger {
-            location: ExpandPath::new("$SNAP_DATA/dms.db"),
-            max: DmsLedgerMax::default(),
-        }
+section! {
+    /// A leaf-node connection of the bundled server toward the fleet's cluster.
+    pub struct NatsLeaf {
+        /// `nats-leaf://host:7422` or `tls://host:7422`; empty: no leaf node.
+        pub url: String,
+        pub user: String,
+        pub password: String,
     }
 }
 
-impl Default for DmsLedgerMax {
-    fn default() -> Self {
-        DmsLedgerMax {
-            age: Duration::from_secs(30 * 24 * 3600),
-            count: 10_000,
-        }
+section! {
+    pub struct NatsCredentials {
+        pub user: String = "snapd".into(),
+        pub password: String = WELL_KNOWN_NATS_PASSWORD.into(),
+    }
+}
+
+section! {
+    pub struct LogConfig {
+        /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+        pub level: LogLevel = LogLevel::new("info"),
+    }
+}
+
+section! {
+    /// Where the agent keeps state. In a snap these follow `$SNAP_DATA` (per
+    /// revision, rolled back with the snap) and `$SNAP_COMMON` (kept across
+    /// revisions); outside a snap they are fixed system paths, never the
+    /// current directory.
+    pub struct Dirs {
+        // `$SNAP_DATA` is expanded from the snap's environment; outside a
+        // snap there is no such variable and the system path is used.
+        pub data: ExpandPath = in_snap_or("SNAP_DATA", "/var/lib/iot-agent"),
+        pub common: ExpandPath = in_snap_or("SNAP_COMMON", "/var/lib/iot-agent/common"),
+    }
+}
+
+/// `$VAR` when the snap's environment has it, else `outside`.
+fn in_snap_or(var: &str, outside: &str) -> ExpandPath {
+    if std::env::var_os(var).is_some() {
+        ExpandPath::new(&format!("${var}"))
+    } else {
+        ExpandPath::new(outside)
+    }
+}
+
+section! {
+    /// Per-serial action topics (`devices/actions/{serial}/...`).
+    pub struct RequiredConfig {
+        pub enabled: bool = true,
+        /// Switch a required snap that is installed but tracks another channel.
+        pub switch: bool = true,
+        pub database: Location,
+        /// Attempts before a required-install is reported as failed.
+        pub attempts: u32 = 10,
+        pub retry: RetryCap,
+    }
+}
+
+section! {
+    /// `*.location` of a file.
+    pub struct Location {
+        pub location: ExpandPath = ExpandPath::new("$SNAP_DATA/required.db"),
+    }
+}
+
+section! {
+    /// `*.retry.max`: the longest wait between attempts.
+    pub struct RetryCap {
+        pub max: Duration = Duration::from_secs(600),
+    }
+}
+
+section! {
+    /// The DMS management channel (MQTT with the enrollment's credentials).
+    pub struct DmsConfig {
+        pub enabled: bool = true,
+        /// The CA certificate that signs the broker (a file path or the PEM
+        /// text), trusted besides the enrollment's organization certificate.
+        /// A reference deployment's broker is signed by the identity service's
+        /// CA, which the enrollment does not carry.
+        pub ca: PemSource = PemSource::None,
+        /// `full` (chain and host name) or `chain` (chain only, for a broker
+        /// certificate such as `CN=mqtt` without subjectAltName).
+        pub verify: crate::tls::Verify = crate::tls::Verify::Full,
+        /// `dmscore` (heartbeat hashes, `list` answered as `version:"2"`) or
+        /// `devicetwin` (the original DMS: no hashes, `list` as an array).
+        pub protocol: DmsProtocol = DmsProtocol::Dmscore,
+        /// Send a `completion` report when a change started by an action is ready.
+        pub completion: bool = true,
+        pub heartbeat: Every,
+        pub metrics: Every,
+        pub change: DmsChange,
+        pub upload: DmsUpload,
+        /// MQTT keep-alive with the DMS broker: a silent broker is noticed
+        /// after about 1.5 times this.
+        pub keepalive: Duration = Duration::from_secs(30),
+        pub actions: DmsActions,
+        pub ledger: DmsLedger,
+    }
+}
+
+section! {
+    /// `dms.actions.*`.
+    pub struct DmsActions {
+        /// Actions running at once; beyond it the agent stops acknowledging,
+        /// so the broker holds the rest.
+        pub concurrency: u32 = 16,
+    }
+}
+
+section! {
+    /// `dms.ledger.*`: the durable record of DMS actions.
+    pub struct DmsLedger {
+        pub location: ExpandPath = ExpandPath::new("$SNAP_DATA/dms.db"),
+        pub max: DmsLedgerMax,
+    }
+}
+
+section! {
+    /// `dms.ledger.max.*`: finished actions are pruned beyond either bound.
+    pub struct DmsLedgerMax {
+        pub age: Duration = Duration::from_secs(30 * 24 * 3600),
+        pub count: u64 = 10_000,
     }
 }
 
@@ -312,355 +291,155 @@ pub enum DmsProtocol {
     Devicetwin,
 }
 
-/// `*.interval`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Every {
-    pub interval: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DmsChange {
-    /// How long a change started by an action is followed for its report.
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DmsUpload {
-    pub timeout: Duration,
-    /// Bytes; larger log or snapshot uploads are refused.
-    pub limit: u64,
-}
-
-impl Default for Every {
-    fn default() -> Self {
-        Every {
-            interval: Duration::from_secs(60),
-        }
+section! {
+    /// `*.interval`.
+    pub struct Every {
+        pub interval: Duration = Duration::from_secs(60),
     }
 }
 
-impl Default for DmsConfig {
-    fn default() -> Self {
-        DmsConfig {
-            enabled: true,
-            ca: PemSource::None,
-            verify: crate::tls::Verify::Full,
-            protocol: DmsProtocol::Dmscore,
-            completion: true,
-            heartbeat: Every::default(),
-            metrics: Every::default(),
-            change: DmsChange::default(),
-            upload: DmsUpload::default(),
-            keepalive: Duration::from_secs(30),
-            actions: DmsActions::default(),
-            ledger: DmsLedger::default(),
-        }
+section! {
+    pub struct DmsChange {
+        /// How long a change started by an action is followed for its report.
+        pub timeout: Duration = Duration::from_secs(3600),
     }
 }
 
-impl Default for DmsChange {
-    fn default() -> Self {
-        DmsChange {
-            timeout: Duration::from_secs(3600),
-        }
+section! {
+    pub struct DmsUpload {
+        pub timeout: Duration = Duration::from_secs(300),
+        /// Bytes; larger log or snapshot uploads are refused.
+        pub limit: u64 = 512 * 1024 * 1024,
     }
 }
 
-impl Default for DmsUpload {
-    fn default() -> Self {
-        DmsUpload {
-            timeout: Duration::from_secs(300),
-            limit: 512 * 1024 * 1024,
-        }
+section! {
+    /// The change history (`snaplogger.*`, the reference agent's key names).
+    pub struct SnapLogger {
+        pub database: SnapLoggerDatabase,
+        pub maximum: SnapLoggerMaximum,
+        pub duration: SnapLoggerDuration,
+        pub log: SnapLoggerLog,
     }
 }
 
-/// The change history (`snaplogger.*`, the reference agent's key names).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct SnapLogger {
-    pub database: SnapLoggerDatabase,
-    pub maximum: SnapLoggerMaximum,
-    pub duration: SnapLoggerDuration,
-    pub log: SnapLoggerLog,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SnapLoggerDatabase {
-    pub location: ExpandPath,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct SnapLoggerMaximum {
-    pub changes: SnapLoggerKeep,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SnapLoggerKeep {
-    pub keep: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct SnapLoggerDuration {
-    pub between: SnapLoggerBetween,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SnapLoggerBetween {
-    pub checks: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SnapLoggerLog {
-    pub changes: SnapLoggerStartup,
-    pub level: LogLevel,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SnapLoggerStartup {
-    pub startup: bool,
-}
-
-impl Default for SnapLoggerStartup {
-    fn default() -> Self {
-        SnapLoggerStartup { startup: true }
+section! {
+    pub struct SnapLoggerDatabase {
+        pub location: ExpandPath = ExpandPath::new("$SNAP_DATA/changes.db"),
     }
 }
 
-/// The snap-change watchdog: reboots the device when a change is stuck.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Watchdog {
-    pub enabled: bool,
-    /// A change not ready whose tasks made no progress for this long
-    /// (measured from when the agent first saw it) is stuck.
-    pub threshold: Duration,
-    /// Change kinds that are never stuck (they legitimately retry forever).
-    pub ignore: StringList,
-    pub reboot: WatchdogReboot,
-    pub budget: WatchdogBudget,
-    pub boot: WatchdogBoot,
-}
-
-/// At most `reboots` reboots per `window`, across agent restarts and
-/// change ids.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct WatchdogBudget {
-    pub reboots: u32,
-    pub window: Duration,
-}
-
-impl Default for WatchdogBudget {
-    fn default() -> Self {
-        WatchdogBudget {
-            reboots: 1,
-            window: Duration::from_secs(24 * 3600),
-        }
+section! {
+    pub struct SnapLoggerMaximum {
+        pub changes: SnapLoggerKeep,
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct WatchdogBoot {
-    /// No reboot this soon after the system booted.
-    pub grace: Duration,
-}
-
-impl Default for WatchdogBoot {
-    fn default() -> Self {
-        WatchdogBoot {
-            grace: Duration::from_secs(15 * 60),
-        }
+section! {
+    pub struct SnapLoggerKeep {
+        pub keep: u32 = 1000,
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct WatchdogReboot {
-    /// A shell command that reboots; empty means through snapd.
-    pub command: String,
-}
-
-impl Default for Watchdog {
-    fn default() -> Self {
-        Watchdog {
-            enabled: true,
-            threshold: Duration::from_secs(3600),
-            // `become-operational` retries the device registration for as
-            // long as there is no serial (no network, a classic machine).
-            ignore: StringList::new(&["become-operational"]),
-            reboot: WatchdogReboot::default(),
-            budget: WatchdogBudget::default(),
-            boot: WatchdogBoot::default(),
-        }
+section! {
+    pub struct SnapLoggerDuration {
+        pub between: SnapLoggerBetween,
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            url: ServiceUrl::new("http://localhost:8030"),
-            identity: IdentityConfig::default(),
-            snapd: SnapdConfig::default(),
-            nats: NatsConfig::default(),
-            log: LogConfig::default(),
-            dirs: Dirs::default(),
-            snaplogger: SnapLogger::default(),
-            dms: DmsConfig::default(),
-            required: RequiredConfig::default(),
-            watchdog: Watchdog::default(),
-            export: ExportConfig::default(),
-        }
+section! {
+    pub struct SnapLoggerBetween {
+        pub checks: Duration = Duration::from_secs(3600),
     }
 }
 
-impl Default for SnapdConfig {
-    fn default() -> Self {
-        SnapdConfig {
-            socket: ExpandPath::new("/run/snapd.socket"),
-            timeout: Duration::from_secs(30),
-        }
+section! {
+    pub struct SnapLoggerLog {
+        pub changes: SnapLoggerStartup,
+        pub level: LogLevel = LogLevel::new("info"),
     }
 }
 
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig {
-            url: NatsUrl::new("nats://127.0.0.1:4222"),
-            snapd: NatsCredentials::default(),
-            readonly: false,
-            insecure: false,
-            timeout: Duration::from_secs(4),
-            bundled: true,
-            store: ExpandPath::new("$SNAP_COMMON/nats"),
-            mqtt: NatsMqtt::default(),
-            device: NatsCredentials {
-                user: "device".into(),
-                password: String::new(),
-            },
-            operator: NatsCredentials {
-                user: String::new(),
-                password: String::new(),
-            },
-            leaf: NatsLeaf::default(),
-        }
+section! {
+    pub struct SnapLoggerStartup {
+        pub startup: bool = true,
     }
 }
 
-impl Default for NatsCredentials {
-    fn default() -> Self {
-        NatsCredentials {
-            user: "snapd".into(),
-            password: WELL_KNOWN_NATS_PASSWORD.into(),
-        }
+section! {
+    /// The snap-change watchdog: reboots the device when a change is stuck.
+    pub struct Watchdog {
+        pub enabled: bool = true,
+        /// A change not ready whose tasks made no progress for this long
+        /// (measured from when the agent first saw it) is stuck.
+        pub threshold: Duration = Duration::from_secs(3600),
+        /// Change kinds that are never stuck (they legitimately retry forever).
+        // `become-operational` retries the device registration for as
+        // long as there is no serial (no network, a classic machine).
+        pub ignore: StringList = StringList::new(&["become-operational"]),
+        pub reboot: WatchdogReboot,
+        pub budget: WatchdogBudget,
+        pub boot: WatchdogBoot,
     }
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: LogLevel::new("info"),
-        }
+section! {
+    /// At most `reboots` reboots per `window`, across agent restarts and
+    /// change ids.
+    pub struct WatchdogBudget {
+        pub reboots: u32 = 1,
+        pub window: Duration = Duration::from_secs(24 * 3600),
     }
 }
 
-impl Default for Dirs {
-    fn default() -> Self {
-        // `$SNAP_DATA` is expanded from the snap's environment; outside a snap
-        // `values::expand` has no such variable and the system path is used.
-        let data = if std::env::var_os("SNAP_DATA").is_some() {
-            "$SNAP_DATA"
-        } else {
-            "/var/lib/iot-agent"
-        };
-        let common = if std::env::var_os("SNAP_COMMON").is_some() {
-            "$SNAP_COMMON"
-        } else {
-            "/var/lib/iot-agent/common"
-        };
-        Dirs {
-            data: ExpandPath::new(data),
-            common: ExpandPath::new(common),
-        }
+section! {
+    pub struct WatchdogBoot {
+        /// No reboot this soon after the system booted.
+        pub grace: Duration = Duration::from_secs(15 * 60),
     }
 }
 
-impl Default for SnapLoggerDatabase {
-    fn default() -> Self {
-        SnapLoggerDatabase {
-            location: ExpandPath::new("$SNAP_DATA/changes.db"),
-        }
+section! {
+    pub struct WatchdogReboot {
+        /// A shell command that reboots; empty means through snapd.
+        pub command: String,
     }
 }
 
-impl Default for SnapLoggerKeep {
-    fn default() -> Self {
-        SnapLoggerKeep { keep: 1000 }
+section! {
+    /// The export subsystem (`export.*`): store-and-forward telemetry from
+    /// applications on the device to an upstream broker.
+    pub struct ExportConfig {
+        /// Off by default: the spool takes disk space and the upstream must be
+        /// chosen by the operator.
+        pub enabled: bool,
+        /// Intake subject prefix on the device-local NATS: applications publish
+        /// on `{subject}.{stream}`.
+        pub subject: String = "export".into(),
+        pub spool: ExportSpool,
+        pub upstream: ExportUpstream,
+        pub batch: ExportBatch,
+        pub status: ExportStatus,
     }
 }
 
-impl Default for SnapLoggerBetween {
-    fn default() -> Self {
-        SnapLoggerBetween {
-            checks: Duration::from_secs(3600),
-        }
+section! {
+    pub struct ExportSpool {
+        /// The SQLite spool (in `$SNAP_COMMON`: kept across snap revisions).
+        pub path: ExpandPath = ExpandPath::new("$SNAP_COMMON/export.db"),
+        pub max: ExportSpoolMax,
+        /// What happens when a new message does not fit.
+        pub full: FullPolicy = FullPolicy::DropOldest,
     }
 }
 
-impl Default for SnapLoggerLog {
-    fn default() -> Self {
-        SnapLoggerLog {
-            changes: SnapLoggerStartup::default(),
-            level: LogLevel::new("info"),
-        }
+section! {
+    pub struct ExportSpoolMax {
+        /// Bound on spooled payload and stream-name bytes.
+        pub bytes: u64 = 256 * 1024 * 1024,
+        /// Messages older than this are dropped (counted as expired).
+        pub age: Duration = Duration::from_secs(7 * 24 * 3600),
     }
-}
-
-/// The export subsystem (`export.*`): store-and-forward telemetry from
-/// applications on the device to an upstream broker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportConfig {
-    /// Off by default: the spool takes disk space and the upstream must be
-    /// chosen by the operator.
-    pub enabled: bool,
-    /// Intake subject prefix on the device-local NATS: applications publish
-    /// on `{subject}.{stream}`.
-    pub subject: String,
-    pub spool: ExportSpool,
-    pub upstream: ExportUpstream,
-    pub batch: ExportBatch,
-    pub status: ExportStatus,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportSpool {
-    /// The SQLite spool (in `$SNAP_COMMON`: kept across snap revisions).
-    pub path: ExpandPath,
-    pub max: ExportSpoolMax,
-    /// What happens when a new message does not fit.
-    pub full: FullPolicy,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportSpoolMax {
-    /// Bound on spooled payload and stream-name bytes.
-    pub bytes: u64,
-    /// Messages older than this are dropped (counted as expired).
-    pub age: Duration,
 }
 
 /// The policy when the spool is full.
@@ -682,98 +461,51 @@ impl FullPolicy {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportUpstream {
-    /// `nats://`/`tls://` (JetStream) or `mqtt://`/`mqtts://` (QoS 1);
-    /// empty: spool only.
-    pub url: UpstreamUrl,
-    /// Upstream subject (NATS) or topic (MQTT, dots become `/`) prefix.
-    pub subject: String,
-    /// JetStream stream to create when missing (empty: it must exist).
-    pub stream: String,
-    pub user: String,
-    pub password: String,
-    /// Extra CA certificate (PEM) for `tls://` and `mqtts://`.
-    pub ca: OptPath,
-    /// MQTT client id.
-    pub client: String,
-    pub max: ExportUpstreamMax,
-}
-
-/// Bounds the upstream imposes that the agent cannot learn by itself.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportUpstreamMax {
-    /// Largest payload the upstream takes, in bytes (an MQTT broker's
-    /// `message_size_limit`: MQTT 3.1.1 cannot tell it, and mosquitto
-    /// acknowledges an oversized message and drops it). 0: what the
-    /// upstream says (NATS `max_payload`, the stream's `max_msg_size`), 1 MiB
-    /// for MQTT. Intake refuses larger messages so none can be lost or
-    /// block the spool later (`crate::export::capacity`).
-    pub payload: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportBatch {
-    /// Most messages committed in one spool transaction (group commit).
-    pub intake: u32,
-    /// Most messages in flight to the upstream awaiting acknowledgement.
-    pub forward: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ExportStatus {
-    /// How often the status is published on the health subject.
-    pub interval: Duration,
-}
-
-impl Default for ExportConfig {
-    fn default() -> Self {
-        ExportConfig {
-            enabled: false,
-            subject: "export".into(),
-            spool: ExportSpool::default(),
-            upstream: ExportUpstream::default(),
-            batch: ExportBatch::default(),
-            status: ExportStatus::default(),
-        }
+section! {
+    pub struct ExportUpstream {
+        /// `nats://`/`tls://` (JetStream) or `mqtt://`/`mqtts://` (QoS 1);
+        /// empty: spool only.
+        pub url: UpstreamUrl,
+        /// Upstream subject (NATS) or topic (MQTT, dots become `/`) prefix.
+        pub subject: String = "telemetry".into(),
+        /// JetStream stream to create when missing (empty: it must exist).
+        pub stream: String,
+        pub user: String,
+        pub password: String,
+        /// Extra CA certificate (PEM) for `tls://` and `mqtts://`.
+        pub ca: OptPath,
+        /// MQTT client id.
+        pub client: String = "iot-agent-export".into(),
+        pub max: ExportUpstreamMax,
     }
 }
 
-impl Default for ExportSpool {
-    fn default() -> Self {
-        ExportSpool {
-            path: ExpandPath::new("$SNAP_COMMON/export.db"),
-            max: ExportSpoolMax::default(),
-            full: FullPolicy::DropOldest,
-        }
+section! {
+    /// Bounds the upstream imposes that the agent cannot learn by itself.
+    pub struct ExportUpstreamMax {
+        /// Largest payload the upstream takes, in bytes (an MQTT broker's
+        /// `message_size_limit`: MQTT 3.1.1 cannot tell it, and mosquitto
+        /// acknowledges an oversized message and drops it). 0: what the
+        /// upstream says (NATS `max_payload`, the stream's `max_msg_size`), 1 MiB
+        /// for MQTT. Intake refuses larger messages so none can be lost or
+        /// block the spool later (`crate::export::capacity`).
+        pub payload: u64,
     }
 }
 
-impl Default for ExportSpoolMax {
-    fn default() -> Self {
-        ExportSpoolMax {
-            bytes: 256 * 1024 * 1024,
-            age: Duration::from_secs(7 * 24 * 3600),
-        }
+section! {
+    pub struct ExportBatch {
+        /// Most messages committed in one spool transaction (group commit).
+        pub intake: u32 = 1024,
+        /// Most messages in flight to the upstream awaiting acknowledgement.
+        pub forward: u32 = 2048,
     }
 }
 
-impl Default for ExportUpstream {
-    fn default() -> Self {
-        ExportUpstream {
-            url: UpstreamUrl::default(),
-            subject: "telemetry".into(),
-            stream: String::new(),
-            user: String::new(),
-            password: String::new(),
-            ca: OptPath::default(),
-            client: "iot-agent-export".into(),
-            max: ExportUpstreamMax::default(),
-        }
+section! {
+    pub struct ExportStatus {
+        /// How often the status is published on the health subject.
+        pub interval: Duration = Duration::from_secs(10),
     }
 }
 
@@ -781,23 +513,6 @@ impl ExportUpstream {
     /// `subject` without surrounding dots.
     pub fn upstream_prefix(&self) -> String {
         self.subject.trim_matches('.').to_string()
-    }
-}
-
-impl Default for ExportBatch {
-    fn default() -> Self {
-        ExportBatch {
-            intake: 1024,
-            forward: 2048,
-        }
-    }
-}
-
-impl Default for ExportStatus {
-    fn default() -> Self {
-        ExportStatus {
-            interval: Duration::from_secs(10),
-        }
     }
 }
 

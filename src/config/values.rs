@@ -51,11 +51,6 @@ impl LogLevel {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-    /// True when this filter lets `info` events of the agent through.
-    pub fn enables_info(&self) -> bool {
-        let l = self.0.to_ascii_lowercase();
-        !matches!(l.as_str(), "error" | "warn" | "off")
-    }
 }
 
 impl Serialize for LogLevel {

@@ -17,7 +17,7 @@
 
 use super::capacity::SharedCapacity;
 use super::spool::{Limits, NewMessage, Outcome, Spool};
-use crate::bus::{topics, Bus, Incoming, Topic};
+use crate::bus::{topics, Incoming, Nats, Topic};
 use bytes::Bytes;
 use serde_json::json;
 use std::sync::Arc;
@@ -151,7 +151,7 @@ pub fn stream_of(subject: &str, intake: &Topic) -> Result<String, String> {
 
 /// Serves the intake subject until cancelled.
 pub async fn serve(
-    bus: Bus,
+    bus: Nats,
     intake: Topic,
     writer: Writer,
     capacity: SharedCapacity,
@@ -216,7 +216,7 @@ pub fn reply_doc(reply: &Reply) -> Bytes {
     Bytes::from(doc.to_string())
 }
 
-async fn answer(bus: &Bus, m: &Incoming, reply: Reply) {
+async fn answer(bus: &Nats, m: &Incoming, reply: Reply) {
     if !m.wants_reply() {
         if let Err(why) = &reply {
             tracing::warn!(subject = %m.topic.nats(), reason = %why, "export: message refused (plain publish, producer not told)");

@@ -15,7 +15,7 @@ pub mod spool;
 pub mod status;
 pub mod upstream;
 
-use crate::bus::{topics, Bus};
+use crate::bus::{topics, Nats};
 use crate::config::Config;
 use spool::{Durability, Limits, Spool};
 use std::sync::Arc;
@@ -30,10 +30,32 @@ pub fn limits(config: &Config) -> Limits {
     }
 }
 
-/// The export subsystem: runs intake, forwarder and status until
-/// cancelled; an error (spool unusable, intake subscription lost) ends all
+/// The export subsystem (`export.*`, started when `export.enabled`).
+#[derive(Clone)]
+pub struct Export {
+    /// The agent's configuration (`export` and the directories).
+    pub config: Arc<Config>,
+    /// The device-local NATS, where the intake listens.
+    pub bus: Nats,
+}
+
+impl crate::supervisor::Subsystem for Export {
+    const NAME: &'static str = "export";
+    const SECTION: &'static str = "export";
+
+    async fn run(self, shutdown: crate::supervisor::Shutdown) -> anyhow::Result<()> {
+        run(self.config, self.bus, shutdown.token().clone()).await
+    }
+}
+
+/// Runs intake, forwarder and status until cancelled (it waits for all
+/// three); an error (spool unusable, intake subscription lost) ends all
 /// three and the supervisor restarts the subsystem.
-pub async fn run(config: Arc<Config>, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Arc<Config>,
+    bus: Nats,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let cfg = config.export.clone();
     let intake_topic = topics::export_intake(&cfg.subject).map_err(|e| {
         anyhow::anyhow!(

@@ -167,12 +167,7 @@ pub struct Spool {
     path: PathBuf,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 impl Spool {
     /// Opens (creating it, 0600, with its directory) and migrates the spool.

@@ -7,7 +7,7 @@
 use super::capacity::{Capacity, SharedCapacity};
 use super::forward::Shared;
 use super::spool::{counter, now_ms, DeadLetter, Snapshot, Spool};
-use crate::bus::{topics, Bus, Topic};
+use crate::bus::{topics, Nats, Topic};
 use crate::config::ExportConfig;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -63,7 +63,7 @@ fn round(x: f64) -> f64 {
 pub async fn run(
     cfg: ExportConfig,
     spool_path: PathBuf,
-    bus: Bus,
+    bus: Nats,
     shared: Arc<Shared>,
     capacity: SharedCapacity,
     shutdown: CancellationToken,

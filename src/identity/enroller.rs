@@ -3,11 +3,10 @@
 use super::{Credentials, EnrollState, IdentityService, Store, Stored};
 use crate::backoff::Backoff;
 use crate::snapd;
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-use tokio_util::sync::CancellationToken;
 
 /// The MQTT side watches this: `Some` while the device has credentials.
 pub type CredentialsRx = watch::Receiver<Option<Arc<Credentials>>>;
@@ -101,6 +100,7 @@ fn timestamp(a: &snapd::Assertion) -> i64 {
 }
 
 /// The enrollment subsystem.
+#[derive(Clone)]
 pub struct Enroller {
     pub snapd: snapd::Client,
     pub service: IdentityService,
@@ -113,8 +113,19 @@ pub struct Enroller {
     pub reload: Arc<Notify>,
 }
 
+impl Subsystem for Enroller {
+    const NAME: &'static str = "enrollment";
+    const SECTION: &'static str = "identity";
+
+    /// Loads the stored credentials or enrolls (with back-off), hands them
+    /// over, and reloads on SIGHUP; until `shutdown`.
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        self.serve(shutdown).await
+    }
+}
+
 impl Enroller {
-    pub async fn run(&self, shutdown: CancellationToken) -> RunResult {
+    async fn serve(&self, shutdown: Shutdown) -> RunResult {
         let mut backoff = Backoff::new(RETRY_BASE, self.retry_cap);
         let mut last: Option<&'static str> = None;
         loop {

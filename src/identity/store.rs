@@ -160,7 +160,7 @@ impl Store {
         let rec = StateRecord {
             state: state.clone(),
             message: state.to_string(),
-            since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            since: crate::clock::now_rfc3339_seconds(),
         };
         write_atomic(
             &self.state_path(),

@@ -171,13 +171,13 @@ pub fn apply(loaded: &Loaded, reload: bool) -> Result<Outcome, NatsServerError> 
     if !reload {
         return Ok(Outcome::Written);
     }
-    // SAFETY: kill(2) with a pid read from the server's own pid file and
-    // checked to be a live nats-server just above.
-    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+    // The pid is read from the server's own pid file and checked to be a
+    // live nats-server just above.
+    if let Err(err) = crate::sys::kill(pid, libc::SIGHUP) {
         return Err(NatsServerError::Io {
             what: "cannot signal nats-server from",
             path: files.pid.clone(),
-            err: std::io::Error::last_os_error(),
+            err,
         });
     }
     Ok(Outcome::Reloaded)

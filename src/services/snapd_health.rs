@@ -5,14 +5,29 @@
 //! rather than a crash or silence.
 
 use crate::snapd;
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// How often a reachable snapd is checked again.
 const CHECK_EVERY: Duration = Duration::from_secs(60);
 
-pub async fn run(client: snapd::Client, shutdown: CancellationToken) -> RunResult {
+/// The subsystem: snapd's client (`snapd.socket`).
+#[derive(Clone)]
+pub struct SnapdHealth {
+    /// The agent's snapd client.
+    pub client: snapd::Client,
+}
+
+impl Subsystem for SnapdHealth {
+    const NAME: &'static str = "snapd-health";
+    const SECTION: &'static str = "snapd";
+
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        check(self.client, shutdown).await
+    }
+}
+
+async fn check(client: snapd::Client, shutdown: Shutdown) -> RunResult {
     let info = client.system_info().await?;
     tracing::info!(
         version = %info.version,

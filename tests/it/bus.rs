@@ -2,12 +2,12 @@
 
 use crate::common::servers::{NatsConfig, NatsServer, NatsUser};
 use bytes::Bytes;
-use iot_agent::bus::{topics, Bus, Topic};
+use iot_agent::bus::{topics, Nats, Topic};
 use std::time::Duration;
 
 /// Sends a request until it is answered (the connection is established in
 /// the background), bounded.
-async fn request_until_answered(bus: &Bus, topic: &Topic, payload: &'static [u8]) -> Bytes {
+async fn request_until_answered(bus: &Nats, topic: &Topic, payload: &'static [u8]) -> Bytes {
     for _ in 0..100 {
         let r = tokio::time::timeout(
             Duration::from_secs(2),
@@ -22,7 +22,7 @@ async fn request_until_answered(bus: &Bus, topic: &Topic, payload: &'static [u8]
     panic!("no answer on {topic}");
 }
 
-fn echo(bus: Bus, mut sub: iot_agent::bus::Subscription) {
+fn echo(bus: Nats, mut sub: iot_agent::bus::Subscription) {
     tokio::spawn(async move {
         while let Some(m) = sub.next().await {
             let mut reply = b"echo:".to_vec();
@@ -39,7 +39,7 @@ async fn request_reply_over_topics_with_user_and_password() {
         users: vec![NatsUser::new("snapd", "s3cret")],
         ..Default::default()
     });
-    let bus = Bus::connect_nats(
+    let bus = Nats::connect(
         &crate::common::agent_nats_config(&server.url(), "s3cret"),
         "test",
     )
@@ -66,7 +66,7 @@ async fn subscriptions_survive_a_server_restart() {
         users: vec![NatsUser::new("snapd", "pw")],
         ..Default::default()
     });
-    let bus = Bus::connect_nats(
+    let bus = Nats::connect(
         &crate::common::agent_nats_config(&server.url(), "pw"),
         "test",
     )
@@ -89,7 +89,7 @@ async fn a_wrong_password_never_connects_and_does_not_fail_start() {
         ..Default::default()
     });
     // connect returns at once: the agent starts and retries in the background.
-    let bus = Bus::connect_nats(
+    let bus = Nats::connect(
         &crate::common::agent_nats_config(&server.url(), "wrong"),
         "test",
     )

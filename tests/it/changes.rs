@@ -668,12 +668,17 @@ async fn by_default_the_watchdog_asks_snapd_to_reboot() {
         snapd.clone(),
         Duration::from_secs(3600),
     ));
-    let watchdog = std::sync::Arc::new(iot_agent::changes::Watchdog::from_config(&config, snapd));
+    let watchdog = std::sync::Arc::new(iot_agent::changes::Watchdog::from_config(
+        &config,
+        snapd,
+        poller.subscribe(),
+    ));
     let stop = tokio_util::sync::CancellationToken::new();
     let p = poller.clone();
     let t = stop.clone();
-    let polling = tokio::spawn(async move { p.run(t).await });
-    let watching = tokio::spawn(watchdog.clone().run(poller.subscribe(), stop.clone()));
+    use iot_agent::supervisor::Subsystem;
+    let polling = tokio::spawn(async move { p.run(t.into()).await });
+    let watching = tokio::spawn(watchdog.clone().run(stop.clone().into()));
 
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while d.reboots() == 0 {

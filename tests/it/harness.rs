@@ -431,8 +431,36 @@ async fn double_answers_exactly_like_real_snapd() {
         ("GET", "/v2/notices", None),
         ("PUT", "/v2/system-info", None),
         ("GET", "/v2/nope", None),
+        // Routing is on the decoded path, as snapd's router does it.
+        ("GET", "/v2/snaps/hello%2Dworld", None),
+        ("GET", "/v2/snaps/foo%2Fconf?keys=nope", None),
+        ("GET", "/v2/snaps%2Ffoo", None),
     ];
-    for (method, path, body) in cases {
+    // snapd's name rule (naming.ValidateInstance), refused before the store.
+    let too_long = format!("/v2/snaps/{}", "a".repeat(41));
+    let mut names: Vec<String> = [
+        "a",
+        "-ab",
+        "ab-",
+        "a--b",
+        "1234",
+        "Ab",
+        "a.b",
+        "ab_",
+        "ab_12345678901",
+        "ab_x_y",
+        "ab_X",
+    ]
+    .iter()
+    .map(|n| format!("/v2/snaps/{n}"))
+    .collect();
+    names.push(too_long);
+    let install = Some(r#"{"action":"install"}"#);
+    let name_cases: Vec<(&str, &str, Option<&str>)> = names
+        .iter()
+        .map(|p| ("POST", p.as_str(), install))
+        .collect();
+    for (method, path, body) in cases.iter().chain(&name_cases) {
         let b = body.map(str::as_bytes);
         let r = unix_http(&real.socket(), method, path, b, T)
             .await

@@ -10,7 +10,7 @@ use crate::common::unix_http;
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
-use iot_agent::bus::{Bus, ConnectionStatus, StatusTx};
+use iot_agent::bus::{ConnectionStatus, Nats, StatusTx};
 use iot_agent::changes::Poller;
 use iot_agent::services::mirror::{follow::FollowPolicy, Mirror, Settings};
 use iot_agent::snapd::{self, RetryPolicy};
@@ -94,7 +94,7 @@ async fn rig(opts: Opts) -> Rig {
         conflict_retries: 0,
         base_delay: Duration::from_millis(10),
     });
-    let bus = Bus::connect_nats(
+    let bus = Nats::connect(
         &crate::common::agent_nats_config(&nats.url(), password),
         "mirror-under-test",
     )
@@ -117,12 +117,13 @@ async fn rig(opts: Opts) -> Rig {
     let poller = Arc::new(Poller::new(snapd.clone(), Duration::from_secs(60)));
     if opts.poller {
         let (p, token) = (poller.clone(), shutdown.clone());
-        tokio::spawn(async move { p.run(token).await });
+        tokio::spawn(iot_agent::supervisor::Subsystem::run(p, token.into()));
     }
     let mirror = Mirror::new(bus, snapd, poller, settings, mqtt_rx);
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        mirror.run(token).await.expect("the mirror failed");
+        use iot_agent::supervisor::Subsystem;
+        mirror.run(token.into()).await.expect("the mirror failed");
     });
     let client = connect(&nats.url(), "snapd", password).await;
     let rig = Rig {

@@ -141,7 +141,7 @@ pub fn change_of_started(
     let found: Vec<&snapd::Change> = changes
         .iter()
         .filter(|c| kinds.contains(&c.kind.as_str()))
-        .filter(|c| crate::changes::times::parse_ns(&c.spawn_time).is_some_and(|t| t >= since_ns))
+        .filter(|c| crate::clock::parse_ns(&c.spawn_time).is_some_and(|t| t >= since_ns))
         .filter(|c| {
             c.data
                 .as_ref()
@@ -593,7 +593,7 @@ mod tests {
     #[test]
     fn the_change_of_a_started_action_is_its_kind_for_its_snap_since_it_started() {
         // 2026-11-21T05:00:00Z in Unix milliseconds.
-        let started = crate::changes::times::parse_ns("2026-11-21T05:00:00Z").unwrap() / 1_000_000;
+        let started = crate::clock::parse_ns("2026-11-21T05:00:00Z").unwrap() / 1_000_000;
         let changes = vec![
             change("1", "install-snap", "other", "2026-11-21T04:00:00Z"),
             change("2", "remove-snap", "other", "2026-11-21T05:00:01Z"),

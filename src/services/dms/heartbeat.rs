@@ -79,7 +79,7 @@ pub async fn heartbeat(ctx: &Ctx) -> Value {
     let mut doc = json!({
         "orgId": ctx.creds.org_id,
         "deviceId": ctx.creds.device_id,
-        "refresh": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        "refresh": crate::clock::now_rfc3339_seconds(),
     });
     if ctx.protocol == DmsProtocol::Devicetwin {
         return doc;

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -100,12 +100,7 @@ pub struct Ledger {
     conn: Mutex<Connection>,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 /// SHA-256 of a request payload, hex.
 pub fn digest(payload: &[u8]) -> String {

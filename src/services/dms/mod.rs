@@ -31,7 +31,7 @@ use crate::changes::Poller;
 use crate::identity::{Credentials, CredentialsRx, Store};
 use crate::services::required::Required;
 use crate::snapd;
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use actions::{Ctx, Next};
 use ledger::{Ledger, State, Unfinished};
 use outbox::{Kind, Outbox};
@@ -40,7 +40,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
-use tokio_util::sync::CancellationToken;
 
 /// The DMS topics, with their `{deviceId}`/`{orgId}` placeholders, as the
 /// AsyncAPI document names them (its test compares the two).
@@ -96,6 +95,31 @@ pub struct Settings {
     pub ledger_max_count: u64,
 }
 
+impl Settings {
+    /// The settings of `dms.*` (and `dirs.common` for the scratch space).
+    pub fn from_config(config: &crate::config::Config) -> Settings {
+        Settings {
+            heartbeat: config.dms.heartbeat.interval.get(),
+            metrics: config.dms.metrics.interval.get(),
+            change_timeout: config.dms.change.timeout.get(),
+            upload_timeout: config.dms.upload.timeout.get(),
+            upload_limit: config.dms.upload.limit,
+            ca: config.dms.ca.clone(),
+            verify: config.dms.verify,
+            protocol: config.dms.protocol,
+            completion: config.dms.completion,
+            scratch_dir: config.common_dir().join("tmp"),
+            keepalive: config.dms.keepalive.get(),
+            concurrency: config.dms.actions.concurrency.max(1) as usize,
+            ledger: LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
+            ledger_max_age: config.dms.ledger.max.age.get(),
+            ledger_max_count: config.dms.ledger.max.count,
+        }
+    }
+}
+
+/// The DMS subsystem: what a session needs, kept across sessions.
+#[derive(Clone)]
 pub struct Dms {
     pub snapd: snapd::Client,
     /// The shared change poller: completion reports follow changes there,
@@ -120,6 +144,9 @@ struct Handler {
     ledger: Arc<Ledger>,
     store: Store,
     reload: Arc<Notify>,
+    /// Action tasks are spawned here; a change being followed is left to
+    /// the next start (the ledger has it) when the agent stops.
+    shutdown: Shutdown,
 }
 
 /// Runs a ledger call off the async threads (every commit is fsync'd).
@@ -134,6 +161,15 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+impl Subsystem for Dms {
+    const NAME: &'static str = "dms";
+    const SECTION: &'static str = "dms";
+
+    async fn run(self, shutdown: Shutdown) -> RunResult {
+        self.serve(shutdown).await
+    }
+}
+
 impl Dms {
     fn open_ledger(&self) -> Result<Ledger, crate::db::DbError> {
         match &self.settings.ledger {
@@ -143,7 +179,7 @@ impl Dms {
     }
 
     /// Runs sessions for as long as the agent runs.
-    pub async fn run(&self, shutdown: CancellationToken) -> RunResult {
+    async fn serve(&self, shutdown: Shutdown) -> RunResult {
         // Without its ledger the channel does not accept actions: each one
         // would be acknowledged with nothing to remember it by.
         let ledger = Arc::new(self.open_ledger()?);
@@ -152,12 +188,12 @@ impl Dms {
             session: session_rx,
             ledger: ledger.clone(),
         };
-        tokio::spawn(record_link(
+        shutdown.spawn(record_link(
             self.status.subscribe(),
             ledger.clone(),
             shutdown.clone(),
         ));
-        tokio::spawn(prune(
+        shutdown.spawn(prune(
             ledger.clone(),
             self.settings.ledger_max_age,
             self.settings.ledger_max_count,
@@ -181,13 +217,14 @@ impl Dms {
                 ledger: ledger.clone(),
                 store: self.store.clone(),
                 reload: self.reload.clone(),
+                shutdown: shutdown.clone(),
             });
             if !resumed {
                 // Once per process: what a previous run left unfinished.
                 resumed = true;
                 resume(handler.clone()).await;
             }
-            let session = shutdown.child_token();
+            let session = shutdown.child();
             let started = std::time::Instant::now();
             let mut task = tokio::spawn(session::run(
                 session::Params {
@@ -272,7 +309,7 @@ impl Dms {
 async fn record_link(
     mut status: watch::Receiver<ConnectionStatus>,
     ledger: Arc<Ledger>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) {
     loop {
         let s = status.borrow_and_update().clone();
@@ -290,7 +327,7 @@ async fn record_link(
     }
 }
 
-async fn prune(ledger: Arc<Ledger>, age: Duration, count: u64, shutdown: CancellationToken) {
+async fn prune(ledger: Arc<Ledger>, age: Duration, count: u64, shutdown: Shutdown) {
     let mut every = tokio::time::interval(PRUNE_EVERY);
     loop {
         tokio::select! {
@@ -326,7 +363,9 @@ async fn resume(h: Arc<Handler>) {
     }
     for row in rows {
         let h = h.clone();
-        tokio::spawn(async move { resume_one(&h, row).await });
+        h.shutdown
+            .clone()
+            .spawn(async move { resume_one(&h, row).await });
     }
 }
 
@@ -470,7 +509,11 @@ async fn run_action(h: &Handler, req: Request, permit: Option<OwnedSemaphorePerm
 
 /// Waits for the change an action started and reports its end.
 async fn follow(h: &Handler, req: &Request, change: &str) {
-    let done = actions::completion(&h.ctx, req, change).await;
+    let done = tokio::select! {
+        // The ledger has the change to follow: the next start does.
+        _ = h.shutdown.cancelled() => return,
+        done = actions::completion(&h.ctx, req, change) => done,
+    };
     h.ctx.hashes.mark_changed();
     tracing::info!(id = %req.id, %change, success = done.success, "change of a DMS action ready");
     let bytes = done.to_bytes();

@@ -16,10 +16,10 @@ use crate::bus::{topics, ConnectionStatus, Topic};
 use crate::identity::Credentials;
 use crate::services::required::Required;
 use crate::supervisor::RunResult;
+use crate::supervisor::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 /// Most messages recorded in one ledger transaction.
 const BATCH: usize = 256;
@@ -34,7 +34,7 @@ pub(super) struct Params {
     pub changes: Arc<crate::changes::Poller>,
 }
 
-pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
+pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
     let creds = &p.creds;
     let inbox = topics::dms_actions(&creds.device_id)?;
     let outbox = topics::dms_responses(&creds.device_id)?;
@@ -58,21 +58,21 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
         subscriptions,
         p.settings.keepalive,
         p.status.clone(),
-        token.clone(),
+        token.token().clone(),
     )?;
     let mqtt = link.handle.clone();
     p.session_tx.send_replace(Some((mqtt.clone(), outbox)));
-    tokio::spawn(log_subscribed(mqtt.subscribed(), token.clone()));
+    token.spawn(log_subscribed(mqtt.subscribed(), token.clone()));
     if let (Some(r), Some(_)) = (&p.required, &serial_base) {
-        tokio::spawn(forward_results(r.clone(), mqtt.clone(), token.clone()));
+        token.spawn(forward_results(r.clone(), mqtt.clone(), token.clone()));
     }
-    tokio::spawn(watch_snap_changes(
+    token.spawn(watch_snap_changes(
         p.changes.events(),
         p.handler.ctx.hashes.clone(),
         token.clone(),
     ));
     let (c, m) = (p.handler.ctx.clone(), mqtt.clone());
-    tokio::spawn(periodically(
+    token.spawn(periodically(
         p.settings.heartbeat,
         token.clone(),
         move || {
@@ -87,7 +87,7 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
     ));
     let (device, m) = (creds.device_id.clone(), mqtt.clone());
     let mut prev = metrics::cpu_sample();
-    tokio::spawn(periodically(p.settings.metrics, token.clone(), move || {
+    token.spawn(periodically(p.settings.metrics, token.clone(), move || {
         let text = metrics::lines(&device, &mut prev);
         let (m, topic) = (m.clone(), metrics_topic.clone());
         async move {
@@ -163,7 +163,7 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
                         format!("the device cannot record the action, so it did not run it: {e}"),
                     );
                     let h = p.handler.clone();
-                    tokio::spawn(async move {
+                    h.shutdown.clone().spawn(async move {
                         h.outbox
                             .send(&req.id, Kind::Unrecorded, resp.to_bytes())
                             .await
@@ -176,7 +176,9 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
             let h = p.handler.clone();
             match admission {
                 Admission::New => {
-                    tokio::spawn(async move { run_action(&h, req, Some(permit)).await });
+                    h.shutdown
+                        .clone()
+                        .spawn(async move { run_action(&h, req, Some(permit)).await });
                 }
                 Admission::Again {
                     state,
@@ -197,7 +199,7 @@ pub(super) async fn run(p: Params, token: CancellationToken) -> RunResult {
                         ),
                     );
                     tracing::warn!(id = %req.id, "DMS request id reused for a different request; refused");
-                    tokio::spawn(async move {
+                    h.shutdown.clone().spawn(async move {
                         h.outbox
                             .send(&req.id, Kind::Unrecorded, resp.to_bytes())
                             .await
@@ -219,7 +221,7 @@ fn again(
     match (state, response) {
         (State::Done, Some(resp)) => {
             tracing::info!(id = %req.id, action = %req.action, "repeated DMS request; answering again from the ledger");
-            tokio::spawn(async move {
+            h.shutdown.clone().spawn(async move {
                 h.outbox.send(&req.id, Kind::Response, resp).await;
                 if let Some(done) = completion {
                     h.outbox.send(&req.id, Kind::Completion, done).await;
@@ -256,7 +258,7 @@ async fn triage(
             tracing::warn!(id = %resp.id, "refused a DMS request: {}", resp.message);
             mqtt.ack(msg).await;
             let h = p.handler.clone();
-            tokio::spawn(async move {
+            h.shutdown.clone().spawn(async move {
                 h.outbox
                     .send(&resp.id.clone(), Kind::Unrecorded, resp.to_bytes())
                     .await
@@ -268,7 +270,7 @@ async fn triage(
 
 /// Logs each time the subscriptions are granted (tests and operators wait
 /// for this line).
-async fn log_subscribed(mut subscribed: watch::Receiver<bool>, token: CancellationToken) {
+async fn log_subscribed(mut subscribed: watch::Receiver<bool>, token: Shutdown) {
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
@@ -287,7 +289,7 @@ async fn log_subscribed(mut subscribed: watch::Receiver<bool>, token: Cancellati
 async fn watch_snap_changes(
     mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
     hashes: heartbeat::HashCache,
-    token: CancellationToken,
+    token: Shutdown,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
@@ -304,7 +306,7 @@ async fn watch_snap_changes(
 }
 
 /// Publishes the per-serial results on the DMS connection.
-async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: CancellationToken) {
+async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: Shutdown) {
     let mut results = required.results();
     loop {
         tokio::select! {
@@ -321,7 +323,7 @@ async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: Cance
 }
 
 /// Runs `tick` now and then every `every`, until the session ends.
-async fn periodically<F, Fut>(every: Duration, token: CancellationToken, mut tick: F)
+async fn periodically<F, Fut>(every: Duration, token: Shutdown, mut tick: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,

@@ -7,7 +7,7 @@
 //! ([`crate::changes::Poller::follow`]), the one way the agent follows a
 //! change: following costs snapd no request of its own.
 
-use crate::bus::{topics, Bus};
+use crate::bus::{topics, Nats};
 use crate::changes::Poller;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +42,7 @@ impl Default for FollowPolicy {
 
 #[derive(Clone)]
 pub struct Follower {
-    bus: Bus,
+    bus: Nats,
     changes: Arc<Poller>,
     policy: FollowPolicy,
     slots: Arc<Semaphore>,
@@ -51,7 +51,7 @@ pub struct Follower {
 
 impl Follower {
     pub fn new(
-        bus: Bus,
+        bus: Nats,
         changes: Arc<Poller>,
         policy: FollowPolicy,
         shutdown: CancellationToken,

@@ -45,11 +45,11 @@ pub mod own_conf;
 pub mod request;
 
 use crate::bus::topics::{self, Topic};
-use crate::bus::{Bus, StatusRx};
+use crate::bus::{Nats, StatusRx};
 use crate::changes::Poller;
 use crate::config::Config;
 use crate::snapd::{self, RetryPolicy};
-use crate::supervisor::RunResult;
+use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use endpoints::{Kind, Role};
@@ -62,7 +62,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 /// The micro-service name (`$SRV.PING.iot-agent`).
 pub const SERVICE_NAME: &str = "iot-agent";
@@ -100,7 +99,7 @@ impl Settings {
 /// The mirror service; cheap to clone (one per supervisor restart).
 #[derive(Clone)]
 pub struct Mirror {
-    bus: Bus,
+    bus: Nats,
     snapd: snapd::Client,
     /// The shared change poller: changes started here are followed there.
     changes: Arc<Poller>,
@@ -123,7 +122,7 @@ pub fn snapd_client(config: &Config) -> snapd::Client {
 
 impl Mirror {
     pub fn new(
-        bus: Bus,
+        bus: Nats,
         snapd: snapd::Client,
         changes: Arc<Poller>,
         settings: Settings,
@@ -137,13 +136,18 @@ impl Mirror {
             mqtt_status,
         }
     }
+}
+
+impl Subsystem for Mirror {
+    const NAME: &'static str = "snapd-mirror";
+    const SECTION: &'static str = "nats";
 
     /// Serves until `shutdown`; an error (the subscriptions ended) makes
     /// the supervisor start it again.
-    pub async fn run(self, shutdown: CancellationToken) -> RunResult {
+    async fn run(self, shutdown: Shutdown) -> RunResult {
         let service = self
             .bus
-            .nats()
+            .client()
             .service_builder()
             .description("snapd's REST API mirrored onto NATS subjects (asyncapi/asyncapi.yaml)")
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
@@ -181,7 +185,7 @@ impl Mirror {
             self.bus.clone(),
             self.changes.clone(),
             self.settings.follow.clone(),
-            shutdown.child_token(),
+            shutdown.token().child_token(),
         );
         let ctx = Arc::new(Ctx {
             mirror: self,
@@ -400,7 +404,7 @@ impl Ctx {
         if answer.len() <= SMALL_ANSWER {
             return answer;
         }
-        let max = self.mirror.bus.nats().server_info().max_payload;
+        let max = self.mirror.bus.client().server_info().max_payload;
         if max == 0 || answer.len() <= max {
             return answer;
         }

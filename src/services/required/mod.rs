@@ -11,9 +11,12 @@
 
 pub mod request;
 pub mod store;
+mod subsystem;
+
+pub use subsystem::NatsSide;
 
 use crate::backoff;
-use crate::bus::{topics, Bus, Topic};
+use crate::bus::{topics, Nats, Topic};
 use crate::changes::Poller;
 use crate::snapd::{self, SnapAction, SnapName, Status};
 use crate::supervisor::RunResult;
@@ -21,7 +24,7 @@ use bytes::Bytes;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use store::{Added, Pending, SnapRow, Store};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
@@ -72,12 +75,7 @@ pub struct Required {
 /// requests are served (and refused while the queue stays closed).
 const OPEN_WAIT: Duration = Duration::from_secs(3);
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::now_s as unix_now;
 
 fn result_topic(request_topic: &Topic) -> Topic {
     Topic::fixed(&format!("{}/{RESULT}", request_topic.mqtt()))
@@ -376,7 +374,7 @@ fn tracking(s: &snapd::Snap) -> String {
 /// a serial, answers refusals at once, and forwards the worker's results.
 pub async fn serve_nats(
     required: Arc<Required>,
-    bus: Bus,
+    bus: Nats,
     snapd: snapd::Client,
     shutdown: CancellationToken,
 ) -> RunResult {

@@ -1,1232 +1,24 @@
-//! A stateful, in-process snapd test double on a unix socket.
-//!
-//! It answers in snapd's exact wire shapes (envelopes, error kinds and
-//! messages, change/task objects, assertion media types, json-seq logs) as
-//! observed on a real snapd 2.57 and read from snapd's source, and it keeps
-//! enough state (installed snaps, store catalogue, changes, config, services,
-//! snapshots, connections, users) that a sequence of requests behaves like a
-//! device would. It exists for what a containerised real snapd cannot do:
-//! installs that succeed, long-running changes, a serial assertion, faults.
-//!
-//! Tests drive it through synchronous controls (`add_installed`,
-//! `set_change_status`, `set_fault`...) on shared state behind a std mutex,
-//! which is never held across an await point.
+//! Routing as snapd does it, on the decoded path, with snapd's 404 and
+//! 405 answers, and the handlers of each endpoint.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use serde_json::{json, Map, Value};
-use tempfile::TempDir;
-use tokio::net::UnixListener;
-use tokio::sync::Notify;
-use tokio::task::{JoinHandle, JoinSet};
-
-/// The model assertion served by the double: an Ubuntu Core 24 model of
-/// brand `canonical` (signature shortened; nothing checks it).
-pub const MODEL_ASSERTION: &str = "type: model
-authority-id: canonical
-series: 16
-brand-id: canonical
-model: ubuntu-core-24-amd64
-architecture: amd64
-base: core24
-grade: signed
-snaps:
-  -
-    default-channel: 24/stable
-    id: UqFziVZDHLSyO3TqSWgNBoAdHbLI4dAH
-    name: pc
-    type: gadget
-  -
-    default-channel: 24/stable
-    id: pYVQrBcKmBa0mZ4CCN7ExT6jH8rY1hza
-    name: pc-kernel
-    type: kernel
-  -
-    default-channel: latest/stable
-    id: dwTAh7MZZ01zyriOZErqd1JynQLiOGvM
-    name: core24
-    type: base
-  -
-    default-channel: latest/stable
-    id: PMrrV4ml8uWuEUDBT8dSGnKUYbevVhc4
-    name: snapd
-    type: snapd
-timestamp: 2024-04-19T12:00:00+00:00
-sign-key-sha3-384: 9tydnLa6MTJ-jaQTFUXEwHl1yRx7ZS4K5cyFDhYDcPzhS7uyEkDxdUjg9g08BtNn
-
-AcLBXAQAAQoABgUCZiJeMAAKCRDgT5vottzAEpqKD/9v4cSXiNx1kS0Xy8a0ZZLy6bGlR2Gk5Ib1
-bH1MTuvJx4K1m+qW5iY8jF0N4GHSCn6vxGd2h+Yjbk6VpQZrbK1+9zJnHr0GJwWZ1vK0bTm3Mcq8
-sTq2cWfMd8vYJx0K7qf5u3xQJ+Z2v3pZbcR1Vh3WmC0ZyDq0Nn9u4qXvFh8pS2d1rGmE7yA0wYqb";
-
-/// A serial assertion for [`MODEL_ASSERTION`]. The serial `A1B2-c3d4/5`
-/// contains a `/` on purpose, so code turning it into a NATS subject or a
-/// file name must sanitize it. Not served until [`SnapdDouble::set_serial`].
-pub const SERIAL_ASSERTION: &str = "type: serial
-authority-id: canonical
-brand-id: canonical
-model: ubuntu-core-24-amd64
-serial: A1B2-c3d4/5
-device-key:
-    AcbBTQRWhcGAARAAxS4ZQ0oZ7h1Gm8l4m4Jt6sXw2nP7WbKbQ3o9wq1LZs0k5mCq3xT3b0n8b8P
-    sV9kS2n0Vq3wz5cN6q8Qm9yL4bC1fJ2hD3tK5pR7sV9xZ1cE3gH5jK7mN9pQ2sT4vW6yA8bD0f
-    H2jL4nP6rT8vX0zB2dF4hJ6lN8pR0tV2xZ4bD6fH8jL0nP2rT4vX6zB8dF0hJ2lN4pR6tV8x
-device-key-sha3-384: kJ3kq0n9vXb5p2YzQ8mWcR7tH4sL1aF6dG0eU9iO3yT5rE2wK8jN4bV7cX1zA6sD
-timestamp: 2024-05-02T09:30:00.000000Z
-sign-key-sha3-384: BWDEoaqyr25nF5SNCvEv2v7QnM9QsfCc0PBMYD_i2NGSQ32EF2d4D0hqUel3m8ul
-
-AcLBUgQAAQoABgUCZjNdWAAAIkIQAFdHvL0lZ8wAJ3y1rQ0o9XbG5f2h8mK3cN6pS1tV4xZ7bD0f
-H3jL6nP9rT2vX5zB8dF1hJ4lN7pR0tV3xZ6bD9fH2jL5nP8rT1vX4zB7dF0hJ3lN6pR9tV2xZ5b";
-
-/// How new changes progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeMode {
-    /// A new change is Done at once, with its effect applied (the default).
-    Auto,
-    /// A new change stays `Do` until the test moves it with
-    /// [`SnapdDouble::set_change_status`]; its effect applies when `Done`.
-    Manual,
-}
-
-/// A fault injected into every answer while set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fault {
-    /// `HTTP/1.1 200 OK`, `Content-Type: application/json`, non-JSON body.
-    Garbage,
-    /// Wait this long, then answer normally.
-    Slow(Duration),
-    /// A snapd-shaped 500 error for every request.
-    Status500,
-    /// The next N non-GET requests get 409 `snap-change-conflict` (another
-    /// change is running for the snap); then the fault clears itself.
-    Conflict(u32),
-    /// `GET /v2/snapshots/{set}/export` sends its status line, headers and
-    /// the first half of the archive, then nothing more, with the
-    /// connection left open (a stalled export). Other requests are served.
-    StallExport,
-    /// Non-GET requests take effect at once (their change exists), but the
-    /// answer comes this late: a client that dies meanwhile never learns
-    /// the change id.
-    LateAnswer(Duration),
-}
-
-/// What the double answers with: whole bodies, or one that stalls.
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-/// One request as the double received it.
-#[derive(Debug, Clone)]
-pub struct RecordedRequest {
-    pub method: String,
-    pub path_and_query: String,
-    /// Header names lower-cased.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl RecordedRequest {
-    /// The body parsed as JSON (`Null` when it is not JSON).
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-/// The double: serves until dropped; the socket lives in its own temp dir.
-pub struct SnapdDouble {
-    dir: TempDir,
-    socket: PathBuf,
-    state: Arc<Mutex<State>>,
-    server: JoinHandle<()>,
-}
-
-impl SnapdDouble {
-    /// Binds `snapd.socket` in a fresh temp dir and serves it on the current
-    /// tokio runtime. The socket is bound before this returns, so clients
-    /// can connect at once (no readiness wait needed).
-    pub async fn start() -> SnapdDouble {
-        let dir = tempfile::Builder::new()
-            .prefix("iot-agent-snapd-double-")
-            .tempdir()
-            .expect("cannot create a temp dir for the snapd double");
-        let socket = dir.path().join("snapd.socket");
-        let listener = UnixListener::bind(&socket)
-            .unwrap_or_else(|e| panic!("cannot bind {}: {e}", socket.display()));
-        let state = Arc::new(Mutex::new(State::new()));
-        let shared = state.clone();
-        let server = tokio::spawn(async move {
-            // Connection tasks live in this set: aborting the accept task on
-            // drop drops the set, which aborts every open connection too.
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            let st = shared.clone();
-                            conns.spawn(async move {
-                                let svc = service_fn(move |req| {
-                                    let st = st.clone();
-                                    async move { Ok::<_, Infallible>(handle(st, req).await) }
-                                });
-                                let _ = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), svc)
-                                    .await;
-                            });
-                        }
-                        Err(e) => {
-                            eprintln!("snapd double: accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
-        SnapdDouble {
-            dir,
-            socket,
-            state,
-            server,
-        }
-    }
-
-    /// The unix socket to point the agent's snapd client at.
-    pub fn socket(&self) -> PathBuf {
-        self.socket.clone()
-    }
-
-    /// The temp dir holding the socket.
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Installs a snap directly (no change). `channel` is stored as given in
-    /// `channel`; `tracking-channel` gets the normalized `track/risk` form.
-    /// No apps: add them with [`SnapdDouble::add_service`] / `add_app`.
-    pub fn add_installed(&self, name: &str, version: &str, revision: &str, channel: &str) {
-        let mut st = self.lock();
-        let now = st.now();
-        st.snaps.insert(
-            name.to_string(),
-            Snap::new(name, version, revision, channel, now),
-        );
-    }
-
-    /// Installs a snap that is disabled (`status: installed`, no
-    /// `install-date`), as `snap disable` leaves it.
-    pub fn add_disabled(&self, name: &str, version: &str, revision: &str, channel: &str) {
-        self.add_installed(name, version, revision, channel);
-        if let Some(s) = self.lock().snaps.get_mut(name) {
-            s.active = false;
-        }
-    }
-
-    /// Adds a `simple` system service `app` to installed `snap` (enabled;
-    /// active as given). Panics if the snap is not installed.
-    pub fn add_service(&self, snap: &str, app: &str, active: bool) {
-        self.push_app(
-            snap,
-            App {
-                name: app.to_string(),
-                daemon: Some("simple".to_string()),
-                enabled: true,
-                active,
-            },
-        );
-    }
-
-    /// Adds a non-service app (a command) to installed `snap`.
-    pub fn add_app(&self, snap: &str, app: &str) {
-        self.push_app(
-            snap,
-            App {
-                name: app.to_string(),
-                daemon: None,
-                enabled: false,
-                active: false,
-            },
-        );
-    }
-
-    fn push_app(&self, snap: &str, app: App) {
-        let mut st = self.lock();
-        let s = st.snaps.get_mut(snap).unwrap_or_else(|| {
-            panic!("snapd double: add an app to {snap:?}, which is not installed")
-        });
-        s.apps.retain(|a| a.name != app.name);
-        s.apps.push(app);
-    }
-
-    /// Makes `name` installable from the (pretend) store: version "1.0",
-    /// revision "1".
-    pub fn add_store_snap(&self, name: &str) {
-        self.add_store_snap_version(name, "1.0", "1");
-    }
-
-    /// Publishes `name` at this version/revision; a refresh of an installed
-    /// snap with another revision then finds an update.
-    pub fn add_store_snap_version(&self, name: &str, version: &str, revision: &str) {
-        self.lock().store.insert(
-            name.to_string(),
-            StoreSnap {
-                version: version.to_string(),
-                revision: revision.to_string(),
-            },
-        );
-    }
-
-    /// Sets (or clears) the serial assertion text, e.g. `SERIAL_ASSERTION`.
-    pub fn set_serial(&self, serial: Option<String>) {
-        self.lock().serial = serial;
-    }
-
-    pub fn set_change_mode(&self, mode: ChangeMode) {
-        self.lock().mode = mode;
-    }
-
-    /// Moves a change (and its tasks) to `status`: one of Do, Doing, Done,
-    /// Abort, Undo, Undoing, Undone, Hold, Error, Wait. `Done` applies the
-    /// change's effect; `Error` sets `err` to snapd's
-    /// `cannot perform the following tasks:` text. Panics on an unknown id
-    /// or status.
-    pub fn set_change_status(&self, id: &str, status: &str) {
-        self.lock().set_status(id, status, "simulated failure");
-    }
-
-    /// Sets the progress of a change's first task (`done` of `total`
-    /// bytes), as snapd reports a download moving. Panics on an unknown id.
-    pub fn set_task_progress(&self, change_id: &str, done: u64, total: u64) {
-        let mut st = self.lock();
-        let ch = st
-            .change_mut(change_id)
-            .expect("snapd double: no such change");
-        if let Some(t) = ch.tasks.first_mut() {
-            t.progress = Some((done, total));
-        }
-    }
-
-    /// Fails a change with this reason in `err` and in the failing task log.
-    pub fn set_change_error(&self, id: &str, reason: &str) {
-        self.lock().set_status(id, "Error", reason);
-    }
-
-    /// Seeds history: a change with one task, in `status`, spawned at
-    /// `spawn_time` (RFC 3339). Returns its id.
-    pub fn add_change(&self, kind: &str, summary: &str, status: &str, spawn_time: &str) -> String {
-        let spawn = parse_rfc3339(spawn_time)
-            .unwrap_or_else(|| panic!("snapd double: bad RFC 3339 time {spawn_time:?}"));
-        let mut st = self.lock();
-        let id = st.new_change(
-            kind,
-            summary,
-            vec![(kind.to_string(), summary.to_string())],
-            Vec::new(),
-            None,
-            Effect::None,
-        );
-        let ch = st.change_mut(&id).expect("just created");
-        ch.spawn = spawn;
-        for t in &mut ch.tasks {
-            t.spawn = spawn;
-        }
-        st.set_status(&id, status, "simulated failure");
-        // Ready history keeps its own times rather than "now".
-        let ch = st.change_mut(&id).expect("just created");
-        if ch.ready_at.is_some() {
-            ch.ready_at = Some(spawn + 1_000_000_000);
-            for t in &mut ch.tasks {
-                t.ready_at = t.ready_at.map(|_| spawn + 1_000_000_000);
-            }
-        }
-        id
-    }
-
-    /// Every change as snapd renders it, by id.
-    pub fn changes(&self) -> Vec<Value> {
-        let st = self.lock();
-        st.changes.iter().map(Change::to_json).collect()
-    }
-
-    /// One change as snapd renders it.
-    pub fn change(&self, id: &str) -> Option<Value> {
-        let st = self.lock();
-        st.changes.iter().find(|c| c.id == id).map(Change::to_json)
-    }
-
-    /// Every request received, in order.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.lock().requests.clone()
-    }
-
-    /// How many POSTs reached exactly this path (e.g. `/v2/snaps/x`): how
-    /// often an action really ran.
-    pub fn posts_to(&self, path: &str) -> usize {
-        self.lock()
-            .requests
-            .iter()
-            .filter(|r| r.method == "POST" && r.path_and_query == path)
-            .count()
-    }
-
-    /// How many `POST /v2/systems {"action":"reboot"}` were received.
-    pub fn reboots(&self) -> usize {
-        self.lock().reboots
-    }
-
-    /// Replaces a snap's whole configuration.
-    pub fn set_conf(&self, snap: &str, conf: Value) {
-        self.lock().conf.insert(snap.to_string(), conf);
-    }
-
-    /// A snap's configuration (`{}` when none).
-    pub fn conf(&self, snap: &str) -> Value {
-        self.lock()
-            .conf
-            .get(snap)
-            .cloned()
-            .unwrap_or_else(|| json!({}))
-    }
-
-    /// Names of installed snaps, sorted.
-    pub fn installed(&self) -> Vec<String> {
-        self.lock().snaps.keys().cloned().collect()
-    }
-
-    /// An installed snap as `GET /v2/snaps/{name}` renders it.
-    pub fn snap(&self, name: &str) -> Option<Value> {
-        self.lock().snaps.get(name).map(Snap::to_json)
-    }
-
-    pub fn set_fault(&self, fault: Option<Fault>) {
-        self.lock().fault = fault;
-    }
-
-    /// Whether `GET /v2/notices` exists (newer snapd) or answers 404 like
-    /// snapd 2.57 (the default).
-    pub fn set_notices_supported(&self, supported: bool) {
-        self.lock().notices_enabled = supported;
-    }
-
-    /// Adds a journal line for `GET /v2/logs`; `sid` is `snap.app`.
-    /// Services without lines get three synthetic ones.
-    pub fn add_log(&self, sid: &str, message: &str) {
-        let mut st = self.lock();
-        let now = st.now();
-        st.logs.push((now, sid.to_string(), message.to_string()));
-    }
-
-    /// Users created through `POST /v2/users`.
-    pub fn users(&self) -> Vec<Value> {
-        self.lock().users.clone()
-    }
-
-    /// Assertion texts received by `POST /v2/assertions`.
-    pub fn added_assertions(&self) -> Vec<String> {
-        self.lock().added_assertions.clone()
-    }
-}
-
-impl Drop for SnapdDouble {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-// ------------------------------------------------------------------ state
-
-#[derive(Debug, Clone)]
-struct App {
-    name: String,
-    daemon: Option<String>,
-    enabled: bool,
-    active: bool,
-}
-
-impl App {
-    fn to_json(&self, snap: &str) -> Value {
-        let mut v = json!({"snap": snap, "name": self.name});
-        if let Some(d) = &self.daemon {
-            v["daemon"] = json!(d);
-            v["daemon-scope"] = json!("system");
-            v["enabled"] = json!(self.enabled);
-            v["active"] = json!(self.active);
-        }
-        v
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Snap {
-    name: String,
-    version: String,
-    revision: String,
-    channel: String,
-    tracking: String,
-    active: bool,
-    apps: Vec<App>,
-    install_date: u128,
-    previous: Option<(String, String)>,
-    hold: Option<String>,
-}
-
-impl Snap {
-    fn new(name: &str, version: &str, revision: &str, channel: &str, now: u128) -> Snap {
-        Snap {
-            name: name.to_string(),
-            version: version.to_string(),
-            revision: revision.to_string(),
-            channel: channel.to_string(),
-            tracking: normalize_channel(channel),
-            active: true,
-            apps: Vec::new(),
-            install_date: now,
-            previous: None,
-            hold: None,
-        }
-    }
-
-    fn snap_type(&self) -> &'static str {
-        match self.name.as_str() {
-            "snapd" => "snapd",
-            "core" => "os",
-            n if n.starts_with("core") || n.starts_with("bare") => "base",
-            n if n.ends_with("-kernel") => "kernel",
-            "pc" | "pi" => "gadget",
-            _ => "app",
-        }
-    }
-
-    /// The shape of a snap object from `GET /v2/snaps` (snapd's
-    /// `client.Snap`, with its omitempty fields left out when empty).
-    fn to_json(&self) -> Value {
-        let mut v = json!({
-            "id": snap_id(&self.name),
-            "title": self.name,
-            "summary": format!("The {} snap", self.name),
-            "description": format!("The {} snap, installed by the snapd test double.", self.name),
-            "installed-size": 12345,
-            "name": self.name,
-            "publisher": {
-                "id": "canonical",
-                "username": "canonical",
-                "display-name": "Canonical",
-                "validation": "verified"
-            },
-            "developer": "canonical",
-            "status": if self.active { "active" } else { "installed" },
-            "type": self.snap_type(),
-            "version": self.version,
-            "channel": self.channel,
-            "tracking-channel": self.tracking,
-            "ignore-validation": false,
-            "revision": self.revision,
-            "confinement": "strict",
-            "private": false,
-            "devmode": false,
-            "jailmode": false,
-            "contact": "",
-            "mounted-from": format!("/var/lib/snapd/snaps/{}_{}.snap", self.name, self.revision),
-            "links": null
-        });
-        // snapd leaves `install-date` out for a snap that is not active
-        // (a disabled one): the date is that of the active revision.
-        if self.active {
-            v["install-date"] = json!(rfc3339(self.install_date));
-        }
-        if self.snap_type() == "app" {
-            v["base"] = json!("core24");
-        }
-        if !self.apps.is_empty() {
-            v["apps"] = Value::Array(self.apps.iter().map(|a| a.to_json(&self.name)).collect());
-        }
-        if let Some(h) = &self.hold {
-            v["hold"] = json!(h);
-        }
-        v
-    }
-}
-
-#[derive(Debug, Clone)]
-struct StoreSnap {
-    version: String,
-    revision: String,
-}
-
-#[derive(Debug, Clone)]
-struct Task {
-    id: String,
-    kind: String,
-    summary: String,
-    status: String,
-    log: Vec<String>,
-    spawn: u128,
-    ready_at: Option<u128>,
-    /// `(done, total)` as a downloading task reports it; `None`: 0 or 1 of 1
-    /// by status.
-    progress: Option<(u64, u64)>,
-}
-
-impl Task {
-    fn to_json(&self) -> Value {
-        let (done, total) = self
-            .progress
-            .unwrap_or((u64::from(self.status == "Done"), 1));
-        let mut v = json!({
-            "id": self.id,
-            "kind": self.kind,
-            "summary": self.summary,
-            "status": self.status,
-            "progress": {"label": "", "done": done, "total": total},
-            "spawn-time": rfc3339(self.spawn),
-        });
-        if !self.log.is_empty() {
-            v["log"] = json!(self.log);
-        }
-        if let Some(r) = self.ready_at {
-            v["ready-time"] = json!(rfc3339(r));
-        }
-        v
-    }
-}
-
-/// What a change does to the device when it reaches Done.
-#[derive(Debug, Clone)]
-enum Effect {
-    None,
-    Install {
-        name: String,
-        channel: String,
-        version: String,
-        revision: String,
-    },
-    Refresh {
-        name: String,
-        channel: Option<String>,
-        version: String,
-        revision: String,
-    },
-    Remove(String),
-    Revert {
-        name: String,
-    },
-    SetActive {
-        name: String,
-        active: bool,
-    },
-    Switch {
-        name: String,
-        channel: String,
-    },
-    Hold {
-        name: String,
-        until: Option<String>,
-    },
-    Conf {
-        snap: String,
-        patch: Map<String, Value>,
-    },
-    Services {
-        action: String,
-        apps: Vec<(String, String)>,
-        enable: bool,
-        disable: bool,
-    },
-    Snapshot {
-        set: u64,
-        snaps: Vec<String>,
-    },
-    ForgetSnapshot(u64),
-    Connect(Connection),
-    Disconnect(Connection),
-    Many(Vec<Effect>),
-}
-
-#[derive(Debug, Clone)]
-struct Change {
-    id: String,
-    kind: String,
-    summary: String,
-    status: String,
-    spawn: u128,
-    ready_at: Option<u128>,
-    err: Option<String>,
-    data: Option<Value>,
-    /// snapd's internal "snap-names", used by `?for=`.
-    snap_names: Vec<String>,
-    tasks: Vec<Task>,
-    effect: Effect,
-    applied: bool,
-}
-
-const STATUSES: &[&str] = &[
-    "Do", "Doing", "Done", "Abort", "Undo", "Undoing", "Undone", "Hold", "Error", "Wait",
-];
-
-fn is_ready(status: &str) -> bool {
-    matches!(status, "Done" | "Undone" | "Hold" | "Error")
-}
-
-impl Change {
-    fn ready(&self) -> bool {
-        is_ready(&self.status)
-    }
-
-    /// snapd's `changeInfo`: `tasks` omitted when empty, `ready-time` until
-    /// ready, `err` unless failed, `data` unless there is api-data.
-    fn to_json(&self) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "kind": self.kind,
-            "summary": self.summary,
-            "status": self.status,
-            "ready": self.ready(),
-            "spawn-time": rfc3339(self.spawn),
-        });
-        if !self.tasks.is_empty() {
-            v["tasks"] = Value::Array(self.tasks.iter().map(Task::to_json).collect());
-        }
-        if let Some(r) = self.ready_at {
-            v["ready-time"] = json!(rfc3339(r));
-        }
-        if let Some(e) = &self.err {
-            v["err"] = json!(e);
-        }
-        if let Some(d) = &self.data {
-            v["data"] = d.clone();
-        }
-        v
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Connection {
-    plug_snap: String,
-    plug: String,
-    slot_snap: String,
-    slot: String,
-}
-
-#[derive(Debug, Clone)]
-struct SnapshotSet {
-    id: u64,
-    time: u128,
-    snaps: Vec<(String, String, String)>, // name, version, revision
-}
-
-#[derive(Debug, Clone)]
-struct Notice {
-    id: String,
-    key: String,
-    kind: String,
-    first: u128,
-    last: u128,
-    occurrences: u64,
-}
-
-struct State {
-    mode: ChangeMode,
-    fault: Option<Fault>,
-    snaps: BTreeMap<String, Snap>,
-    store: BTreeMap<String, StoreSnap>,
-    conf: BTreeMap<String, Value>,
-    changes: Vec<Change>,
-    next_change: u64,
-    next_task: u64,
-    serial: Option<String>,
-    requests: Vec<RecordedRequest>,
-    reboots: usize,
-    users: Vec<Value>,
-    snapshots: Vec<SnapshotSet>,
-    next_set: u64,
-    connections: Vec<Connection>,
-    logs: Vec<(u128, String, String)>,
-    notices_enabled: bool,
-    notices: Vec<Notice>,
-    notify: Arc<Notify>,
-    added_assertions: Vec<String>,
-    last_time: u128,
-}
-
-impl State {
-    fn new() -> State {
-        let mut st = State {
-            mode: ChangeMode::Auto,
-            fault: None,
-            snaps: BTreeMap::new(),
-            store: BTreeMap::new(),
-            conf: BTreeMap::new(),
-            changes: Vec::new(),
-            next_change: 1,
-            next_task: 1,
-            serial: None,
-            requests: Vec::new(),
-            reboots: 0,
-            users: Vec::new(),
-            snapshots: Vec::new(),
-            next_set: 1,
-            connections: Vec::new(),
-            logs: Vec::new(),
-            notices_enabled: false,
-            notices: Vec::new(),
-            notify: Arc::new(Notify::new()),
-            added_assertions: Vec::new(),
-            last_time: 0,
-        };
-        // Like real snapd: seeding is change 1, with two tasks, Done.
-        let id = st.new_change(
-            "seed",
-            "Initialize system state",
-            vec![
-                (
-                    "run-hook".into(),
-                    "Run configure hook of \"core\" snap if present".into(),
-                ),
-                ("mark-seeded".into(), "Mark system seeded".into()),
-            ],
-            Vec::new(),
-            None,
-            Effect::None,
-        );
-        st.set_status(&id, "Done", "");
-        st
-    }
-
-    /// Wall-clock nanoseconds, strictly increasing so that times order
-    /// events (notices' `after` filter relies on it).
-    fn now(&mut self) -> u128 {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-            .max(self.last_time + 1);
-        self.last_time = t;
-        t
-    }
-
-    fn change_mut(&mut self, id: &str) -> Option<&mut Change> {
-        self.changes.iter_mut().find(|c| c.id == id)
-    }
-
-    /// Creates a change in `Do` (tasks as `(kind, summary)`) and returns its
-    /// id; callers then apply the mode with [`State::start_change`].
-    fn new_change(
-        &mut self,
-        kind: &str,
-        summary: &str,
-        tasks: Vec<(String, String)>,
-        snap_names: Vec<String>,
-        data: Option<Value>,
-        effect: Effect,
-    ) -> String {
-        let now = self.now();
-        let id = self.next_change.to_string();
-        self.next_change += 1;
-        let tasks = tasks
-            .into_iter()
-            .map(|(kind, summary)| {
-                let tid = self.next_task.to_string();
-                self.next_task += 1;
-                Task {
-                    id: tid,
-                    kind,
-                    summary,
-                    status: "Do".into(),
-                    log: Vec::new(),
-                    spawn: now,
-                    ready_at: None,
-                    progress: None,
-                }
-            })
-            .collect();
-        self.changes.push(Change {
-            id: id.clone(),
-            kind: kind.to_string(),
-            summary: summary.to_string(),
-            status: "Do".into(),
-            spawn: now,
-            ready_at: None,
-            err: None,
-            data,
-            snap_names,
-            tasks,
-            effect,
-            applied: false,
-        });
-        self.bump_notice(&id, kind);
-        id
-    }
-
-    /// A change with no tasks is Done at once (as in snapd); otherwise Auto
-    /// mode finishes it now and Manual mode leaves it in Do.
-    fn start_change(&mut self, id: &str) {
-        let no_tasks = self
-            .changes
-            .iter()
-            .find(|c| c.id == id)
-            .is_some_and(|c| c.tasks.is_empty());
-        if no_tasks || self.mode == ChangeMode::Auto {
-            self.set_status(id, "Done", "");
-        }
-    }
-
-    fn set_status(&mut self, id: &str, status: &str, reason: &str) {
-        assert!(
-            STATUSES.contains(&status),
-            "snapd double: unknown change status {status:?} (one of {STATUSES:?})"
-        );
-        let now = self.now();
-        let ch = self
-            .change_mut(id)
-            .unwrap_or_else(|| panic!("snapd double: no change with id {id:?}"));
-        ch.status = status.to_string();
-        let n = ch.tasks.len();
-        for (i, t) in ch.tasks.iter_mut().enumerate() {
-            t.status = match status {
-                "Doing" if i > 0 => "Do",
-                "Error" if i + 1 < n => "Undone",
-                s => s,
-            }
-            .to_string();
-            if status == "Error" && i + 1 == n {
-                t.log.push(format!("{} ERROR {reason}", rfc3339(now)));
-            }
-            t.ready_at = if is_ready(&t.status) {
-                t.ready_at.or(Some(now))
-            } else {
-                None
-            };
-        }
-        ch.ready_at = if is_ready(status) {
-            ch.ready_at.or(Some(now))
-        } else {
-            None
-        };
-        ch.err = (status == "Error").then(|| {
-            let failed = ch
-                .tasks
-                .last()
-                .map(|t| t.summary.clone())
-                .unwrap_or_else(|| ch.summary.clone());
-            format!("cannot perform the following tasks:\n- {failed} ({reason})")
-        });
-        let apply = status == "Done" && !ch.applied;
-        if apply {
-            ch.applied = true;
-        }
-        let effect = ch.effect.clone();
-        let kind = ch.kind.clone();
-        if apply {
-            self.apply(effect);
-        }
-        self.bump_notice(id, &kind);
-    }
-
-    fn apply(&mut self, effect: Effect) {
-        let now = self.now();
-        match effect {
-            Effect::None => {}
-            Effect::Install {
-                name,
-                channel,
-                version,
-                revision,
-            } => {
-                self.snaps.insert(
-                    name.clone(),
-                    Snap::new(&name, &version, &revision, &channel, now),
-                );
-            }
-            Effect::Refresh {
-                name,
-                channel,
-                version,
-                revision,
-            } => {
-                if let Some(s) = self.snaps.get_mut(&name) {
-                    if s.revision != revision {
-                        s.previous = Some((s.version.clone(), s.revision.clone()));
-                    }
-                    s.version = version;
-                    s.revision = revision;
-                    if let Some(c) = channel {
-                        s.tracking = normalize_channel(&c);
-                        s.channel = c;
-                    }
-                }
-            }
-            Effect::Remove(name) => {
-                self.snaps.remove(&name);
-                self.conf.remove(&name);
-            }
-            Effect::Revert { name } => {
-                if let Some(s) = self.snaps.get_mut(&name) {
-                    if let Some((v, r)) = s.previous.take() {
-                        s.previous = Some((s.version.clone(), s.revision.clone()));
-                        s.version = v;
-                        s.revision = r;
-                    }
-                }
-            }
-            Effect::SetActive { name, active } => {
-                if let Some(s) = self.snaps.get_mut(&name) {
-                    s.active = active;
-                    for a in s.apps.iter_mut().filter(|a| a.daemon.is_some()) {
-                        a.active = active && a.enabled;
-                    }
-                }
-            }
-            Effect::Switch { name, channel } => {
-                if let Some(s) = self.snaps.get_mut(&name) {
-                    s.tracking = normalize_channel(&channel);
-                    s.channel = channel;
-                }
-            }
-            Effect::Hold { name, until } => {
-                if let Some(s) = self.snaps.get_mut(&name) {
-                    s.hold = until;
-                }
-            }
-            Effect::Conf { snap, patch } => {
-                let conf = self.conf.entry(snap).or_insert_with(|| json!({}));
-                for (k, v) in patch {
-                    set_dotted(conf, &k, v);
-                }
-            }
-            Effect::Services {
-                action,
-                apps,
-                enable,
-                disable,
-            } => {
-                for (snap, app) in apps {
-                    let Some(s) = self.snaps.get_mut(&snap) else {
-                        continue;
-                    };
-                    let Some(a) = s.apps.iter_mut().find(|a| a.name == app) else {
-                        continue;
-                    };
-                    match action.as_str() {
-                        "stop" => {
-                            a.active = false;
-                            if disable {
-                                a.enabled = false;
-                            }
-                        }
-                        _ => {
-                            a.active = true;
-                            if enable {
-                                a.enabled = true;
-                            }
-                        }
-                    }
-                }
-            }
-            Effect::Snapshot { set, snaps } => {
-                let snaps = snaps
-                    .iter()
-                    .filter_map(|n| self.snaps.get(n))
-                    .map(|s| (s.name.clone(), s.version.clone(), s.revision.clone()))
-                    .collect();
-                self.snapshots.push(SnapshotSet {
-                    id: set,
-                    time: now,
-                    snaps,
-                });
-            }
-            Effect::ForgetSnapshot(set) => self.snapshots.retain(|s| s.id != set),
-            Effect::Connect(c) => {
-                if !self.connections.contains(&c) {
-                    self.connections.push(c);
-                }
-            }
-            Effect::Disconnect(c) => self.connections.retain(|x| *x != c),
-            Effect::Many(list) => {
-                for e in list {
-                    self.apply(e);
-                }
-            }
-        }
-    }
-
-    /// Records a `change-update` notice for the change (newer snapd emits
-    /// one on every status change) and wakes long-polling readers.
-    fn bump_notice(&mut self, change_id: &str, kind: &str) {
-        let now = self.now();
-        if let Some(n) = self.notices.iter_mut().find(|n| n.key == change_id) {
-            n.last = now;
-            n.occurrences += 1;
-            n.kind = kind.to_string();
-        } else {
-            let id = (self.notices.len() + 1).to_string();
-            self.notices.push(Notice {
-                id,
-                key: change_id.to_string(),
-                kind: kind.to_string(),
-                first: now,
-                last: now,
-                occurrences: 1,
-            });
-        }
-        self.notify.notify_waiters();
-    }
-}
-
-// ------------------------------------------------------------- responses
-
-/// An answer before it becomes a hyper response.
-struct Reply {
-    status: u16,
-    content_type: &'static str,
-    headers: Vec<(&'static str, String)>,
-    body: Vec<u8>,
-}
-
-fn status_text(code: u16) -> &'static str {
-    match code {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        _ => "Unknown",
-    }
-}
-
-fn json_reply(status: u16, v: Value) -> Reply {
-    Reply {
-        status,
-        content_type: "application/json",
-        headers: Vec::new(),
-        body: serde_json::to_vec(&v).expect("JSON always serializes"),
-    }
-}
-
-fn sync(result: Value) -> Reply {
-    json_reply(
-        200,
-        json!({"type": "sync", "status-code": 200, "status": "OK", "result": result}),
-    )
-}
-
-fn async_reply(change: &str, result: Value) -> Reply {
-    json_reply(
-        202,
-        json!({"type": "async", "status-code": 202, "status": "Accepted", "result": result, "change": change}),
-    )
-}
-
-/// snapd's error envelope; `kind` and `value` are omitted when `None`.
-fn error(
-    status: u16,
-    message: impl Into<String>,
-    kind: Option<&str>,
-    value: Option<Value>,
-) -> Reply {
-    let mut result = json!({"message": message.into()});
-    if let Some(k) = kind {
-        result["kind"] = json!(k);
-    }
-    if let Some(v) = value {
-        result["value"] = v;
-    }
-    json_reply(
-        status,
-        json!({"type": "error", "status-code": status, "status": status_text(status), "result": result}),
-    )
-}
-
-fn bad_request(message: impl Into<String>) -> Reply {
-    error(400, message, None, None)
-}
-
-fn not_installed(name: &str) -> Reply {
-    error(
-        400,
-        format!("snap \"{name}\" is not installed"),
-        Some("snap-not-installed"),
-        Some(json!(name)),
-    )
-}
-
-fn assertion_reply(texts: &[&str], bundle: bool) -> Reply {
-    let mut body = String::new();
-    for (i, t) in texts.iter().enumerate() {
-        if i > 0 {
-            body.push('\n');
-        }
-        body.push_str(t.trim_end_matches('\n'));
-        body.push('\n');
-    }
-    Reply {
-        status: 200,
-        content_type: if bundle {
-            "application/x.ubuntu.assertion; bundle=y"
-        } else {
-            "application/x.ubuntu.assertion"
-        },
-        headers: vec![("X-Ubuntu-Assertions-Count", texts.len().to_string())],
-        body: body.into_bytes(),
-    }
-}
-
-fn into_response(r: Reply) -> Response<Body> {
-    let mut b = Response::builder()
-        .status(r.status)
-        .header("Content-Type", r.content_type);
-    for (k, v) in r.headers {
-        b = b.header(k, v);
-    }
-    b.body(Full::new(Bytes::from(r.body)).boxed())
-        .expect("a valid response")
-}
-
-/// The reply's head and the first half of its body, then nothing, ever.
-fn into_stalled_response(r: Reply) -> Response<Body> {
-    use futures::StreamExt;
-    let half = Bytes::from(r.body[..r.body.len() / 2].to_vec());
-    let frames = futures::stream::iter([Ok::<_, Infallible>(hyper::body::Frame::data(half))])
-        .chain(futures::stream::pending());
-    Response::builder()
-        .status(r.status)
-        .header("Content-Type", r.content_type)
-        .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
-        .expect("a valid response")
-}
-
-// --------------------------------------------------------------- routing
+use super::*;
 
 /// The request as the handlers see it.
-struct Req {
-    method: String,
-    path: String,
-    query: BTreeMap<String, String>,
-    content_type: String,
-    body: Vec<u8>,
+pub(super) struct Req {
+    pub(super) method: String,
+    pub(super) path: String,
+    pub(super) query: BTreeMap<String, String>,
+    pub(super) content_type: String,
+    pub(super) body: Vec<u8>,
 }
 
 impl Req {
-    fn q(&self, key: &str) -> Option<&str> {
+    pub(super) fn q(&self, key: &str) -> Option<&str> {
         self.query.get(key).map(String::as_str)
     }
 
     /// A comma-separated query list (`snaps=a,b`), empty items dropped.
-    fn list(&self, key: &str) -> Vec<String> {
+    pub(super) fn list(&self, key: &str) -> Vec<String> {
         self.q(key)
             .map(|s| {
                 s.split(',')
@@ -1238,7 +30,10 @@ impl Req {
     }
 }
 
-async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+pub(super) async fn handle(
+    state: Arc<Mutex<State>>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let method = req.method().as_str().to_string();
     let uri = req.uri().clone();
     let headers: Vec<(String, String)> = req
@@ -1300,7 +95,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     }
     let req = Req {
         method,
-        path: uri.path().to_string(),
+        // snapd's router (gorilla/mux without UseEncodedPath) matches the
+        // decoded path: `%2F` separates segments there too.
+        path: percent_encoding::percent_decode_str(uri.path())
+            .decode_utf8_lossy()
+            .into_owned(),
         query: parse_query(uri.query().unwrap_or("")),
         content_type: headers
             .iter()
@@ -1328,7 +127,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     into_response(reply)
 }
 
-fn route(st: &mut State, req: &Req) -> Reply {
+pub(super) fn route(st: &mut State, req: &Req) -> Reply {
     let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     let allowed: &[&str] = match segs.as_slice() {
         ["v2", "system-info"] => &["GET"],
@@ -1429,7 +228,7 @@ fn route(st: &mut State, req: &Req) -> Reply {
     }
 }
 
-fn system_info(st: &mut State) -> Reply {
+pub(super) fn system_info(st: &mut State) -> Reply {
     let next = st.now() + 4 * 3600 * 1_000_000_000;
     sync(json!({
         "architecture": "amd64",
@@ -1457,7 +256,7 @@ fn system_info(st: &mut State) -> Reply {
     }))
 }
 
-fn get_snaps(st: &mut State, req: &Req) -> Reply {
+pub(super) fn get_snaps(st: &mut State, req: &Req) -> Reply {
     let wanted = req.list("snaps");
     match req.q("select") {
         None | Some("") | Some("all") | Some("enabled") | Some("refresh-inhibited") => {}
@@ -1490,16 +289,16 @@ fn get_snaps(st: &mut State, req: &Req) -> Reply {
 }
 
 /// A parsed snap instruction (`POST /v2/snaps[/{name}]` body).
-struct Instruction {
-    action: String,
-    channel: Option<String>,
-    revision: Option<String>,
-    snaps: Vec<String>,
-    time: Option<String>,
-    hold_level: Option<String>,
+pub(super) struct Instruction {
+    pub(super) action: String,
+    pub(super) channel: Option<String>,
+    pub(super) revision: Option<String>,
+    pub(super) snaps: Vec<String>,
+    pub(super) time: Option<String>,
+    pub(super) hold_level: Option<String>,
 }
 
-fn parse_instruction(body: &[u8]) -> Result<Instruction, Reply> {
+pub(super) fn parse_instruction(body: &[u8]) -> Result<Instruction, Reply> {
     let decode_err = |e: String| {
         bad_request(format!(
             "cannot decode request body into snap instruction: {e}"
@@ -1584,22 +383,22 @@ fn parse_instruction(body: &[u8]) -> Result<Instruction, Reply> {
     Ok(inst)
 }
 
-const SNAP_ACTIONS: &[&str] = &[
+pub(super) const SNAP_ACTIONS: &[&str] = &[
     "install", "refresh", "remove", "revert", "enable", "disable", "switch", "hold", "unhold",
 ];
 
 /// One planned snap operation: summary, tasks and effect.
-struct Plan {
-    summary: String,
-    tasks: Vec<(String, String)>,
-    effect: Effect,
+pub(super) struct Plan {
+    pub(super) summary: String,
+    pub(super) tasks: Vec<(String, String)>,
+    pub(super) effect: Effect,
 }
 
-fn t(kind: &str, summary: String) -> (String, String) {
+pub(super) fn t(kind: &str, summary: String) -> (String, String) {
     (kind.to_string(), summary)
 }
 
-fn hold_time(inst: &Instruction, st: &mut State) -> Option<String> {
+pub(super) fn hold_time(inst: &Instruction, st: &mut State) -> Option<String> {
     match inst.time.as_deref() {
         // snapd holds "forever" as a time centuries ahead.
         Some("forever") => Some(rfc3339(
@@ -1611,13 +410,12 @@ fn hold_time(inst: &Instruction, st: &mut State) -> Option<String> {
 }
 
 /// Plans `action` on one snap, or answers the error snapd would.
-fn plan_one(st: &mut State, inst: &Instruction, name: &str) -> Result<Plan, Reply> {
+pub(super) fn plan_one(st: &mut State, inst: &Instruction, name: &str) -> Result<Plan, Reply> {
     let action = inst.action.as_str();
     if action == "install" {
-        if !valid_instance_name(name) {
-            let base = name.split('_').next().unwrap_or(name);
+        if let Err(why) = validate_instance(name) {
             return Err(bad_request(format!(
-                "cannot install \"{name}\": invalid instance name: invalid snap name: \"{base}\""
+                "cannot install \"{name}\": invalid instance name: {why}"
             )));
         }
         if st.snaps.contains_key(name) {
@@ -1855,7 +653,7 @@ fn plan_one(st: &mut State, inst: &Instruction, name: &str) -> Result<Plan, Repl
     Ok(plan)
 }
 
-fn post_snap(st: &mut State, name: &str, req: &Req) -> Reply {
+pub(super) fn post_snap(st: &mut State, name: &str, req: &Req) -> Reply {
     let inst = match parse_instruction(&req.body) {
         Ok(i) => i,
         Err(r) => return r,
@@ -1879,7 +677,7 @@ fn post_snap(st: &mut State, name: &str, req: &Req) -> Reply {
     async_reply(&id, Value::Null)
 }
 
-fn quoted(names: &[String]) -> String {
+pub(super) fn quoted(names: &[String]) -> String {
     names
         .iter()
         .map(|n| format!("\"{n}\""))
@@ -1887,7 +685,7 @@ fn quoted(names: &[String]) -> String {
         .join(", ")
 }
 
-fn post_snaps(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_snaps(st: &mut State, req: &Req) -> Reply {
     // Like snapd: JSON bodies must say so (multipart would be a sideload).
     let media = req.content_type.split(';').next().unwrap_or("").trim();
     if media.is_empty() {
@@ -2055,11 +853,11 @@ fn post_snaps(st: &mut State, req: &Req) -> Reply {
 }
 
 /// Snaps whose configuration exists without the snap being installed.
-fn is_system_snap(name: &str) -> bool {
+pub(super) fn is_system_snap(name: &str) -> bool {
     matches!(name, "core" | "system" | "snapd")
 }
 
-fn get_conf(st: &mut State, name: &str, req: &Req) -> Reply {
+pub(super) fn get_conf(st: &mut State, name: &str, req: &Req) -> Reply {
     let conf = st.conf.get(name).cloned().unwrap_or_else(|| json!({}));
     let keys = req.list("keys");
     if keys.is_empty() {
@@ -2084,7 +882,7 @@ fn get_conf(st: &mut State, name: &str, req: &Req) -> Reply {
     sync(Value::Object(out))
 }
 
-fn put_conf(st: &mut State, name: &str, req: &Req) -> Reply {
+pub(super) fn put_conf(st: &mut State, name: &str, req: &Req) -> Reply {
     let patch: Map<String, Value> = match serde_json::from_slice::<Value>(&req.body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
@@ -2121,7 +919,7 @@ fn put_conf(st: &mut State, name: &str, req: &Req) -> Reply {
     async_reply(&id, Value::Null)
 }
 
-fn get_changes(st: &mut State, req: &Req) -> Reply {
+pub(super) fn get_changes(st: &mut State, req: &Req) -> Reply {
     let select = req.q("select").unwrap_or("in-progress");
     let keep: fn(&Change) -> bool = match select {
         "all" => |_| true,
@@ -2140,7 +938,7 @@ fn get_changes(st: &mut State, req: &Req) -> Reply {
     sync(Value::Array(list))
 }
 
-fn post_change(st: &mut State, id: &str, req: &Req) -> Reply {
+pub(super) fn post_change(st: &mut State, id: &str, req: &Req) -> Reply {
     let action = match serde_json::from_slice::<Value>(&req.body) {
         Ok(v) => v["action"].as_str().unwrap_or("").to_string(),
         Err(e) => return bad_request(format!("cannot decode data from request body: {e}")),
@@ -2176,7 +974,7 @@ fn post_change(st: &mut State, id: &str, req: &Req) -> Reply {
     )
 }
 
-const ASSERTION_TYPES: &[&str] = &[
+pub(super) const ASSERTION_TYPES: &[&str] = &[
     "account",
     "account-key",
     "account-key-request",
@@ -2199,7 +997,7 @@ const ASSERTION_TYPES: &[&str] = &[
     "validation-set",
 ];
 
-fn get_assertions(st: &mut State, kind: &str) -> Reply {
+pub(super) fn get_assertions(st: &mut State, kind: &str) -> Reply {
     match kind {
         "model" => assertion_reply(&[MODEL_ASSERTION], true),
         // Real snapd with no serial: 200, count 0, empty body.
@@ -2212,7 +1010,7 @@ fn get_assertions(st: &mut State, kind: &str) -> Reply {
     }
 }
 
-fn post_assertions(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_assertions(st: &mut State, req: &Req) -> Reply {
     let text = String::from_utf8_lossy(&req.body).into_owned();
     if text.is_empty() {
         return bad_request("cannot decode request body into assertions: unexpected EOF");
@@ -2230,7 +1028,7 @@ fn post_assertions(st: &mut State, req: &Req) -> Reply {
 }
 
 /// The model's headers as `GET /v2/model?json=true` gives them.
-fn model_headers() -> Value {
+pub(super) fn model_headers() -> Value {
     let snap = |name: &str, id: &str, kind: &str, channel: &str| json!({"default-channel": channel, "id": id, "name": name, "type": kind});
     json!({
         "architecture": "amd64",
@@ -2254,7 +1052,7 @@ fn model_headers() -> Value {
 
 /// Headers of a flat assertion (like a serial): `key: value` lines, with a
 /// `key:` followed by indented lines becoming one newline-joined string.
-fn simple_headers(text: &str) -> Value {
+pub(super) fn simple_headers(text: &str) -> Value {
     let mut out = Map::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
@@ -2282,7 +1080,7 @@ fn simple_headers(text: &str) -> Value {
 
 /// Resolves `names` (`snap` or `snap.app`) to apps, as `GET /v2/apps` and
 /// `/v2/logs` do; an uninstalled snap is a 404 `snap-not-found`.
-fn resolve_apps(
+pub(super) fn resolve_apps(
     st: &State,
     names: &[String],
     services_only: bool,
@@ -2321,7 +1119,7 @@ fn resolve_apps(
     Ok(out)
 }
 
-fn no_matching(services: bool) -> Reply {
+pub(super) fn no_matching(services: bool) -> Reply {
     error(
         404,
         if services {
@@ -2334,7 +1132,7 @@ fn no_matching(services: bool) -> Reply {
     )
 }
 
-fn get_apps(st: &mut State, req: &Req) -> Reply {
+pub(super) fn get_apps(st: &mut State, req: &Req) -> Reply {
     let services = match req.q("select") {
         None | Some("") => false,
         Some("service") => true,
@@ -2353,7 +1151,7 @@ fn get_apps(st: &mut State, req: &Req) -> Reply {
     ))
 }
 
-fn post_apps(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_apps(st: &mut State, req: &Req) -> Reply {
     let v: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
@@ -2421,7 +1219,7 @@ fn post_apps(st: &mut State, req: &Req) -> Reply {
     async_reply(&id, Value::Null)
 }
 
-fn get_logs(st: &mut State, req: &Req) -> Reply {
+pub(super) fn get_logs(st: &mut State, req: &Req) -> Reply {
     let names = req.list("names");
     let apps = match resolve_apps(st, &names, true) {
         Ok(a) => a,
@@ -2479,7 +1277,7 @@ fn get_logs(st: &mut State, req: &Req) -> Reply {
     }
 }
 
-fn snapshot_json(set: &SnapshotSet) -> Value {
+pub(super) fn snapshot_json(set: &SnapshotSet) -> Value {
     let snapshots: Vec<Value> = set
         .snaps
         .iter()
@@ -2502,7 +1300,7 @@ fn snapshot_json(set: &SnapshotSet) -> Value {
     json!({"id": set.id, "snapshots": snapshots})
 }
 
-fn get_snapshots(st: &mut State, req: &Req) -> Reply {
+pub(super) fn get_snapshots(st: &mut State, req: &Req) -> Reply {
     let want_set: Option<u64> = req.q("set").and_then(|s| s.parse().ok());
     let want_snaps = req.list("snaps");
     let list: Vec<Value> = st
@@ -2525,7 +1323,7 @@ fn get_snapshots(st: &mut State, req: &Req) -> Reply {
 /// `POST /v2/snapshots` acts on existing sets (check, restore, forget).
 /// Creating one is `POST /v2/snaps {"action":"snapshot"}`: real snapd
 /// answers a `snapshot` action here with "requires snapshot set ID".
-fn post_snapshots(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_snapshots(st: &mut State, req: &Req) -> Reply {
     let v: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
@@ -2575,7 +1373,7 @@ fn post_snapshots(st: &mut State, req: &Req) -> Reply {
     async_reply(&id, Value::Null)
 }
 
-fn export_snapshot(st: &mut State, set: &str) -> Reply {
+pub(super) fn export_snapshot(st: &mut State, set: &str) -> Reply {
     let Ok(id) = set.parse::<u64>() else {
         return bad_request(format!("'{set}' is not a valid snapshot set ID"));
     };
@@ -2597,7 +1395,7 @@ fn export_snapshot(st: &mut State, set: &str) -> Reply {
     }
 }
 
-fn conn_json(conns: &[Connection]) -> Value {
+pub(super) fn conn_json(conns: &[Connection]) -> Value {
     let established: Vec<Value> = conns
         .iter()
         .map(|c| {
@@ -2620,11 +1418,11 @@ fn conn_json(conns: &[Connection]) -> Value {
     json!({"established": established, "plugs": plugs, "slots": slots})
 }
 
-fn get_connections(st: &mut State) -> Reply {
+pub(super) fn get_connections(st: &mut State) -> Reply {
     sync(conn_json(&st.connections))
 }
 
-fn get_interfaces(st: &mut State, req: &Req) -> Reply {
+pub(super) fn get_interfaces(st: &mut State, req: &Req) -> Reply {
     match req.q("select") {
         // Legacy form: plugs and slots, both omitted when empty.
         None | Some("") => {
@@ -2652,7 +1450,7 @@ fn get_interfaces(st: &mut State, req: &Req) -> Reply {
     }
 }
 
-fn post_interfaces(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_interfaces(st: &mut State, req: &Req) -> Reply {
     let v: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
@@ -2727,7 +1525,7 @@ fn post_interfaces(st: &mut State, req: &Req) -> Reply {
     async_reply(&id, Value::Null)
 }
 
-fn post_users(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_users(st: &mut State, req: &Req) -> Reply {
     let v: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
@@ -2775,7 +1573,7 @@ fn post_users(st: &mut State, req: &Req) -> Reply {
     }
 }
 
-fn post_systems(st: &mut State, req: &Req) -> Reply {
+pub(super) fn post_systems(st: &mut State, req: &Req) -> Reply {
     let v: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
@@ -2802,7 +1600,7 @@ fn post_systems(st: &mut State, req: &Req) -> Reply {
 /// `GET /v2/notices?types=change-update&after=T&timeout=30s`: the notices
 /// after `after`; with none and a `timeout`, waits for the next one (the
 /// long poll newer snapd offers) without holding the state lock.
-async fn get_notices(state: &Arc<Mutex<State>>, req: &Req) -> Reply {
+pub(super) async fn get_notices(state: &Arc<Mutex<State>>, req: &Req) -> Reply {
     let types = req.list("types");
     let after = match req.q("after").filter(|s| !s.is_empty()) {
         None => 0,
@@ -2864,9 +1662,7 @@ async fn get_notices(state: &Arc<Mutex<State>>, req: &Req) -> Reply {
     }
 }
 
-// --------------------------------------------------------------- helpers
-
-fn parse_query(q: &str) -> BTreeMap<String, String> {
+pub(super) fn parse_query(q: &str) -> BTreeMap<String, String> {
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(&s.replace('+', " "))
             .decode_utf8_lossy()
@@ -2879,216 +1675,4 @@ fn parse_query(q: &str) -> BTreeMap<String, String> {
             None => (decode(p), String::new()),
         })
         .collect()
-}
-
-/// snapd's snap name rule: 2-40 of `[a-z0-9-]`, at least one letter, no
-/// leading, trailing or doubled hyphen; an instance adds `_key`
-/// (1-10 of `[a-z0-9]`).
-fn valid_instance_name(name: &str) -> bool {
-    let (snap, key) = match name.split_once('_') {
-        Some((s, k)) => (s, Some(k)),
-        None => (name, None),
-    };
-    let snap_ok = (2..=40).contains(&snap.len())
-        && snap
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && snap.chars().any(|c| c.is_ascii_lowercase())
-        && !snap.starts_with('-')
-        && !snap.ends_with('-')
-        && !snap.contains("--");
-    let key_ok = key.is_none_or(|k| {
-        (1..=10).contains(&k.len())
-            && k.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-    });
-    snap_ok && key_ok
-}
-
-/// `stable` -> `latest/stable`, `24` -> `24/stable`, `24/edge` as is.
-fn normalize_channel(channel: &str) -> String {
-    const RISKS: &[&str] = &["stable", "candidate", "beta", "edge"];
-    match channel {
-        "" => "latest/stable".into(),
-        c if RISKS.contains(&c) => format!("latest/{c}"),
-        c if !c.contains('/') => format!("{c}/stable"),
-        c => c.to_string(),
-    }
-}
-
-/// A stable 32-character snap id derived from the name.
-fn snap_id(name: &str) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    (0..32)
-        .map(|i| {
-            for b in name.bytes().chain([i as u8]) {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-            ALPHABET[(h % ALPHABET.len() as u64) as usize] as char
-        })
-        .collect()
-}
-
-fn get_dotted<'a>(conf: &'a Value, key: &str) -> Option<&'a Value> {
-    key.split('.').try_fold(conf, |v, k| v.get(k))
-}
-
-/// Sets `a.b.c` inside nested objects; `null` unsets, like `snap set a!`.
-fn set_dotted(conf: &mut Value, key: &str, value: Value) {
-    let parts: Vec<&str> = key.split('.').collect();
-    let mut cur = conf;
-    for p in &parts[..parts.len() - 1] {
-        if !cur.get(*p).is_some_and(Value::is_object) {
-            cur[*p] = json!({});
-        }
-        cur = &mut cur[*p];
-    }
-    let last = parts[parts.len() - 1];
-    if value.is_null() {
-        if let Some(m) = cur.as_object_mut() {
-            m.remove(last);
-        }
-    } else {
-        cur[last] = value;
-    }
-}
-
-/// One ustar entry (header + data padded to 512 bytes).
-fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8], mtime: u64) {
-    let mut h = [0u8; 512];
-    let put =
-        |h: &mut [u8; 512], at: usize, s: &str| h[at..at + s.len()].copy_from_slice(s.as_bytes());
-    put(&mut h, 0, name);
-    put(&mut h, 100, "0000644\0");
-    put(&mut h, 108, "0000000\0");
-    put(&mut h, 116, "0000000\0");
-    put(&mut h, 124, &format!("{:011o}\0", data.len()));
-    put(&mut h, 136, &format!("{mtime:011o}\0"));
-    put(&mut h, 148, "        ");
-    h[156] = b'0';
-    put(&mut h, 257, "ustar\0");
-    put(&mut h, 263, "00");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    put(&mut h, 148, &format!("{sum:06o}\0 "));
-    out.extend_from_slice(&h);
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-}
-
-const NANOS: u128 = 1_000_000_000;
-
-/// RFC 3339 in UTC with trailing-zero-trimmed nanoseconds, like Go's
-/// `time.RFC3339Nano` (what snapd's JSON uses).
-pub fn rfc3339(nanos: u128) -> String {
-    let secs = (nanos / NANOS) as i64;
-    let frac = nanos % NANOS;
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let sod = secs.rem_euclid(86_400);
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    );
-    if frac != 0 {
-        let f = format!("{frac:09}");
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
-    }
-    s.push('Z');
-    s
-}
-
-/// Parses RFC 3339 (`Z` or `±hh:mm`, optional fraction) to Unix nanoseconds.
-pub fn parse_rfc3339(s: &str) -> Option<u128> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    let mut frac: u128 = 0;
-    if let Some(r) = rest.strip_prefix('.') {
-        let digits: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if digits.is_empty() {
-            return None;
-        }
-        let padded = format!("{:0<9}", &digits[..digits.len().min(9)]);
-        frac = padded.parse().ok()?;
-        rest = &r[digits.len()..];
-    }
-    let offset: i64 = match rest {
-        "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            sign * (o[1..3].parse::<i64>().ok()? * 3600 + o[4..6].parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(y, u32::try_from(mo).ok()?, u32::try_from(d).ok()?);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset;
-    Some(u128::try_from(secs).ok()? * NANOS + frac)
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = (z - era * 146_097) as u64;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe as i64 + era * 400;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = (y - era * 400) as u64;
-    let mp = u64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + u64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe as i64 - 719_468
-}
-
-/// Go `time.ParseDuration` for the forms clients send (`30s`, `1m30s`,
-/// `500ms`, `2h`).
-fn parse_go_duration(s: &str) -> Option<Duration> {
-    let mut total = 0f64;
-    let mut rest = s;
-    if rest == "0" {
-        return Some(Duration::ZERO);
-    }
-    while !rest.is_empty() {
-        let n: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.')
-            .collect();
-        if n.is_empty() {
-            return None;
-        }
-        rest = &rest[n.len()..];
-        let unit: String = rest
-            .chars()
-            .take_while(|c| !c.is_ascii_digit() && *c != '.')
-            .collect();
-        rest = &rest[unit.len()..];
-        let scale = match unit.as_str() {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += n.parse::<f64>().ok()? * scale;
-    }
-    Some(Duration::from_secs_f64(total))
 }

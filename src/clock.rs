@@ -1,5 +1,12 @@
-//! snapd's timestamps: RFC 3339 with nanoseconds (Go's `time.RFC3339Nano`),
-//! in UTC or with an offset. Compared as Unix nanoseconds.
+//! The one clock: "now" in the units the agent stores (Unix seconds for
+//! the per-serial queue, milliseconds for the DMS ledger and the export
+//! spool, nanoseconds for snapd's changes), and snapd's timestamps: RFC 3339
+//! with nanoseconds (Go's `time.RFC3339Nano`), in UTC or with an offset,
+//! compared as Unix nanoseconds.
+//!
+//! This is wall-clock time, for what is stored or shown. Waiting and
+//! timeouts use `tokio::time` (monotonic, and paused in tests).
+#![warn(missing_docs)]
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -11,9 +18,24 @@ pub fn parse_ns(s: &str) -> Option<i64> {
     i64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
+/// Now, in Unix seconds (0 before 1970: a board without a real-time clock).
+pub fn now_s() -> i64 {
+    now_ns().div_euclid(1_000_000_000).max(0)
+}
+
+/// Now, in Unix milliseconds (0 before 1970).
+pub fn now_ms() -> i64 {
+    now_ns().div_euclid(1_000_000).max(0)
+}
+
 /// Now, in Unix nanoseconds.
 pub fn now_ns() -> i64 {
     i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Now as RFC 3339 in UTC, to the second (`2026-11-21T05:33:55Z`).
+pub fn now_rfc3339_seconds() -> String {
+    format_short(now_ns())
 }
 
 /// Now as RFC 3339 in UTC, with nanoseconds.
