@@ -8,6 +8,7 @@
 //! - [`supervisor`]: the one subsystem shape ([`supervisor::Subsystem`]); runs
 //!   subsystems, restarts them, stops them (and their tasks) on signal;
 //! - [`services`]: what the agent answers and watches;
+//! - [`signing`]: signed actions (Ed25519 JWS): the verifier, the keys, the signer's half;
 //! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
@@ -35,6 +36,7 @@ pub mod identity;
 pub mod logging;
 pub mod nats_server;
 pub mod services;
+pub mod signing;
 pub mod snapd;
 pub mod supervisor;
 pub mod sys;
