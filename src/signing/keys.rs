@@ -101,9 +101,8 @@ pub fn read_private(path: &Path) -> Result<SigningKey, String> {
             "the key file {shown} can be read by others (mode {mode:o}): `chmod 600 {shown}` first"
         ));
     }
-    let text = Wiped(
-        std::fs::read(path).map_err(|e| format!("cannot read the key file {shown}: {e}"))?,
-    );
+    let text =
+        Wiped(std::fs::read(path).map_err(|e| format!("cannot read the key file {shown}: {e}"))?);
     let text = std::str::from_utf8(&text.0)
         .map_err(|_| format!("the key file {shown} is not a PEM text file"))?;
     SigningKey::from_pkcs8_pem(text).map_err(|_| {
@@ -171,10 +170,7 @@ mod tests {
             ("a:AAAA", "32"),
             ("a:!!", "base64url"),
             // The identity point: small order.
-            (
-                "a:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-                "weak",
-            ),
+            ("a:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "weak"),
         ] {
             let err = parse_entry(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

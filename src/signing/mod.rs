@@ -95,11 +95,7 @@ pub struct Refusal {
 impl Refusal {
     /// The answer's message: `refused, not run: <check>: <detail>`.
     pub fn message(&self) -> String {
-        format!(
-            "refused, not run: {}: {}",
-            self.check.as_str(),
-            self.detail
-        )
+        format!("refused, not run: {}: {}", self.check.as_str(), self.detail)
     }
 
     /// A replay of `id` (the caller's ledger had it).
@@ -158,8 +154,7 @@ impl Envelope {
                 bytes.len()
             ));
         }
-        let v: Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
         let Value::Object(obj) = v else {
             return Err("a JWS in flattened JSON form is a JSON object".into());
         };
@@ -255,8 +250,7 @@ fn parse_header(v: &Value) -> Result<Header, String> {
             .collect::<Result<_, _>>()?,
         Some(_) => {
             return Err(
-                "the header's aud must be the device id or serial (or a short list of them)"
-                    .into(),
+                "the header's aud must be the device id or serial (or a short list of them)".into(),
             )
         }
         None => return Err("the header has no aud".into()),
@@ -415,9 +409,7 @@ impl Policy {
                 ),
             ));
         }
-        let when = |s: i64| {
-            crate::clock::format_short(s.saturating_mul(1_000_000_000))
-        };
+        let when = |s: i64| crate::clock::format_short(s.saturating_mul(1_000_000_000));
         let skew = humantime::format_duration(Duration::from_secs(self.skew_s as u64));
         if now_s > h.exp.saturating_add(self.skew_s) {
             return Err(refuse(
@@ -596,8 +588,16 @@ mod tests {
         let ok = |k, kid, aud, iat, exp| signed(k, kid, aud, iat, exp, ACTION);
         let cases: Vec<(Vec<u8>, Check, &str)> = vec![
             (ok(1, "c", "dev", NOW, NOW + 60), Check::UnknownKey, "\"c\""),
-            (ok(2, "a", "dev", NOW, NOW + 60), Check::BadSignature, "\"a\""),
-            (ok(1, "a", "other", NOW, NOW + 60), Check::WrongAudience, "other"),
+            (
+                ok(2, "a", "dev", NOW, NOW + 60),
+                Check::BadSignature,
+                "\"a\"",
+            ),
+            (
+                ok(1, "a", "other", NOW, NOW + 60),
+                Check::WrongAudience,
+                "other",
+            ),
             (
                 ok(1, "a", "dev", NOW - 700, NOW - 61),
                 Check::Expired,
@@ -633,15 +633,16 @@ mod tests {
     #[test]
     fn a_changed_payload_or_header_breaks_the_signature() {
         let p = policy(true);
-        let env: Value = serde_json::from_slice(&signed(1, "a", "dev", NOW, NOW + 60, ACTION))
-            .unwrap();
+        let env: Value =
+            serde_json::from_slice(&signed(1, "a", "dev", NOW, NOW + 60, ACTION)).unwrap();
         let mut other_payload = env.clone();
-        other_payload["payload"] = json!(URL_SAFE_NO_PAD.encode(
-            br#"{"id":"x1","action":"remove","snap":"hello","data":""}"#
-        ));
+        other_payload["payload"] =
+            json!(URL_SAFE_NO_PAD
+                .encode(br#"{"id":"x1","action":"remove","snap":"hello","data":""}"#));
         let mut other_header = env.clone();
         other_header["protected"] = json!(URL_SAFE_NO_PAD.encode(
-            json!({"alg":"EdDSA","kid":"a","aud":"dev","iat":NOW,"exp":NOW+60,"nonce":"x2"}).to_string()
+            json!({"alg":"EdDSA","kid":"a","aud":"dev","iat":NOW,"exp":NOW+60,"nonce":"x2"})
+                .to_string()
         ));
         for e in [other_payload, other_header] {
             let r = refusal(&p, e.to_string().as_bytes());
@@ -686,7 +687,9 @@ mod tests {
             (header(json!({"alg":"EdDSA","crit":["x"]})), "crit"),
             (header(json!({"alg":"EdDSA","kid":"a"})), "no aud"),
             (
-                header(json!({"alg":"EdDSA","kid":"a","aud":"dev","iat":"now","exp":1,"nonce":"x1"})),
+                header(
+                    json!({"alg":"EdDSA","kid":"a","aud":"dev","iat":"now","exp":1,"nonce":"x1"}),
+                ),
                 "number",
             ),
             (

@@ -21,6 +21,7 @@ mod nats_bundled;
 mod readme;
 mod required;
 mod run_script;
+mod signing;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;

@@ -93,6 +93,9 @@ pub struct Settings {
     pub ledger: LedgerAt,
     pub ledger_max_age: Duration,
     pub ledger_max_count: u64,
+    /// `dms.signing.*`: which actions are trusted (the per-serial tree has
+    /// its own copy).
+    pub signing: Arc<crate::signing::Policy>,
 }
 
 impl Settings {
@@ -114,6 +117,7 @@ impl Settings {
             ledger: LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
             ledger_max_age: config.dms.ledger.max.age.get(),
             ledger_max_count: config.dms.ledger.max.count,
+            signing: Arc::new(crate::signing::Policy::from_config(&config.dms.signing)),
         }
     }
 }
