@@ -197,7 +197,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     commands::changes::show(&loaded.config, &id, json)?
                 }
                 None => {
-                    let filter = iot_agent::changes::store::Filter {
+                    let filter = iot_agent::subsystems::changes::store::Filter {
                         statuses: commands::changes::split_list(&status),
                         kinds: commands::changes::split_list(&kind),
                         since_ns: since

@@ -488,7 +488,7 @@ section! {
         /// acknowledges an oversized message and drops it). 0: what the
         /// upstream says (NATS `max_payload`, the stream's `max_msg_size`), 1 MiB
         /// for MQTT. Intake refuses larger messages so none can be lost or
-        /// block the spool later (`crate::export::capacity`).
+        /// block the spool later (`crate::subsystems::export::capacity`).
         pub payload: u64,
     }
 }
