@@ -153,6 +153,8 @@ impl PerSerial {
             );
             return Some((result_topic(topic), failure(&req.id, &msg)));
         };
+        // The last line before the synchronous write (a test waits for it).
+        tracing::debug!(id = %req.id, "storing a required-install");
         match store.add(&req, topic.mqtt(), &now) {
             Ok(Added::New) => {
                 let names: Vec<&str> = req.snaps.iter().map(|s| s.name.as_str()).collect();
