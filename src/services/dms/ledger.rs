@@ -18,7 +18,7 @@
 use super::request::Request;
 use crate::db::{self, DbError, Migration};
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -189,7 +189,10 @@ impl Ledger {
     pub fn accept_entries(&self, batch: &[Entry]) -> Result<Vec<Admission>, DbError> {
         let now = now_ms();
         self.with(|c| {
-            let tx = c.transaction()?;
+            // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
+            // deferred one reads first and, finding another writer when it
+            // upgrades, fails at once with "database is locked".
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut out = Vec::with_capacity(batch.len());
             for e in batch {
                 let (req, digest) = (e.request, e.digest);
