@@ -14,11 +14,11 @@ use iot_agent::signing::{self, keys};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-fn key(n: u8) -> SigningKey {
+pub(crate) fn key(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
 }
 
-fn keys_env(list: &[(&str, u8)]) -> (&'static str, String) {
+pub(crate) fn keys_env(list: &[(&str, u8)]) -> (&'static str, String) {
     let entries: Vec<String> = list
         .iter()
         .map(|(kid, n)| keys::entry(kid, &key(*n).verifying_key()))
@@ -26,7 +26,7 @@ fn keys_env(list: &[(&str, u8)]) -> (&'static str, String) {
     ("IOT_AGENT_DMS__SIGNING__KEYS", entries.join(","))
 }
 
-fn required() -> (&'static str, String) {
+pub(crate) fn required() -> (&'static str, String) {
     ("IOT_AGENT_DMS__SIGNING__REQUIRED", "true".to_string())
 }
 
@@ -38,7 +38,7 @@ fn action(id: &str, action: &str, snap: &str) -> Vec<u8> {
 
 /// An envelope signed with key `n` under `kid`, valid from `iat` to `exp`
 /// seconds around now.
-fn signed_at(n: u8, kid: &str, aud: &str, iat: i64, exp: i64, act: &[u8]) -> Vec<u8> {
+pub(crate) fn signed_at(n: u8, kid: &str, aud: &str, iat: i64, exp: i64, act: &[u8]) -> Vec<u8> {
     let now = iot_agent::clock::now_s();
     signing::sign(&key(n), kid, aud, now + iat, now + exp, act)
         .unwrap()
@@ -306,6 +306,69 @@ fn the_signer_command_makes_keys_and_envelopes_the_device_accepts() {
         Ok(signing::Admit::Signed(v)) => assert_eq!(v.payload, act.as_bytes()),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_serial_requests_on_the_dms_connection_are_signed_the_same_way() {
+    use rumqttc::QoS;
+    let s = start(&[keys_env(&[("ops-a", 1)]), required()]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+    // The serial `A1B2-c3d4/5`, sanitized.
+    let base = "devices/actions/A1B2-c3d45";
+    let result = format!("{base}/required-install/result");
+    let req = |id: &str, snap: &str| {
+        json!({"id": id, "snaps": {"name": snap}})
+            .to_string()
+            .into_bytes()
+    };
+    let mut ask = async |id: &str, payload: Vec<u8>| -> Value {
+        dms.client
+            .publish(
+                format!("{base}/required-install"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+        let raw = dms
+            .wait(&result, |p| {
+                serde_json::from_slice::<Value>(p).is_ok_and(|v| v["id"] == id)
+            })
+            .await;
+        serde_json::from_slice(&raw).unwrap()
+    };
+    let good = signed_at(1, "ops-a", "A1B2-c3d4/5", 0, 600, &req("q1", "other"));
+    let v = ask("q1", good.clone()).await;
+    assert_eq!(v["success"], true, "{v}");
+    for (id, payload, check) in [
+        ("q2", req("q2", "third"), "unsigned"),
+        (
+            "q3",
+            signed_at(4, "ops-a", "A1B2-c3d45", 0, 600, &req("q3", "third")),
+            "bad signature",
+        ),
+        (
+            "q4",
+            signed_at(1, "ops-a", "B0-other-serial", 0, 600, &req("q4", "third")),
+            "wrong audience",
+        ),
+        ("q1", good, "replay"),
+    ] {
+        let v = ask(id, payload).await;
+        assert_eq!(v["success"], false, "{v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.starts_with(&format!("refused, not run: {check}:")),
+            "{id}: {m}"
+        );
+    }
+    assert_eq!(
+        s.snapd.posts_to("/v2/snaps/third"),
+        0,
+        "a refused request ran"
+    );
+    assert_eq!(s.snapd.posts_to("/v2/snaps/other"), 1, "the replay ran");
 }
 
 fn base64_url(b: &[u8]) -> String {

@@ -345,7 +345,11 @@ async fn triage(
     if let (Some(r), Some(base)) = (&p.required, serial_base) {
         if msg.topic.strip_prefix(base).is_some() {
             // Stored (or refused) before the broker hears PUBACK.
-            if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload) {
+            let delivery = crate::services::per_serial::Delivery {
+                audiences,
+                redelivered: msg.redelivered(),
+            };
+            if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload, delivery) {
                 let _ = mqtt.publish(&topic, payload).await;
             }
             mqtt.ack(msg).await;
