@@ -371,6 +371,71 @@ async fn per_serial_requests_on_the_dms_connection_are_signed_the_same_way() {
     assert_eq!(s.snapd.posts_to("/v2/snaps/other"), 1, "the replay ran");
 }
 
+/// The README's example, command for command: a key from `iot-agent sign
+/// --keygen`, its entry set as the device's key, an action signed by
+/// `iot-agent sign` into a file, published by `mosquitto_pub -f` with the
+/// DMS's client certificate (the broker fully verified), and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_readme_example_signs_with_the_cli_and_publishes_with_mosquitto_pub() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("ops-2026.key").display().to_string();
+    let out = run_once(
+        &["sign", "--keygen", "--key", &key_file, "--kid", "ops-2026"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entry = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let s = start(&[("IOT_AGENT_DMS__SIGNING__KEYS", entry), required()]).await;
+    let mut dms = DmsClient::connect(&s.pki, s.broker.port()).await;
+
+    let act = r#"{"id":"op-0001","action":"install","snap":"other","data":""}"#;
+    let out = run_once(
+        &[
+            "sign", "--key", &key_file, "--kid", "ops-2026", "--aud", DEVICE_ID, act,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jws = dir.path().join("op-0001.jws");
+    std::fs::write(&jws, &out.stdout).unwrap();
+    let (cert, key) = s.pki.issue_client("dms");
+    let (ca, cert, key) = (
+        s.pki.write_file("ca.crt", &s.pki.ca_pem),
+        s.pki.write_file("dms.crt", &cert),
+        s.pki.write_file("dms.key", &key),
+    );
+    let port = s.broker.port().to_string();
+    let topic = format!("devices/sub/{DEVICE_ID}");
+    let published = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port, "--cafile"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["-q", "1", "-t", &topic, "-f"])
+        .arg(&jws)
+        .output()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let v = dms.response("op-0001").await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(dms.response("op-0001").await["action"], "completion");
+    assert!(s.snapd.installed().contains(&"other".to_string()));
+}
+
 fn base64_url(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)

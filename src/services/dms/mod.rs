@@ -187,6 +187,13 @@ impl Dms {
         // Without its ledger the channel does not accept actions: each one
         // would be acknowledged with nothing to remember it by.
         let ledger = Arc::new(self.open_ledger()?);
+        let signing = &self.settings.signing;
+        let kids = signing.kids().join(", ");
+        if signing.required {
+            tracing::info!(keys = %kids, "only signed actions are run (dms.signing.required)");
+        } else if !kids.is_empty() {
+            tracing::info!(keys = %kids, "signed actions are verified; unsigned ones run too (dms.signing.required=false)");
+        }
         let (session_tx, session_rx) = watch::channel::<Option<(MqttHandle, Topic)>>(None);
         let outbox = Outbox {
             session: session_rx,
