@@ -218,8 +218,8 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
                     again(h, req, state, response, completion);
                 }
                 Admission::Replayed { .. } => {
-                    // A replay of an unsigned action cannot be told from a
-                    // repeat; `replay` above refused every signed one.
+                    // Only signed entries are checked against the nonces,
+                    // and `replay` above refused each of them.
                     drop(permit);
                 }
                 Admission::Conflict { action } => {
