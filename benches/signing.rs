@@ -1,10 +1,10 @@
 //! The cost of verifying signed actions (`cargo bench --bench signing`):
 //! `Policy::admit` on a signed `install` envelope (parse the envelope,
 //! base64, Ed25519 `verify_strict`, the claims) against the same call on
-//! the unsigned action in the same run (the JSON parse every action pays
-//! anyway, and against the parse alone, what an unsigned action paid
-//! before signing existed), and the ledger's accept of one action on a file (fsync'd), the
-//! cost an action already pays, for scale. Results: docs/benchmarks.md.
+//! the unsigned action in the same run and against the bare parse (what an
+//! unsigned action paid before signing existed), and the ledger's accept
+//! of one action on a file (fsync'd), the cost every action already pays,
+//! for scale. Results: docs/benchmarks.md.
 
 use iot_agent::services::dms::ledger::Ledger;
 use iot_agent::services::dms::request::Request;
