@@ -127,7 +127,14 @@ impl Drop for Wiped {
 pub fn write_new_private(path: &Path, key: &SigningKey) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
-    let pem = key
+    // PKCS#8 v1 (the private key alone), as `openssl genpkey` writes it:
+    // OpenSSL 3.0 and Python's cryptography refuse the v2 form (with the
+    // public key) that the key type would write by itself.
+    let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    };
+    let pem = v1
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|_| "cannot encode the key as PKCS#8".to_string())?;
     let mut f = std::fs::OpenOptions::new()

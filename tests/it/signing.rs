@@ -436,6 +436,106 @@ async fn the_readme_example_signs_with_the_cli_and_publishes_with_mosquitto_pub(
     assert!(s.snapd.installed().contains(&"other".to_string()));
 }
 
+/// Interoperability: a key made by `openssl genpkey` is read by the signer
+/// (`--public` prints its entry), and an envelope whose signature openssl
+/// made (another Ed25519 implementation, as a DMS integration would use)
+/// over `protected.payload` is accepted: the format is plain JWS.
+#[test]
+fn openssl_keys_and_openssl_signatures_are_accepted() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ossl.pem");
+    let ok = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run_once(
+        &[
+            "sign",
+            "--public",
+            "--key",
+            &key.display().to_string(),
+            "--kid",
+            "ossl",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (kid, public) = keys::parse_entry(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+
+    let now = iot_agent::clock::now_s();
+    let act = br#"{"id":"o1","action":"list","snap":"","data":""}"#;
+    let header =
+        json!({"alg":"EdDSA","kid":"ossl","aud":DEVICE_ID,"iat":now,"exp":now+60,"nonce":"o1"});
+    let protected = base64_url(header.to_string().as_bytes());
+    let payload = base64_url(act);
+    let input = dir.path().join("input");
+    std::fs::write(&input, format!("{protected}.{payload}")).unwrap();
+    let sig = Command::new("openssl")
+        .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+        .arg(&key)
+        .arg("-in")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        sig.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sig.stderr)
+    );
+    let envelope =
+        json!({"protected": protected, "payload": payload, "signature": base64_url(&sig.stdout)});
+    let policy = signing::Policy::new(
+        [(kid, public)],
+        true,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(3600),
+    );
+    match policy.admit(envelope.to_string().as_bytes(), &[DEVICE_ID], now) {
+        Ok(signing::Admit::Signed(v)) => assert_eq!(v.payload, act),
+        other => panic!("{other:?}"),
+    }
+
+    // The other way: openssl reads a key `iot-agent sign --keygen` wrote,
+    // and finds the public key the entry names.
+    let ours = dir.path().join("ours.key");
+    let out = run_once(
+        &[
+            "sign",
+            "--keygen",
+            "--key",
+            &ours.display().to_string(),
+            "--kid",
+            "ours",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let (_, public) = keys::parse_entry(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let der = Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(&ours)
+        .output()
+        .unwrap();
+    assert!(
+        der.status.success(),
+        "{}",
+        String::from_utf8_lossy(&der.stderr)
+    );
+    assert!(
+        der.stdout.ends_with(&public.to_bytes()),
+        "openssl sees another key"
+    );
+}
+
 fn base64_url(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
