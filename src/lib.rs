@@ -14,7 +14,9 @@
 //! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
 //! - [`clock`]: the wall clock ("now" in s, ms, ns) and snapd's RFC 3339 timestamps;
 //! - [`sys`]: the few libc calls (file lock, signals), the crate's only `unsafe`;
-//! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
+//! - [`tls`]: the one TLS builder (roots, client certificate, verify mode, servers);
+//! - [`subsystems`]: subsystems off until configured ([`subsystems::tunnel`]);
+//! - [`relay`]: the `iot-relay` binary's library: the cloud half of the tunnel;
 //! - [`agent`]: the `run` command that wires it all together.
 
 #![deny(unsafe_code)]
@@ -34,8 +36,10 @@ pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod nats_server;
+pub mod relay;
 pub mod services;
 pub mod snapd;
+pub mod subsystems;
 pub mod supervisor;
 pub mod sys;
 pub mod tls;

@@ -1,0 +1,278 @@
+//! The tunnel end to end with real processes on loopback: `iot-relay`,
+//! `iot-agent run` with the tunnel on, device-local services, visitors.
+
+use crate::common::tls::TestPki;
+use crate::common::tunnel::{
+    api, echo_service, first_read, relay_command, round_trip, start_agent, web_page, Relay, DEVICE,
+    TOKEN,
+};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+
+/// A relay, and an agent connected to it that may reach `allow`.
+fn rig(
+    pipes: usize,
+    allow: &[&str],
+) -> (
+    TestPki,
+    tempfile::TempDir,
+    Relay,
+    crate::common::agent_proc::AgentProcess,
+) {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&pki, dir.path(), pipes);
+    let mut agent = start_agent(&pki, dir.path(), relay.agents_port, allow, &[]);
+    agent.wait_for("tunnel connected");
+    relay.proc.wait_for("agent connected");
+    (pki, dir, relay, agent)
+}
+
+fn assert_reset(r: std::io::Result<usize>) {
+    match r {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+}
+
+#[test]
+fn a_public_pipe_carries_a_half_closed_round_trip_and_a_web_page() {
+    let echo = echo_service();
+    let page = web_page("hello from the device");
+    let (_pki, _dir, relay, _agent) = rig(2, &[&echo, &page]);
+    let port = relay.add_public(&echo, 10);
+
+    // 1 MiB up, FIN, then the whole echo back and the device's FIN.
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    assert_eq!(round_trip(port, &data).unwrap(), data);
+
+    let web = relay.add_public(&page, 10);
+    let answer = round_trip(web, b"GET / HTTP/1.1\r\nHost: device\r\n\r\n").unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from the device"), "{answer}");
+
+    let (status, list) = api(relay.api_port, "GET", "/api/v2/mapping", Some(TOKEN), "");
+    assert_eq!(status, 200);
+    let mappings = list["mappings"].as_array().unwrap();
+    assert_eq!(mappings.len(), 2);
+    assert!(mappings.iter().all(|m| m["connected"] == true), "{list}");
+}
+
+#[test]
+fn a_hundred_concurrent_visitors_each_get_only_their_own_bytes() {
+    let echo = echo_service();
+    let (_pki, _dir, relay, _agent) = rig(1, &[&echo]);
+    let port = relay.add_public(&echo, 200);
+    let visitors: Vec<_> = (0..100u32)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let data: Vec<u8> = format!("visitor {i} ").repeat(2000).into_bytes();
+                let back = round_trip(port, &data).unwrap();
+                assert!(
+                    back == data,
+                    "visitor {i} got {} bytes not its own",
+                    back.len()
+                );
+            })
+        })
+        .collect();
+    for v in visitors {
+        v.join().unwrap();
+    }
+}
+
+#[test]
+fn the_visitor_beyond_maxconnections_is_reset_at_once() {
+    let echo = echo_service();
+    let (_pki, _dir, relay, _agent) = rig(1, &[&echo]);
+    let port = relay.add_public(&echo, 2);
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        served.push(s);
+    }
+    let mut third = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_reset(first_read(&mut third));
+    // A slot freed is a slot for the next visitor.
+    drop(served.pop());
+    let data = b"after one left".to_vec();
+    let back = crate::common::poll_until(
+        std::time::Instant::now() + std::time::Duration::from_secs(10),
+        || round_trip(port, &data).ok(),
+    );
+    assert_eq!(back.unwrap(), data);
+}
+
+#[test]
+fn a_target_outside_the_allow_list_and_an_absent_device_are_reset() {
+    let echo = echo_service();
+    let other = echo_service();
+    let (_pki, _dir, relay, mut agent) = rig(2, &[&echo]);
+    let port = relay.add_public(&other, 5);
+    let mut v = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    v.write_all(b"hello").unwrap();
+    assert_reset(first_read(&mut v));
+    agent.wait_for("is not in tunnel.allow");
+
+    let (status, answer) = relay.add(&serde_json::json!({
+        "type": "public", "maxconnections": 5, "device": "no-such-device", "target": echo,
+    }));
+    assert_eq!(status, 200, "{answer}");
+    let port = answer["port2"].as_u64().unwrap() as u16;
+    let mut v = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_reset(first_read(&mut v));
+}
+
+#[test]
+fn a_device_certificate_of_another_ca_is_refused() {
+    let pki = TestPki::new(DEVICE);
+    let stranger = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&pki, dir.path(), 1);
+    let echo = echo_service();
+    let port = relay.add_public(&echo, 5);
+    // The stranger's device certificate, the right relay CA.
+    let mut agent = start_agent(
+        &pki,
+        dir.path(),
+        relay.agents_port,
+        &[&echo],
+        &[
+            (
+                "IOT_AGENT_TUNNEL__CERT",
+                stranger.client_cert.display().to_string(),
+            ),
+            (
+                "IOT_AGENT_TUNNEL__KEY",
+                stranger.client_key.display().to_string(),
+            ),
+        ],
+    );
+    agent.wait_for("tunnel cannot connect");
+    relay.proc.wait_for("agent refused");
+    let mut v = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_reset(first_read(&mut v));
+    assert_eq!(agent.count("tunnel connected"), 0);
+}
+
+#[test]
+fn a_relay_not_signed_by_tunnel_ca_is_refused() {
+    let pki = TestPki::new(DEVICE);
+    let stranger = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 1);
+    let mut agent = start_agent(
+        &pki,
+        dir.path(),
+        relay.agents_port,
+        &[],
+        &[(
+            "IOT_AGENT_TUNNEL__CA",
+            stranger.ca_cert.display().to_string(),
+        )],
+    );
+    let line = agent.wait_for("tunnel cannot connect");
+    assert!(line.contains("tunnel.ca"), "{line}");
+    assert_eq!(agent.count("tunnel connected"), 0);
+}
+
+#[test]
+fn the_mapping_api_answers_like_iofog_and_wants_the_token() {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 1);
+    let p = relay.api_port;
+    let (status, _) = api(p, "GET", "/api/v2/mapping", None, "");
+    assert_eq!(status, 401);
+    let (status, _) = api(p, "GET", "/api/v2/mapping", Some("wrong"), "");
+    assert_eq!(status, 401);
+    let (status, _) = api(p, "POST", "/api/v2/mapping/add", Some(TOKEN), "mapping=");
+    assert_eq!(status, 400);
+    let (status, _) = api(
+        p,
+        "POST",
+        "/api/v2/mapping/add",
+        Some(TOKEN),
+        "mapping=%7Bnot%20json",
+    );
+    assert_eq!(status, 400);
+
+    let spec = serde_json::json!({
+        "type": "public", "maxconnections": 60, "heartbeatabsencethreshold": 200000,
+        "device": DEVICE, "target": "127.0.0.1:80",
+    });
+    let (status, answer) = relay.add(&spec);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "ok");
+    for key in [
+        "id",
+        "port1",
+        "port2",
+        "passcode1",
+        "passcode2",
+        "timestamp",
+    ] {
+        assert!(answer.get(key).is_some(), "no {key} in {answer}");
+    }
+    assert_eq!(answer["port2"].as_u64().unwrap() as u16, relay.ports[0]);
+    assert_eq!(relay.add(&spec).0, 409, "duplicate");
+    let other = serde_json::json!({"type": "public", "device": "d2", "target": "127.0.0.1:81"});
+    assert_eq!(relay.add(&other).0, 507, "one port only");
+
+    let id = answer["id"].as_str().unwrap();
+    let (status, removed) = api(
+        p,
+        "POST",
+        "/api/v2/mapping/remove",
+        Some(TOKEN),
+        &format!("mappingid={id}"),
+    );
+    assert_eq!(status, 200, "{removed}");
+    assert_eq!(removed["id"], id);
+    let (status, _) = api(
+        p,
+        "POST",
+        "/api/v2/mapping/remove",
+        Some(TOKEN),
+        &format!("mappingid={id}"),
+    );
+    assert_eq!(status, 404);
+    assert_eq!(relay.add(&other).0, 200, "the port is free again");
+}
+
+#[test]
+fn iot_relay_config_shows_each_value_with_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, "[agents]\nlisten = \"0.0.0.0:9000\"\n").unwrap();
+    let out = relay_command(
+        &["--config", file.to_str().unwrap(), "config"],
+        &[
+            ("IOT_RELAY_API__TOKEN", "s3cret-token".into()),
+            ("IOT_RELAY_DEV", "true".into()),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+            .to_string()
+    };
+    assert!(line("agents.listen").contains("config file"), "{text}");
+    assert!(line("dev").contains("IOT_RELAY_DEV"), "{text}");
+    assert!(line("pipes.ports").contains("built-in default"), "{text}");
+    assert!(!text.contains("s3cret-token"), "the token was printed");
+}
