@@ -305,7 +305,7 @@ async fn visit(mut tcp: TcpStream, pipe: Arc<Public>) {
     } = &pipe.spec;
     let refuse = |tcp: &TcpStream, why: &str| {
         tracing::debug!(id = %pipe.id, reason = why, "visitor refused");
-        mux::reset(tcp);
+        mux::reset_tcp(tcp);
     };
     let Some(link) = pipe.agents.get(device) else {
         return refuse(&tcp, "the device is not connected");

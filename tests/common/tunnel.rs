@@ -75,7 +75,7 @@ impl Relay {
                 "IOT_RELAY_STATE",
                 dir.join("mappings.json").display().to_string(),
             ),
-            ("IOT_RELAY_LOG__LEVEL", "debug".into()),
+            ("IOT_RELAY_LOG__LEVEL", "info,iot_agent=debug".into()),
         ];
         let mut relay = Relay {
             proc: AgentProcess::spawn(relay_command(&["run"], &env)),

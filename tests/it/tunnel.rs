@@ -276,3 +276,93 @@ fn iot_relay_config_shows_each_value_with_its_source() {
     assert!(line("pipes.ports").contains("built-in default"), "{text}");
     assert!(!text.contains("s3cret-token"), "the token was printed");
 }
+
+/// A visitor in the middle of an exchange: connected, one echo done.
+fn mid_exchange(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    s
+}
+
+#[test]
+fn a_killed_and_restarted_relay_gets_its_agent_back_on_the_same_ports() {
+    let echo = echo_service();
+    let (_pki, _dir, mut relay, mut agent) = rig(1, &[&echo]);
+    let port = relay.add_public(&echo, 10);
+    let mut visitor = mid_exchange(port);
+
+    relay.kill();
+    // The visitor's connection died with the relay: an error or the end,
+    // never a hang.
+    let _ = first_read(&mut visitor);
+    agent.wait_for("tunnel lost; reconnecting");
+    relay.restart();
+    assert_eq!(
+        relay.proc.count("pipe restored"),
+        1,
+        "{:?}",
+        relay.proc.seen
+    );
+    agent.wait_for("tunnel connected");
+    relay.proc.wait_for("agent connected");
+    assert_eq!(
+        round_trip(port, b"after the restart").unwrap(),
+        b"after the restart"
+    );
+}
+
+#[test]
+fn visitors_of_a_killed_agent_are_reset_at_once() {
+    let echo = echo_service();
+    let (_pki, _dir, mut relay, mut agent) = rig(1, &[&echo]);
+    let port = relay.add_public(&echo, 10);
+    let mut visitors: Vec<TcpStream> = (0..3).map(|_| mid_exchange(port)).collect();
+
+    agent.signal("KILL");
+    agent.wait_exit();
+    for v in &mut visitors {
+        assert_reset(first_read(v));
+    }
+    relay.proc.wait_for("agent disconnected");
+    let mut late = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_reset(first_read(&mut late));
+}
+
+#[test]
+fn a_frozen_agent_is_dropped_after_the_threshold_and_comes_back() {
+    let echo = echo_service();
+    let (_pki, _dir, mut relay, mut agent) = rig(1, &[&echo]);
+    let port = relay.add_public(&echo, 10);
+    let mut visitor = mid_exchange(port);
+
+    agent.signal("STOP");
+    let line = relay.proc.wait_for("agent disconnected");
+    assert!(line.contains("no heartbeat for 1s"), "{line}");
+    // Its visitor is reset, and a new one refused, while it is frozen.
+    assert_reset(first_read(&mut visitor));
+    let mut late = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_reset(first_read(&mut late));
+
+    agent.signal("CONT");
+    agent.wait_for("tunnel lost; reconnecting");
+    agent.wait_for("tunnel connected");
+    assert_eq!(round_trip(port, b"thawed").unwrap(), b"thawed");
+}
+
+#[test]
+fn a_visitor_sending_beat_and_authorized_has_them_carried_as_data() {
+    let echo = echo_service();
+    let (_pki, _dir, relay, _agent) = rig(1, &[&echo]);
+    let port = relay.add_public(&echo, 10);
+    for data in [
+        &b"BEAT"[..],
+        b"AUTHORIZED",
+        b"BEATBEATBEAT",
+        b"\0\0\0\x05hello",
+    ] {
+        assert_eq!(round_trip(port, data).unwrap(), data);
+    }
+}

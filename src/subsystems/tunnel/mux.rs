@@ -125,28 +125,151 @@ where
 
 /// Carries bytes both ways between a stream and a TCP connection until
 /// both directions are finished (each FIN passed on as a half-close), one
-/// side fails, or `stop` is cancelled (the tunnel connection ended). In
-/// the last two cases the TCP connection is reset, never just closed, so
-/// its peer knows the exchange did not complete.
+/// side fails or is reset, or `stop` resolves (the tunnel connection or the
+/// pipe ended). In the last cases the TCP connection is reset, never just
+/// closed, so its peer knows the exchange did not complete; the stream is
+/// dropped unclosed, which resets it.
 pub async fn splice(
     stream: &mut Stream,
     tcp: &mut tokio::net::TcpStream,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    // yamux reads a reset stream (or one of a lost connection) as an end
+    // of data; its state tells: closed both ways while we still write.
+    let reset = |s: &Stream, writing: bool| writing && s.get_ref().is_closed();
     let outcome = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(stream, tcp, COPY_BUF, COPY_BUF) => r.map(|_| ()).map_err(|e| e.to_string()),
+        r = copy::both_ways(tcp, stream, reset) => r.map_err(|e| e.to_string()),
         _ = stop => Err("the tunnel connection or the pipe ended".into()),
     };
     if outcome.is_err() {
-        reset(tcp);
+        reset_tcp(tcp);
     }
     outcome
 }
 
-/// The copy buffer of each direction of [`splice`].
-const COPY_BUF: usize = 16 * 1024;
-
 /// Makes the next close of `tcp` a reset (RST) instead of a FIN.
-pub fn reset(tcp: &tokio::net::TcpStream) {
+pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+pub mod copy {
+    //! A bidirectional copy whose buffers exist only while bytes move: an
+    //! idle direction holds none (a thousand idle visitors cost their
+    //! sockets and streams, not 2 x 16 KiB each), and a reset seen as an
+    //! end of data can be told apart by the caller.
+
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{ready, Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// Copy buffer of one direction while it is busy.
+    pub const BUF: usize = 32 * 1024;
+
+    #[derive(Default)]
+    struct Half {
+        buf: Option<Box<[u8]>>,
+        pos: usize,
+        end: usize,
+        eof: bool,
+        done: bool,
+    }
+
+    impl Half {
+        /// Moves bytes from `r` to `w` until `r` ends (then shuts `w`
+        /// down: the half-close) or nothing is ready.
+        fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+        where
+            R: AsyncRead + Unpin,
+            W: AsyncWrite + Unpin,
+        {
+            loop {
+                if self.pos < self.end {
+                    let buf = self.buf.as_ref().expect("data is in the buffer");
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.end]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pos += n;
+                    continue;
+                }
+                if self.eof {
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let buf = self
+                    .buf
+                    .get_or_insert_with(|| vec![0; BUF].into_boxed_slice());
+                let mut rb = ReadBuf::new(buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        (self.pos, self.end) = (0, n);
+                        if n == 0 {
+                            self.eof = true;
+                            self.buf = None;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Idle: give the buffer back, push out what was written.
+                        self.buf = None;
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `a` to `b` and `b` to `a` until both have ended. When `b`
+    /// ends while `a` still writes to it, `reset_b(b, true)` says whether
+    /// that end was a reset (an error then).
+    pub async fn both_ways<A, B>(
+        a: &mut A,
+        b: &mut B,
+        reset_b: impl Fn(&B, bool) -> bool,
+    ) -> io::Result<()>
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut up, mut down) = (Half::default(), Half::default());
+        std::future::poll_fn(|cx| {
+            // `b`'s end of data is checked the moment it is read, before
+            // the FIN is passed on, so a reset never looks like a FIN.
+            while !down.done {
+                let was_eof = down.eof;
+                let r = down.poll(cx, b, a);
+                if !was_eof && down.eof && reset_b(b, !up.done) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "reset by the other end of the tunnel",
+                    )));
+                }
+                match r {
+                    Poll::Ready(Ok(())) if down.eof && !down.done => continue,
+                    Poll::Ready(Ok(())) => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            while !up.done {
+                match up.poll(cx, a, b) {
+                    Poll::Ready(Ok(())) if up.eof && !up.done => continue,
+                    Poll::Ready(Ok(())) => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if up.done && down.done {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
 }
