@@ -8,6 +8,7 @@ pub mod agents;
 pub mod config;
 pub mod mapping_api;
 pub mod pipes;
+pub mod private;
 
 use crate::supervisor::Shutdown;
 use anyhow::{anyhow, bail, Context};

@@ -1,7 +1,8 @@
 //! Pipes: relay ports open to visitors. A **public** pipe carries each
-//! visitor as a new stream to a device's local target. Mappings are kept
-//! in the state file, so after a restart every pipe is back on its ports
-//! (the lease), whether or not its agent is connected yet.
+//! visitor as a new stream to a device's local target; a **private** pipe
+//! ([`super::private`]) joins connections on its two ports. Mappings are
+//! kept in the state file, so after a restart every pipe is back on its
+//! ports (the lease), whether or not its agent is connected yet.
 
 use super::agents::Agents;
 use crate::subsystems::tunnel::mux;
@@ -35,10 +36,25 @@ pub enum Spec {
         device: String,
         target: String,
     },
+    /// Two ports joined through the relay, each side with its passcode.
+    Private {
+        #[serde(default = "one")]
+        maxconnectionsport1: u32,
+        #[serde(default = "one")]
+        maxconnectionsport2: u32,
+        /// Milliseconds a waiting side may leave a `BEAT` unanswered.
+        #[serde(default = "default_threshold")]
+        heartbeatabsencethresholdport1: u64,
+        #[serde(default = "default_threshold")]
+        heartbeatabsencethresholdport2: u64,
+    },
 }
 
 fn default_max() -> u32 {
     60
+}
+fn one() -> u32 {
+    1
 }
 fn default_threshold() -> u64 {
     200_000
@@ -63,7 +79,7 @@ pub enum AddError {
     Bad(String),
     #[error("no free port in pipes.ports")]
     NoPort,
-    #[error("a mapping for this device and target exists: {0}")]
+    #[error("a public mapping for this device and target exists: {0}")]
     Duplicate(String),
     #[error("{0}")]
     Internal(String),
@@ -71,8 +87,8 @@ pub enum AddError {
 
 struct Running {
     mapping: Mapping,
-    /// Visitors connected now.
-    active: Arc<AtomicU32>,
+    /// Connections now, on port1 and on port2.
+    active: [Arc<AtomicU32>; 2],
     /// Cancelled when the mapping is removed: its port closes, its
     /// visitors are reset.
     stop: CancellationToken,
@@ -124,61 +140,113 @@ impl Pipes {
             .map_err(|e| anyhow::anyhow!("{} is not a mapping list: {e}", self.state.display()))?;
         let mut running = self.running.lock().expect("pipes lock");
         for m in mappings {
-            let listener = match self.listen(m.port2) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::error!(id = %m.id, port = m.port2, error = %e, "cannot listen again on a pipe's port");
-                    None
-                }
+            let ports = match m.spec {
+                Spec::Public { .. } => vec![m.port2],
+                Spec::Private { .. } => vec![m.port1, m.port2],
             };
-            tracing::info!(id = %m.id, port = m.port2, "pipe restored");
-            let r = self.start(m, listener);
+            let listeners: Option<Vec<TcpListener>> = ports
+                .iter()
+                .map(|&port| {
+                    self.listen(port)
+                        .inspect_err(|e| {
+                            tracing::error!(id = %m.id, port, error = %e, "cannot listen again on a pipe's port")
+                        })
+                        .ok()
+                })
+                .collect();
+            tracing::info!(id = %m.id, ports = ?ports, "pipe restored");
+            let r = self.start(m, listeners.unwrap_or_default());
             running.insert(r.mapping.id.clone(), r);
         }
         Ok(())
     }
 
     pub fn add(&self, spec: Spec) -> Result<Mapping, AddError> {
-        let Spec::Public {
-            device,
-            target,
-            maxconnections,
-            ..
-        } = &spec;
-        if device.is_empty() || target.is_empty() {
-            return Err(AddError::Bad(
-                "a public mapping needs device and target".into(),
-            ));
-        }
-        if *maxconnections == 0 {
-            return Err(AddError::Bad("maxconnections must be at least 1".into()));
-        }
+        let ports_needed = match &spec {
+            Spec::Public {
+                device,
+                target,
+                maxconnections,
+                ..
+            } => {
+                if device.is_empty() || target.is_empty() {
+                    return Err(AddError::Bad(
+                        "a public mapping needs device and target".into(),
+                    ));
+                }
+                if *maxconnections == 0 {
+                    return Err(AddError::Bad("maxconnections must be at least 1".into()));
+                }
+                1
+            }
+            Spec::Private {
+                maxconnectionsport1: m1,
+                maxconnectionsport2: m2,
+                heartbeatabsencethresholdport1: t1,
+                heartbeatabsencethresholdport2: t2,
+            } => {
+                if *m1 == 0 || *m2 == 0 {
+                    return Err(AddError::Bad(
+                        "maxconnectionsport1 and maxconnectionsport2 must be at least 1".into(),
+                    ));
+                }
+                if *t1 < 100 || *t2 < 100 {
+                    return Err(AddError::Bad(
+                        "heartbeat absence thresholds are milliseconds, at least 100".into(),
+                    ));
+                }
+                2
+            }
+        };
         let mut running = self.running.lock().expect("pipes lock");
-        if let Some(r) = running.values().find(|r| r.mapping.spec == spec) {
-            return Err(AddError::Duplicate(r.mapping.id.clone()));
+        if let Spec::Public { device, target, .. } = &spec {
+            let same = |r: &&Running| matches!(&r.mapping.spec, Spec::Public { device: d, target: t, .. } if d == device && t == target);
+            if let Some(r) = running.values().find(same) {
+                return Err(AddError::Duplicate(r.mapping.id.clone()));
+            }
         }
-        let used: Vec<u16> = running.values().map(|r| r.mapping.port2).collect();
-        let (port, listener) = self
+        let used: Vec<u16> = running
+            .values()
+            .flat_map(|r| [r.mapping.port1, r.mapping.port2])
+            .collect();
+        let mut listeners: Vec<(u16, TcpListener)> = self
             .pool
             .iter()
             .filter(|p| !used.contains(p))
-            .find_map(|&p| self.listen(p).ok().map(|l| (p, l)))
-            .ok_or(AddError::NoPort)?;
+            .filter_map(|&p| self.listen(p).ok().map(|l| (p, l)))
+            .take(ports_needed)
+            .collect();
+        if listeners.len() < ports_needed {
+            return Err(AddError::NoPort);
+        }
+        let passcode = || Alphanumeric.sample_string(&mut rand::rng(), PASSCODE_LEN);
+        let (port1, port2, passcode1, passcode2) = match &spec {
+            Spec::Public { .. } => (
+                self.agents_port,
+                listeners[0].0,
+                String::new(),
+                String::new(),
+            ),
+            Spec::Private { .. } => (listeners[0].0, listeners[1].0, passcode(), passcode()),
+        };
         let mapping = Mapping {
             id: Alphanumeric
                 .sample_string(&mut rand::rng(), 16)
                 .to_lowercase(),
             spec,
-            port1: self.agents_port,
-            port2: port,
-            passcode1: String::new(),
-            passcode2: String::new(),
+            port1,
+            port2,
+            passcode1,
+            passcode2,
             timestamp: crate::clock::now_ms(),
         };
-        let r = self.start(mapping.clone(), Some(listener));
+        let r = self.start(
+            mapping.clone(),
+            listeners.drain(..).map(|(_, l)| l).collect(),
+        );
         running.insert(mapping.id.clone(), r);
         self.save(&running).map_err(AddError::Internal)?;
-        tracing::info!(id = %mapping.id, port = port, "pipe added");
+        tracing::info!(id = %mapping.id, port1, port2, "pipe added");
         Ok(mapping)
     }
 
@@ -201,14 +269,22 @@ impl Pipes {
             .values()
             .map(|r| {
                 let m = &r.mapping;
-                let Spec::Public { device, .. } = &m.spec;
                 let mut v = serde_json::to_value(&m.spec).unwrap_or_default();
                 v["id"] = m.id.clone().into();
                 v["port1"] = m.port1.into();
                 v["port2"] = m.port2.into();
                 v["timestamp"] = m.timestamp.into();
-                v["connected"] = self.agents.is_connected(device).into();
-                v["connections"] = r.active.load(Ordering::Relaxed).into();
+                let count = |i: usize| r.active[i].load(Ordering::Relaxed);
+                match &m.spec {
+                    Spec::Public { device, .. } => {
+                        v["connected"] = self.agents.is_connected(device).into();
+                        v["connections"] = count(1).into();
+                    }
+                    Spec::Private { .. } => {
+                        v["connectionsport1"] = count(0).into();
+                        v["connectionsport2"] = count(1).into();
+                    }
+                }
                 v
             })
             .collect()
@@ -228,19 +304,35 @@ impl Pipes {
             .map_err(|e| format!("cannot write {}: {e}", self.state.display()))
     }
 
-    fn start(&self, mapping: Mapping, listener: Option<TcpListener>) -> Running {
-        let active = Arc::new(AtomicU32::new(0));
+    /// Starts serving a mapping on its listeners (none: it is only kept).
+    fn start(&self, mapping: Mapping, listeners: Vec<TcpListener>) -> Running {
+        let active = [Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0))];
         let stop = self.shutdown.token().child_token();
-        if let Some(listener) = listener {
-            let pipe = Arc::new(Public {
-                id: mapping.id.clone(),
-                spec: mapping.spec.clone(),
-                active: active.clone(),
-                stop: stop.clone(),
-                agents: self.agents.clone(),
-            });
-            let tasks = self.shutdown.clone();
-            self.shutdown.spawn(accept(listener, pipe, tasks));
+        let tasks = self.shutdown.clone();
+        match &mapping.spec {
+            Spec::Public { .. } => {
+                let pipe = Arc::new(Public {
+                    id: mapping.id.clone(),
+                    spec: mapping.spec.clone(),
+                    active: active[1].clone(),
+                    stop: stop.clone(),
+                    agents: self.agents.clone(),
+                });
+                for l in listeners {
+                    self.shutdown.spawn(accept(l, pipe.clone(), tasks.clone()));
+                }
+            }
+            Spec::Private { .. } => {
+                // Without both ports (one could not be bound again) the
+                // mapping is kept, not served.
+                if let Ok([l1, l2]) = <[TcpListener; 2]>::try_from(listeners) {
+                    let pipe = super::private::Private::new(&mapping, active.clone(), stop.clone());
+                    self.shutdown
+                        .spawn(super::private::accept(l1, 0, pipe.clone(), tasks.clone()));
+                    self.shutdown
+                        .spawn(super::private::accept(l2, 1, pipe, tasks));
+                }
+            }
         }
         Running {
             mapping,
@@ -249,6 +341,9 @@ impl Pipes {
         }
     }
 }
+
+/// Length of generated passcodes (letters and digits).
+pub const PASSCODE_LEN: usize = 32;
 
 /// A public pipe's listener side.
 struct Public {
@@ -275,10 +370,10 @@ async fn accept(listener: TcpListener, pipe: Arc<Public>, tasks: Shutdown) {
 }
 
 /// Holds one of a pipe's `maxconnections` while a visitor is served.
-struct Slot(Arc<AtomicU32>);
+pub(super) struct Slot(Arc<AtomicU32>);
 
 impl Slot {
-    fn take(active: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
+    pub(super) fn take(active: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
         active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
@@ -302,7 +397,10 @@ async fn visit(mut tcp: TcpStream, pipe: Arc<Public>) {
         target,
         maxconnections,
         ..
-    } = &pipe.spec;
+    } = &pipe.spec
+    else {
+        unreachable!("a public pipe's spec")
+    };
     let refuse = |tcp: &TcpStream, why: &str| {
         tracing::debug!(id = %pipe.id, reason = why, "visitor refused");
         mux::reset_tcp(tcp);

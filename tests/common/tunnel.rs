@@ -280,3 +280,41 @@ pub fn first_read(s: &mut TcpStream) -> std::io::Result<usize> {
     let mut buf = [0u8; 64];
     s.read(&mut buf)
 }
+
+/// One side of a private pipe: connect, send the passcode, read
+/// `AUTHORIZED`.
+pub fn private_side(port: u16, passcode: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(passcode.as_bytes())?;
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"AUTHORIZED");
+    Ok(s)
+}
+
+/// Answers the relay's `BEAT`s until it says `PAIRED`; returns how many
+/// heartbeats were answered.
+pub fn until_paired(s: &mut TcpStream) -> std::io::Result<usize> {
+    let mut beats = 0;
+    loop {
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first)?;
+        match first[0] {
+            b'B' => {
+                let mut rest = [0u8; 3];
+                s.read_exact(&mut rest)?;
+                assert_eq!(&rest, b"EAT");
+                s.write_all(b"BEAT")?;
+                beats += 1;
+            }
+            b'P' => {
+                let mut rest = [0u8; 5];
+                s.read_exact(&mut rest)?;
+                assert_eq!(&rest, b"AIRED");
+                return Ok(beats);
+            }
+            other => panic!("unexpected byte {other} before PAIRED"),
+        }
+    }
+}

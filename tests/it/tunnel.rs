@@ -3,8 +3,8 @@
 
 use crate::common::tls::TestPki;
 use crate::common::tunnel::{
-    api, echo_service, first_read, relay_command, round_trip, start_agent, web_page, Relay, DEVICE,
-    TOKEN,
+    api, echo_service, first_read, private_side, relay_command, round_trip, start_agent,
+    until_paired, web_page, Relay, DEVICE, TOKEN,
 };
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -365,4 +365,134 @@ fn a_visitor_sending_beat_and_authorized_has_them_carried_as_data() {
     ] {
         assert_eq!(round_trip(port, data).unwrap(), data);
     }
+}
+
+/// A private pipe: (port1, passcode1, port2, passcode2).
+fn private_pipe(relay: &Relay, max: u32, threshold_ms: u64) -> (u16, String, u16, String) {
+    let (status, a) = relay.add(&serde_json::json!({
+        "type": "private", "maxconnectionsport1": max, "maxconnectionsport2": max,
+        "heartbeatabsencethresholdport1": threshold_ms, "heartbeatabsencethresholdport2": threshold_ms,
+    }));
+    assert_eq!(status, 200, "{a}");
+    let s = |k: &str| a[k].as_str().unwrap().to_string();
+    let p = |k: &str| a[k].as_u64().unwrap() as u16;
+    assert_ne!(s("passcode1"), s("passcode2"));
+    (p("port1"), s("passcode1"), p("port2"), s("passcode2"))
+}
+
+#[test]
+fn a_private_pipe_joins_its_two_sides_and_carries_beat_as_data() {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 2);
+    let (port1, pass1, port2, pass2) = private_pipe(&relay, 4, 300);
+
+    // Side 1 waits and answers a heartbeat; then side 2 comes.
+    let (answered_tx, answered) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let mut s = private_side(port1, &pass1).unwrap();
+        let mut beat = [0u8; 4];
+        s.read_exact(&mut beat).unwrap();
+        assert_eq!(&beat, b"BEAT");
+        s.write_all(b"BEAT").unwrap();
+        answered_tx.send(()).unwrap();
+        until_paired(&mut s).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap(); // up to side 2's FIN
+        s.write_all(b"BEAT").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        got
+    });
+    answered.recv().unwrap();
+    let mut s2 = private_side(port2, &pass2).unwrap();
+    until_paired(&mut s2).unwrap();
+    s2.write_all(b"BEATAUTHORIZEDPAIRED").unwrap();
+    s2.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s2.read_to_end(&mut back).unwrap();
+    let got = waiter.join().unwrap();
+    assert_eq!(got, b"BEATAUTHORIZEDPAIRED");
+    assert_eq!(back, b"BEAT");
+}
+
+#[test]
+fn a_private_pipe_carries_many_pairs_each_its_own_and_refuses_the_rest() {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 2);
+    let (port1, pass1, port2, pass2) = private_pipe(&relay, 3, 5000);
+
+    // Wrong passcode, and the right one on the wrong port: reset.
+    let mut wrong = TcpStream::connect(("127.0.0.1", port1)).unwrap();
+    wrong.write_all(&[b'x'; 32]).unwrap();
+    assert_reset(first_read(&mut wrong));
+    let mut swapped = TcpStream::connect(("127.0.0.1", port2)).unwrap();
+    swapped.write_all(pass1.as_bytes()).unwrap();
+    assert_reset(first_read(&mut swapped));
+
+    let sides1: Vec<TcpStream> = (0..3)
+        .map(|_| private_side(port1, &pass1).unwrap())
+        .collect();
+    // maxconnectionsport1 + 1: reset before any passcode is read.
+    let mut extra = TcpStream::connect(("127.0.0.1", port1)).unwrap();
+    assert_reset(first_read(&mut extra));
+
+    // Which port1 connection a port2 one is joined with is the relay's
+    // choice (the oldest waiting); each must get one whole message.
+    let readers: Vec<_> = sides1
+        .into_iter()
+        .map(|mut s1| {
+            std::thread::spawn(move || {
+                until_paired(&mut s1).unwrap();
+                let mut got = Vec::new();
+                s1.read_to_end(&mut got).unwrap();
+                got
+            })
+        })
+        .collect();
+    let sent: Vec<Vec<u8>> = (0..3)
+        .map(|i| format!("pair {i} ").repeat(1000).into_bytes())
+        .collect();
+    let writers: Vec<_> = sent
+        .iter()
+        .cloned()
+        .map(|msg| {
+            let pass2 = pass2.clone();
+            std::thread::spawn(move || {
+                let mut s2 = private_side(port2, &pass2).unwrap();
+                until_paired(&mut s2).unwrap();
+                s2.write_all(&msg).unwrap();
+                s2.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut got: Vec<Vec<u8>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    got.sort();
+    assert!(got == sent, "messages were mixed or lost");
+}
+
+#[test]
+fn a_waiting_private_side_that_stops_answering_is_reset_after_its_threshold() {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 2);
+    let (port1, pass1, _, _) = private_pipe(&relay, 1, 300);
+    let mut s = private_side(port1, &pass1).unwrap();
+    // Read the relay's BEATs but never answer: reset after 300 ms.
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    let err = loop {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("closed, not reset"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert!(got.starts_with(b"BEAT"), "{got:?}");
+    // Its slot is free again.
+    private_side(port1, &pass1).unwrap();
 }
