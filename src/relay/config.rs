@@ -193,6 +193,16 @@ impl<P: figment::Provider> figment::Provider for Named<P> {
     }
 }
 
+/// Every key of the relay's namespace, sorted (the README's table lists
+/// exactly these).
+pub fn known_keys() -> Vec<String> {
+    let value = serde_json::to_value(RelayConfig::default()).unwrap_or_default();
+    let mut keys = Vec::new();
+    flatten_json("", &value, &mut |k, _| keys.push(k.to_string()));
+    keys.sort();
+    keys
+}
+
 /// The ports of `pipes.ports` minus `pipes.exclude`, in order.
 pub fn port_pool(p: &PipesConfig) -> Result<Vec<u16>, String> {
     let parse = |list: &StringList| -> Result<Vec<u16>, String> {

@@ -496,3 +496,58 @@ fn a_waiting_private_side_that_stops_answering_is_reset_after_its_threshold() {
     // Its slot is free again.
     private_side(port1, &pass1).unwrap();
 }
+
+/// The README's walk-through, run as written (with free ports): relay,
+/// agent, a public pipe added with curl over HTTPS, the device's page
+/// fetched through the relay port.
+#[test]
+fn the_readme_walk_through_works() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let script: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| *l != "<!-- tunnel walk-through -->")
+        .skip(2)
+        .take_while(|l| *l != "```")
+        .collect();
+    assert!(script[0].starts_with("AGENTS_PORT="), "{script:?}");
+    use crate::common::servers::free_port;
+    let first = format!(
+        "AGENTS_PORT={} API_PORT={} PIPE_PORTS={} PAGE_PORT={}",
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port()
+    );
+    let body = script[1..].join("\n");
+    let bins = std::path::Path::new(crate::common::tunnel::RELAY_BIN)
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // Whatever happens, the background processes go with the script.
+    let full = format!("trap 'kill $(jobs -p) 2>/dev/null' EXIT\n{first}\n{body}\n");
+    let out = std::process::Command::new("timeout")
+        .args(["120", "bash", "-euo", "pipefail", "-c", &full])
+        .env_clear()
+        .env("PATH", path)
+        // Not the machine's NATS, snapd or identity service: none at all.
+        .env(
+            "IOT_AGENT_NATS__URL",
+            format!("nats://127.0.0.1:{}", free_port()),
+        )
+        .env("IOT_AGENT_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("IOT_AGENT_SNAPD__SOCKET", "/nonexistent/snapd.socket")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.trim_end().ends_with("hello from the device"),
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
