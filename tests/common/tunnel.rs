@@ -318,3 +318,17 @@ pub fn until_paired(s: &mut TcpStream) -> std::io::Result<usize> {
         }
     }
 }
+
+/// A device-local service that accepts and never reads: a stream to it
+/// stalls once its credit and the socket buffers are full.
+pub fn stalled_service() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    addr
+}

@@ -551,3 +551,53 @@ fn the_readme_walk_through_works() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_stalled_stream_does_not_hold_up_another_on_the_same_connection() {
+    let echo = echo_service();
+    let sink = crate::common::tunnel::stalled_service();
+    let (_pki, _dir, relay, _agent) = rig(2, &[&echo, &sink]);
+    let stalled = relay.add_public(&sink, 1);
+    let port = relay.add_public(&echo, 10);
+
+    // Fill the stalled stream until the relay stops taking its bytes.
+    let (full_tx, full) = std::sync::mpsc::channel();
+    let mut bulk = TcpStream::connect(("127.0.0.1", stalled)).unwrap();
+    let writer = std::thread::spawn(move || {
+        bulk.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        loop {
+            match bulk.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // Blocked for good once nothing moves for a while:
+                    // poll a few times to be sure it is not just slow.
+                    let mut moved = false;
+                    for _ in 0..50 {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        if let Ok(n) = bulk.write(&chunk) {
+                            sent += n;
+                            moved = true;
+                            break;
+                        }
+                    }
+                    if !moved {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        full_tx.send(sent).unwrap();
+        bulk
+    });
+    let sent = full.recv().unwrap();
+    assert!(sent >= 256 * 1024, "only {sent} bytes before the stall");
+    // The other stream still carries its small exchanges.
+    for i in 0..20 {
+        let msg = format!("small write {i}");
+        assert_eq!(round_trip(port, msg.as_bytes()).unwrap(), msg.as_bytes());
+    }
+    drop(writer.join().unwrap());
+}
