@@ -102,38 +102,7 @@ enum Command {
     /// Sign an action JSON for one device with a private key (the operator's
     /// side of dms.signing; needs no agent or configuration), or make a key.
     /// Prints the signed envelope to publish in place of the action.
-    #[command(
-        after_help = "Examples:\n  iot-agent sign --keygen --key ops-2026.key --kid ops-2026\n  \
-iot-agent sign --key ops-2026.key --kid ops-2026 --aud DEVICE_ID \\\n      \
-'{\"id\":\"a1\",\"action\":\"install\",\"snap\":\"hello\",\"data\":\"\"}'"
-    )]
-    Sign {
-        /// The private key file (PKCS#8 PEM, mode 0600; `openssl genpkey
-        /// -algorithm ed25519` writes one too).
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-        /// The key's id, as the device knows it in dms.signing.keys.
-        #[arg(long)]
-        kid: String,
-        /// Write a new key to --key (never over an existing file) and print
-        /// its dms.signing.keys entry.
-        #[arg(long, conflicts_with_all = ["public", "aud", "file", "action"])]
-        keygen: bool,
-        /// Print the dms.signing.keys entry of --key.
-        #[arg(long, conflicts_with_all = ["aud", "file", "action"])]
-        public: bool,
-        /// The device: its device id (DMS topic) or its serial (per-serial tree).
-        #[arg(long, required_unless_present_any = ["keygen", "public"])]
-        aud: Option<String>,
-        /// How long the signature stays valid (at most the device's dms.signing.lifetime).
-        #[arg(long, default_value = "1h", value_name = "DURATION")]
-        ttl: humantime::Duration,
-        /// Read the action from this file.
-        #[arg(long, value_name = "FILE", conflicts_with = "action")]
-        file: Option<PathBuf>,
-        /// The action JSON itself (else --file, else standard input).
-        action: Option<String>,
-    },
+    Sign(commands::sign::SignArgs),
     /// Print the agent's version.
     Version,
 }
@@ -185,37 +154,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         commands::write_stdout(&format!("iot-agent {}\n", env!("CARGO_PKG_VERSION")))?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Command::Sign {
-        key,
-        kid,
-        keygen,
-        public,
-        aud,
-        ttl,
-        file,
-        action,
-    } = &cli.command
-    {
+    if let Command::Sign(args) = &cli.command {
         // The operator's machine: no configuration is read.
-        use commands::sign;
-        return if *keygen {
-            sign::keygen(key, kid)
-        } else if *public {
-            sign::public(key, kid)
-        } else {
-            let from = match (action, file) {
-                (Some(a), _) => sign::Action::Arg(a),
-                (None, Some(f)) => sign::Action::File(f),
-                (None, None) => sign::Action::Stdin,
-            };
-            let aud = aud.as_deref().unwrap_or_default();
-            sign::sign(key, kid, aud, (*ttl).into(), from)
-        };
+        return commands::sign::run(args);
     }
     let loaded = config::layers::load(&LoadOptions { file: cli.config })?;
     let warn = |w: &String| eprintln!("warning: {w}");
     match cli.command {
-        Command::Version | Command::Sign { .. } => unreachable!("handled above"),
+        Command::Version | Command::Sign(_) => unreachable!("handled above"),
         Command::Config {
             json,
             check,

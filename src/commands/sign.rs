@@ -1,4 +1,4 @@
-//! `iot-agent sign`: the operator's half of signed actions. Signs an
+//! `iot-agent sign` (and `iot-relay sign`): the operator's half of signed actions. Signs an
 //! action JSON for one device with a private key file, so an operator or a
 //! DMS integration can publish it (README, "Signed actions"); `--keygen`
 //! makes a key, `--public` prints the `dms.signing.keys` entry of one.
@@ -9,9 +9,62 @@
 use crate::signing::{self, keys};
 use anyhow::{bail, Context};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+
+/// The options of `sign`, the same in `iot-agent sign` and `iot-relay sign`
+/// (the operator's side may have either binary).
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  sign --keygen --key ops-2026.key --kid ops-2026\n  \
+sign --key ops-2026.key --kid ops-2026 --aud DEVICE_ID \\\n      \
+'{\"id\":\"a1\",\"action\":\"install\",\"snap\":\"hello\",\"data\":\"\"}'"
+)]
+pub struct SignArgs {
+    /// The private key file (PKCS#8 PEM, mode 0600; `openssl genpkey
+    /// -algorithm ed25519` writes one too).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// The key's id, as the device knows it in dms.signing.keys.
+    #[arg(long)]
+    pub kid: String,
+    /// Write a new key to --key (never over an existing file) and print
+    /// its dms.signing.keys entry.
+    #[arg(long, conflicts_with_all = ["public", "aud", "file", "action"])]
+    pub keygen: bool,
+    /// Print the dms.signing.keys entry of --key.
+    #[arg(long, conflicts_with_all = ["aud", "file", "action"])]
+    pub public: bool,
+    /// The device: its device id (DMS topic) or its serial (per-serial tree).
+    #[arg(long, required_unless_present_any = ["keygen", "public"])]
+    pub aud: Option<String>,
+    /// How long the signature stays valid (at most the device's dms.signing.lifetime).
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub ttl: humantime::Duration,
+    /// Read the action from this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "action")]
+    pub file: Option<PathBuf>,
+    /// The action JSON itself (else --file, else standard input).
+    pub action: Option<String>,
+}
+
+/// Runs `sign` as its options say.
+pub fn run(a: &SignArgs) -> anyhow::Result<ExitCode> {
+    if a.keygen {
+        return keygen(&a.key, &a.kid);
+    }
+    if a.public {
+        return public(&a.key, &a.kid);
+    }
+    let from = match (&a.action, &a.file) {
+        (Some(act), _) => Action::Arg(act),
+        (None, Some(f)) => Action::File(f),
+        (None, None) => Action::Stdin,
+    };
+    let aud = a.aud.as_deref().unwrap_or_default();
+    sign(&a.key, &a.kid, aud, a.ttl.into(), from)
+}
 
 /// Where the action comes from.
 pub enum Action<'a> {

@@ -25,6 +25,7 @@ mod signing;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;
+mod tunnel;
 
 /// The snap-pack tool's code (layout, meta/snap.yaml, checks), shared with
 /// `scripts/snap-pack`.

@@ -281,6 +281,17 @@ fn the_signer_command_makes_keys_and_envelopes_the_device_accepts() {
 
     let again = run_once(&["sign", "--keygen", "--key", &path, "--kid", "ops-1"], &[]);
     assert!(!again.status.success(), "a key file was replaced");
+    // The relay binary (the operator's side) signs the same way.
+    let relay = std::process::Command::new(env!("CARGO_BIN_EXE_iot-relay"))
+        .args(["sign", "--public", "--key", &path, "--kid", "ops-1"])
+        .output()
+        .unwrap();
+    assert!(
+        relay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relay.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&relay.stdout).trim(), entry);
 
     let act = r#"{"id":"c1","action":"install","snap":"hello","data":""}"#;
     let out = run_once(
