@@ -461,3 +461,54 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::Check;
+
+    #[test]
+    fn a_signed_id_seen_before_is_a_replay_unless_the_broker_redelivers_it() {
+        let req = Request {
+            id: "a".into(),
+            action: "install".into(),
+            snap: "x".into(),
+            data: String::new(),
+        };
+        let signed = Verified {
+            payload: Vec::new(),
+            kid: "k".into(),
+            nonce: "a".into(),
+            exp: 0,
+        };
+        let again = Admission::Again {
+            state: State::Done,
+            response: None,
+            completion: None,
+        };
+        let conflict = Admission::Conflict {
+            action: "remove".into(),
+        };
+        let pruned = Admission::Replayed { received_ms: 0 };
+        // Unsigned: the ledger's rules as before.
+        for a in [&Admission::New, &again, &conflict] {
+            assert!(replay(&req, None, false, a).is_none());
+        }
+        assert!(replay(&req, Some(&signed), false, &Admission::New).is_none());
+        // The broker's redelivery: answered from the ledger, not refused.
+        assert!(replay(&req, Some(&signed), true, &again).is_none());
+        for (a, dup) in [
+            (&again, false),
+            (&conflict, false),
+            (&conflict, true),
+            (&pruned, false),
+            (&pruned, true),
+        ] {
+            let r = replay(&req, Some(&signed), dup, a).expect("a replay");
+            assert_eq!(
+                (r.check, r.id.as_str(), r.action.as_str()),
+                (Check::Replay, "a", "install")
+            );
+        }
+    }
+}
