@@ -161,6 +161,7 @@ fn required_queue(
             attempts: config.required.attempts.max(1),
             retry_max: config.required.retry.max.get(),
             change_timeout: config.dms.change.timeout.get(),
+            signing: Arc::new(crate::signing::Policy::from_config(&config.dms.signing)),
         },
     )
 }

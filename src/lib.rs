@@ -13,6 +13,7 @@
 //!   [`subsystems::changes`] (poller, SQLite history, watchdog),
 //!   [`subsystems::export`] (store-and-forward telemetry) and the
 //!   [`subsystems::tunnel`] client (off until configured);
+//! - [`signing`]: signed actions (Ed25519 JWS): the verifier, the keys, the signer's half;
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
 //! - [`clock`]: the wall clock ("now" in s, ms, ns) and snapd's RFC 3339 timestamps;
@@ -38,6 +39,7 @@ pub mod logging;
 pub mod nats_server;
 pub mod relay;
 pub mod services;
+pub mod signing;
 pub mod snapd;
 pub mod subsystems;
 pub mod supervisor;

@@ -99,6 +99,10 @@ enum Command {
     /// Write the configuration as `nats-config` does, then run nats-server
     /// with it (what the snap's `nats` daemon runs).
     NatsServer,
+    /// Sign an action JSON for one device with a private key (the operator's
+    /// side of dms.signing; needs no agent or configuration), or make a key.
+    /// Prints the signed envelope to publish in place of the action.
+    Sign(commands::sign::SignArgs),
     /// Print the agent's version.
     Version,
 }
@@ -150,10 +154,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         commands::write_stdout(&format!("iot-agent {}\n", env!("CARGO_PKG_VERSION")))?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Sign(args) = &cli.command {
+        // The operator's machine: no configuration is read.
+        return commands::sign::run(args);
+    }
     let loaded = config::layers::load(&LoadOptions { file: cli.config })?;
     let warn = |w: &String| eprintln!("warning: {w}");
     match cli.command {
-        Command::Version => unreachable!("handled above"),
+        Command::Version | Command::Sign(_) => unreachable!("handled above"),
         Command::Config {
             json,
             check,

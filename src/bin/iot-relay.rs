@@ -37,6 +37,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Sign an action JSON for one device with a private key, or make a key
+    /// (the operator's side of the agent's dms.signing; reads no
+    /// configuration). Prints the signed envelope to publish in place of the
+    /// action; the same as `iot-agent sign`.
+    Sign(iot_agent::commands::sign::SignArgs),
     /// Print the relay's version.
     Version,
 }
@@ -57,9 +62,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         println!("iot-relay {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if let Command::Sign(args) = &cli.command {
+        iot_agent::commands::sign::run(args)?;
+        return Ok(());
+    }
     let loaded = relay::config::load(cli.config)?;
     match cli.command {
-        Command::Version => unreachable!("handled above"),
+        Command::Version | Command::Sign(_) => unreachable!("handled above"),
         Command::Config { json } => {
             iot_agent::commands::config::print_values(loaded.effective(), json)
         }

@@ -120,12 +120,33 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, ConfigError> {
         },
         &mut config,
     );
+    check_together(&figment, &config)?;
     let unknown = unknown_keys(&figment)?;
     Ok(Loaded {
         config,
         unknown,
         figment,
     })
+}
+
+/// Values that are valid alone but not together.
+fn check_together(figment: &Figment, config: &Config) -> Result<(), ConfigError> {
+    let signing = &config.dms.signing;
+    if signing.required && signing.keys.is_empty() {
+        let key = "dms.signing.required";
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            value: "true".into(),
+            origin: figment
+                .find_metadata(key)
+                .map(|m| source_of(m, key))
+                .unwrap_or(Source::Default),
+            message: "dms.signing.keys is empty, so every action would be refused: \
+                      set the keys first (or together)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// The `dirs` table alone (the rest of the keys are ignored here).

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
 pub use values::{
-    Duration, ExpandPath, LogLevel, NatsUrl, OptPath, PemSource, ServiceUrl, StringList,
-    UpstreamUrl,
+    Duration, ExpandPath, LogLevel, NatsUrl, OptPath, PemSource, ServiceUrl, SigningKeys,
+    StringList, UpstreamUrl,
 };
 
 /// Declares a configuration section: the struct, deserialized with
@@ -267,6 +267,28 @@ section! {
         pub keepalive: Duration = Duration::from_secs(30),
         pub actions: DmsActions,
         pub ledger: DmsLedger,
+        pub signing: DmsSigning,
+    }
+}
+
+section! {
+    /// `dms.signing.*`: signed actions (README, "Signed actions"), for the
+    /// DMS topic and the per-serial tree alike.
+    pub struct DmsSigning {
+        /// Ed25519 public keys whose signatures are accepted, each
+        /// `kid:key` (base64url), comma separated; several at once for a
+        /// rotation, and a key left out is revoked.
+        pub keys: SigningKeys,
+        /// Refuse (and answer) every action not signed with one of `keys`.
+        /// Off: unsigned actions run as before, signed ones are checked.
+        pub required: bool,
+        /// Clock difference allowed between signer and device for `iat`
+        /// and `exp`.
+        pub skew: Duration = Duration::from_secs(300),
+        /// Longest validity (`exp - iat`) a signature may claim: a replay
+        /// is refused as expired after it, so the ledger keeps each signed
+        /// action's id this long.
+        pub lifetime: Duration = Duration::from_secs(24 * 3600),
     }
 }
 

@@ -142,6 +142,52 @@ impl<'de> Deserialize<'de> for StringList {
     }
 }
 
+/// Ed25519 public keys with their ids (`dms.signing.keys`): entries
+/// `kid:key` (the key in base64url), as a TOML/JSON array or one
+/// comma-separated string, so `snap set iot-agent
+/// dms.signing.keys=ops-1:KEY1,ops-2:KEY2` works; setting it without a key
+/// revokes that key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SigningKeys(Vec<(String, ed25519_dalek::VerifyingKey)>);
+
+impl SigningKeys {
+    /// The keys, in the order given.
+    pub fn entries(&self) -> &[(String, ed25519_dalek::VerifyingKey)] {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for SigningKeys {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let entries: Vec<String> = self
+            .0
+            .iter()
+            .map(|(kid, k)| crate::signing::keys::entry(kid, k))
+            .collect();
+        entries.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SigningKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let words = StringList::deserialize(d)?;
+        let mut out: Vec<(String, ed25519_dalek::VerifyingKey)> = Vec::new();
+        for w in words.items() {
+            let (kid, key) = crate::signing::keys::parse_entry(w).map_err(de::Error::custom)?;
+            if out.iter().any(|(k, _)| *k == kid) {
+                return Err(de::Error::custom(format!(
+                    "key id {kid:?} is given twice; each key needs its own id"
+                )));
+            }
+            out.push((kid, key));
+        }
+        Ok(SigningKeys(out))
+    }
+}
+
 /// An `http://` or `https://` base URL (the identity service).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceUrl(String);

@@ -71,6 +71,36 @@ fn parsers_of_remote_input_never_panic() {
     }
 }
 
+/// The signature envelope (the fuzz target `signed_envelope`): mutations of
+/// a real envelope never panic, and none that passes carries other bytes
+/// than the action that was signed.
+#[test]
+fn signed_envelopes_never_panic_and_never_verify_other_bytes() {
+    use iot_agent::signing::{self, Admit, Policy};
+    let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let policy = Policy::new(
+        [("ops-a".to_string(), key.verifying_key())],
+        true,
+        std::time::Duration::from_secs(300),
+        std::time::Duration::from_secs(3600),
+    );
+    let now = 1_800_000_000;
+    let action = br#"{"id":"f1","action":"install","snap":"hello","data":""}"#;
+    let good = signing::sign(&key, "ops-a", "dev", now, now + 60, action).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5167);
+    for _ in 0..20_000 {
+        let input = mutate(&mut rng, good.as_bytes());
+        let _ = signing::Envelope::parse(&input);
+        match policy.admit(&input, &["dev"], now) {
+            Ok(Admit::Signed(v)) => {
+                assert_eq!(v.payload, action, "{}", String::from_utf8_lossy(&input))
+            }
+            Ok(Admit::Unsigned(_)) => panic!("unsigned passed with signatures required"),
+            Err(r) => assert!(!r.message().is_empty()),
+        }
+    }
+}
+
 /// The tunnel's frames and the relay's mapping form, as `fuzz/fuzz_targets/tunnel_control.rs`.
 #[test]
 fn tunnel_frames_and_mapping_forms_never_panic() {

@@ -21,6 +21,7 @@ mod nats_bundled;
 mod per_serial;
 mod readme;
 mod run_script;
+mod signing;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;

@@ -418,3 +418,68 @@ async fn a_locked_queue_database_stalls_no_other_request_on_a_one_thread_runtime
     let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
     assert_eq!(answer["accepted"], true, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_requests_run_and_unsigned_bad_or_replayed_ones_are_refused_on_nats() {
+    use super::signing::{keys_env, required, signed_at};
+    let mut s = setup(&[keys_env(&[("ops-a", 1)]), required()]).await;
+    let nc = nats_client(&s).await;
+    let mut results = nc
+        .subscribe(topic("required-install.result"))
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let req = |id: &str, snap: &str| {
+        json!({"id": id, "snaps": {"name": snap}})
+            .to_string()
+            .into_bytes()
+    };
+    async fn ask(
+        nc: &async_nats::Client,
+        results: &mut async_nats::Subscriber,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Value {
+        nc.publish(topic("required-install"), payload.into())
+            .await
+            .unwrap();
+        loop {
+            let v = next_result(results).await;
+            if v["id"] == id {
+                return v;
+            }
+        }
+    }
+    // Signed for the serial as the serial assertion has it.
+    let good = signed_at(1, "ops-a", "A1B2-c3d4/5", 0, 600, &req("n1", "other"));
+    let v = ask(&nc, &mut results, "n1", good.clone()).await;
+    assert_eq!(v["success"], true, "{v}");
+    let refused = |v: &Value, check: &str| {
+        assert_eq!(v["success"], false, "{v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.starts_with(&format!("refused, not run: {check}:")), "{m}");
+    };
+    let v = ask(&nc, &mut results, "n2", req("n2", "third")).await;
+    refused(&v, "unsigned");
+    let bad = signed_at(3, "ops-a", SERIAL, 0, 600, &req("n3", "third"));
+    refused(&ask(&nc, &mut results, "n3", bad).await, "bad signature");
+    let expired = signed_at(1, "ops-a", SERIAL, -7200, -3600, &req("n4", "third"));
+    refused(&ask(&nc, &mut results, "n4", expired).await, "expired");
+    refused(&ask(&nc, &mut results, "n1", good.clone()).await, "replay");
+
+    // The queue keeps the id across a restart: still a replay.
+    s.agent.signal("KILL");
+    s.agent.wait_exit();
+    s.agent = AgentProcess::start(&s.env);
+    s.agent.wait_for_all(&[
+        "serving per-serial actions on NATS",
+        "per-serial queue open",
+    ]);
+    refused(&ask(&nc, &mut results, "n1", good).await, "replay");
+    assert_eq!(
+        s.snapd.posts_to("/v2/snaps/third"),
+        0,
+        "a refused request ran"
+    );
+    assert_eq!(s.snapd.posts_to("/v2/snaps/other"), 1, "the replay ran");
+}

@@ -366,3 +366,53 @@ fn configure_regenerates_the_nats_configuration_and_reloads_only_on_change() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nats.bundled=false"));
     assert!(!calls.iter().any(|c| !c.starts_with("get")), "{calls:?}");
 }
+
+/// `snap set iot-agent dms.signing.keys=a:KEY,b:KEY` arrives as one string
+/// (not JSON), a JSON list works too; removing a key from the list changes
+/// what the agent reads, so the hook restarts it (the key is revoked);
+/// requiring signatures without a key is refused before the agent sees it.
+#[test]
+fn signing_keys_are_set_rotated_and_revoked_with_snap_set() {
+    let entry = |n: u8, kid: &str| {
+        let k = ed25519_dalek::SigningKey::from_bytes(&[n; 32]).verifying_key();
+        iot_agent::signing::keys::entry(kid, &k)
+    };
+    let (a, b) = (entry(1, "ops-a"), entry(2, "ops-b"));
+    let snap = Snap::new();
+    snap.set_config("{}");
+    ok(&snap.configure().0);
+
+    let both = format!(r#"{{"dms": {{"signing": {{"keys": "{a},{b}", "required": true}}}}}}"#);
+    snap.set_config(&both);
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert_eq!(restarts(&calls), 1, "{calls:?}");
+    // The same keys as a JSON list: the same configuration, no restart.
+    snap.set_config(&format!(
+        r#"{{"dms": {{"signing": {{"keys": ["{a}", "{b}"], "required": true}}}}}}"#
+    ));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert_eq!(restarts(&calls), 0, "{calls:?}");
+
+    // Rotation done: ops-a removed, the agent restarted without it.
+    snap.set_config(&format!(
+        r#"{{"dms": {{"signing": {{"keys": "{b}", "required": true}}}}}}"#
+    ));
+    let (out, calls) = snap.configure();
+    ok(&out);
+    assert_eq!(restarts(&calls), 1, "{calls:?}");
+
+    for bad in [
+        r#"{"dms": {"signing": {"keys": "", "required": true}}}"#.to_string(),
+        r#"{"dms": {"signing": {"keys": "ops-a:short"}}}"#.to_string(),
+        format!(r#"{{"dms": {{"signing": {{"keys": "{a},{a}"}}}}}}"#),
+    ] {
+        snap.set_config(&bad);
+        let (out, calls) = snap.configure();
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("dms.signing"), "{bad}: {err}");
+        assert_eq!(restarts(&calls), 0, "{calls:?}");
+    }
+}

@@ -23,11 +23,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "dms/0001_ledger.sql",
-    sql: include_str!("../../../migrations/dms/0001_ledger.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "dms/0001_ledger.sql",
+        sql: include_str!("../../../migrations/dms/0001_ledger.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "dms/0002_signed_nonces.sql",
+        sql: include_str!("../../../migrations/dms/0002_signed_nonces.sql"),
+    },
+];
 
 /// How an action stands in the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +74,28 @@ pub enum Admission {
     },
     /// The id was used before for a different request.
     Conflict { action: String },
+    /// A signed action whose id (nonce) was accepted before, and whose row
+    /// has since been pruned: never run.
+    Replayed { received_ms: i64 },
+}
+
+/// One action to accept.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub request: &'a Request,
+    /// SHA-256 of the payload as it came (envelope included).
+    pub digest: &'a str,
+    /// A signed action's nonce: remembered until it expires.
+    pub signed: Option<Nonce<'a>>,
+}
+
+/// What the ledger keeps of a signed action's nonce.
+#[derive(Debug, Clone, Copy)]
+pub struct Nonce<'a> {
+    pub kid: &'a str,
+    /// Unix seconds after which the signature is refused as expired anyway
+    /// (its `exp` plus the skew allowance).
+    pub expires_s: i64,
 }
 
 /// A row that a restart must finish.
@@ -140,9 +169,24 @@ impl Ledger {
         f(&mut conn).map_err(|e| DbError::classify(&self.path, e))
     }
 
-    /// Records a batch of requests in one transaction (one fsync for all:
-    /// a burst costs one commit per batch, not per action).
+    /// Records a batch of unsigned requests in one transaction (one fsync
+    /// for all: a burst costs one commit per batch, not per action).
     pub fn accept(&self, batch: &[(&Request, &str)]) -> Result<Vec<Admission>, DbError> {
+        let entries: Vec<Entry> = batch
+            .iter()
+            .map(|(request, digest)| Entry {
+                request,
+                digest,
+                signed: None,
+            })
+            .collect();
+        self.accept_entries(&entries)
+    }
+
+    /// Records a batch in one transaction; a signed action's nonce is
+    /// recorded in the same transaction, so a replay is known from the
+    /// moment the action is acknowledged, across restarts.
+    pub fn accept_entries(&self, batch: &[Entry]) -> Result<Vec<Admission>, DbError> {
         let now = now_ms();
         self.with(|c| {
             // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
@@ -150,7 +194,8 @@ impl Ledger {
             // upgrades, fails at once with "database is locked".
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut out = Vec::with_capacity(batch.len());
-            for (req, digest) in batch {
+            for e in batch {
+                let (req, digest) = (e.request, e.digest);
                 let existing = tx
                     .query_row(
                         "SELECT state, digest, action, response, completion FROM actions WHERE id = ?1",
@@ -166,8 +211,27 @@ impl Ledger {
                         },
                     )
                     .optional()?;
+                let nonce_seen: Option<i64> = match e.signed {
+                    Some(_) => tx
+                        .query_row(
+                            "SELECT received_ms FROM signed_nonces WHERE id = ?1",
+                            [&req.id],
+                            |r| r.get(0),
+                        )
+                        .optional()?,
+                    None => None,
+                };
+                if let (Some(n), None) = (e.signed, nonce_seen) {
+                    tx.execute(
+                        "INSERT INTO signed_nonces (id, kid, expires_s, received_ms) VALUES (?1, ?2, ?3, ?4)",
+                        params![req.id, n.kid, n.expires_s, now],
+                    )?;
+                }
                 out.push(match existing {
-                    Some((_, d, action, _, _)) if d != *digest => Admission::Conflict { action },
+                    None if nonce_seen.is_some() => Admission::Replayed {
+                        received_ms: nonce_seen.unwrap_or_default(),
+                    },
+                    Some((_, d, action, _, _)) if d != digest => Admission::Conflict { action },
                     Some((state, _, _, response, completion)) => Admission::Again {
                         state: State::parse(&state),
                         response: response.map(Bytes::from),
@@ -291,6 +355,13 @@ impl Ledger {
                 ),
                 [max_count as i64],
             )?;
+            // A nonce whose signature has expired is refused as expired:
+            // it need not be remembered any more.
+            let nonces = c.execute(
+                "DELETE FROM signed_nonces WHERE expires_s < ?1",
+                [crate::clock::now_s()],
+            )?;
+            tracing::debug!(nonces, "forgot the nonces of expired signed actions");
             Ok(by_age + by_count)
         })
     }
@@ -388,6 +459,52 @@ mod tests {
         l.acked("a", true).unwrap();
         let u = l.unfinished().unwrap();
         assert_eq!(u.len(), 1, "{u:?}");
+    }
+
+    #[test]
+    fn a_signed_nonce_outlives_its_pruned_row_until_it_expires() {
+        let l = Ledger::in_memory().unwrap();
+        let r = req("s", "install");
+        let nonce = |expires_s| Entry {
+            request: &r,
+            digest: "d",
+            signed: Some(Nonce {
+                kid: "ops",
+                expires_s,
+            }),
+        };
+        let later = crate::clock::now_s() + 3600;
+        assert_eq!(
+            l.accept_entries(&[nonce(later)]).unwrap(),
+            vec![Admission::New]
+        );
+        assert!(matches!(
+            l.accept_entries(&[nonce(later)]).unwrap()[0],
+            Admission::Again { .. }
+        ));
+        l.answer("s", b"x", None).unwrap();
+        l.acked("s", false).unwrap();
+        // Pruned by count: the row goes, the nonce stays.
+        l.prune(Duration::from_secs(3600), 0).unwrap();
+        assert_eq!(l.rows().unwrap(), 0);
+        assert!(matches!(
+            l.accept_entries(&[nonce(later)]).unwrap()[0],
+            Admission::Replayed { .. }
+        ));
+        // Unsigned, the same id is new again (as before signing existed).
+        assert_eq!(l.accept(&[(&r, "d")]).unwrap(), vec![Admission::New]);
+
+        // An expired nonce is forgotten by pruning.
+        let l = Ledger::in_memory().unwrap();
+        l.accept_entries(&[nonce(crate::clock::now_s() - 1)])
+            .unwrap();
+        l.answer("s", b"x", None).unwrap();
+        l.acked("s", false).unwrap();
+        l.prune(Duration::from_secs(3600), 0).unwrap();
+        assert_eq!(
+            l.accept_entries(&[nonce(later)]).unwrap(),
+            vec![Admission::New]
+        );
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct Settings {
     pub ledger: LedgerAt,
     pub ledger_max_age: Duration,
     pub ledger_max_count: u64,
+    /// `dms.signing.*`: which actions are trusted (the per-serial tree has
+    /// its own copy).
+    pub signing: Arc<crate::signing::Policy>,
 }
 
 impl Settings {
@@ -114,6 +117,7 @@ impl Settings {
             ledger: LedgerAt::File(config.dms.ledger.location.path().to_path_buf()),
             ledger_max_age: config.dms.ledger.max.age.get(),
             ledger_max_count: config.dms.ledger.max.count,
+            signing: Arc::new(crate::signing::Policy::from_config(&config.dms.signing)),
         }
     }
 }
@@ -183,6 +187,13 @@ impl Dms {
         // Without its ledger the channel does not accept actions: each one
         // would be acknowledged with nothing to remember it by.
         let ledger = Arc::new(self.open_ledger()?);
+        let signing = &self.settings.signing;
+        let kids = signing.kids().join(", ");
+        if signing.required {
+            tracing::info!(keys = %kids, "only signed actions are run (dms.signing.required)");
+        } else if !kids.is_empty() {
+            tracing::info!(keys = %kids, "signed actions are verified; unsigned ones run too (dms.signing.required=false)");
+        }
         let (session_tx, session_rx) = watch::channel::<Option<(MqttHandle, Topic)>>(None);
         let outbox = Outbox {
             session: session_rx,

@@ -7,7 +7,7 @@
 //! ledger in one transaction, acknowledge each message, then run the new
 //! ones. A message is acknowledged only once its action is on disk.
 
-use super::ledger::{self, Admission, State};
+use super::ledger::{self, Admission, Entry, Nonce, State};
 use super::outbox::Kind;
 use super::request::{self, Request, Response};
 use super::{blocking, heartbeat, metrics, run_action, Handler, Settings};
@@ -15,6 +15,7 @@ use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
 use crate::bus::{topics, ConnectionStatus, Topic};
 use crate::identity::Credentials;
 use crate::services::per_serial::PerSerial;
+use crate::signing::{Admit, Refusal, Verified};
 use crate::supervisor::RunResult;
 use crate::supervisor::Shutdown;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
         (Some(_), serial) if !serial.is_empty() => topics::serial_actions(serial).ok(),
         _ => None,
     };
+    let audiences = audiences(creds);
     let mut subscriptions = vec![inbox];
     if let Some(base) = &serial_base {
         subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
@@ -116,13 +118,15 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
                 }
             },
         };
-        // Serial-tree messages and unreadable requests need no slot.
-        let mut actions: Vec<(MqttMessage, Request)> = Vec::new();
+        // Serial-tree messages, unreadable and refused requests need no slot.
+        let mut actions: Vec<Intake> = Vec::new();
         let mut permits = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            if let Some(req) = triage(&p, &mqtt, serial_base.as_ref(), &msg).await {
-                actions.push((msg, req));
+            if let Some((req, signed)) =
+                triage(&p, &mqtt, serial_base.as_ref(), &audiences, &msg).await
+            {
+                actions.push(Intake { msg, req, signed });
                 permits.extend(slot.take());
             }
             if actions.len() >= BATCH {
@@ -140,23 +144,42 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
         if actions.is_empty() {
             continue;
         }
-        let batch: Vec<(Request, String)> = actions
+        let skew = p.settings.signing.skew_s();
+        /// A signed action's nonce as the ledger keeps it: key id, expiry.
+        type Kept = Option<(String, i64)>;
+        let batch: Vec<(Request, String, Kept)> = actions
             .iter()
-            .map(|(m, r)| (r.clone(), ledger::digest(&m.payload)))
+            .map(|a| {
+                let kept = a
+                    .signed
+                    .as_ref()
+                    .map(|v| (v.kid.clone(), v.exp.saturating_add(skew)));
+                (a.req.clone(), ledger::digest(&a.msg.payload), kept)
+            })
             .collect();
         let admitted = blocking(&p.handler.ledger, move |l| {
-            let refs: Vec<(&Request, &str)> = batch.iter().map(|(r, d)| (r, d.as_str())).collect();
-            l.accept(&refs)
+            let entries: Vec<Entry> = batch
+                .iter()
+                .map(|(request, digest, kept)| Entry {
+                    request,
+                    digest,
+                    signed: kept.as_ref().map(|(kid, expires_s)| Nonce {
+                        kid,
+                        expires_s: *expires_s,
+                    }),
+                })
+                .collect();
+            l.accept_entries(&entries)
         })
         .await;
-        for (msg, _) in &actions {
-            mqtt.ack(msg).await;
+        for a in &actions {
+            mqtt.ack(&a.msg).await;
         }
         let admitted = match admitted {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record DMS actions in the ledger; refusing them");
-                for (_, req) in actions {
+                for Intake { req, .. } in actions {
                     let resp = Response::fail(
                         &req.id,
                         &req.action,
@@ -172,8 +195,14 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
                 continue;
             }
         };
-        for (((_, req), admission), permit) in actions.into_iter().zip(admitted).zip(permits) {
+        for ((intake, admission), permit) in actions.into_iter().zip(admitted).zip(permits) {
             let h = p.handler.clone();
+            let Intake { msg, req, signed } = intake;
+            if let Some(why) = replay(&req, signed.as_ref(), msg.redelivered(), &admission) {
+                drop(permit);
+                refuse(&h, why);
+                continue;
+            }
             match admission {
                 Admission::New => {
                     h.shutdown
@@ -187,6 +216,11 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
                 } => {
                     drop(permit);
                     again(h, req, state, response, completion);
+                }
+                Admission::Replayed { .. } => {
+                    // Only signed entries are checked against the nonces,
+                    // and `replay` above refused each of them.
+                    drop(permit);
                 }
                 Admission::Conflict { action } => {
                     drop(permit);
@@ -208,6 +242,71 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
             }
         }
     }
+}
+
+/// An action taken from the broker, with what verified it.
+struct Intake {
+    msg: MqttMessage,
+    req: Request,
+    signed: Option<Verified>,
+}
+
+/// The names this device answers to in a signature's `aud`: its device id
+/// and its serial (as in the serial assertion, and sanitized as in topics).
+fn audiences(creds: &Credentials) -> Vec<String> {
+    let serial = creds.device.serial.as_str();
+    let mut out = vec![creds.device_id.clone()];
+    for s in [serial.to_string(), topics::sanitize_serial(serial)] {
+        if !s.is_empty() && !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// A signed action seen before is a replay, refused: its id is in the
+/// ledger (an action row, or the nonce of a pruned one). One exception:
+/// the broker's own redelivery (MQTT DUP) of a message it never had our
+/// PUBACK for is answered from the ledger as any repeat (it is never run
+/// again either way; whoever sets DUP gets at most the stored reply again).
+fn replay(
+    req: &Request,
+    signed: Option<&Verified>,
+    redelivered: bool,
+    admission: &Admission,
+) -> Option<Refusal> {
+    signed?;
+    let when = |ms: i64| crate::clock::format_short(ms.saturating_mul(1_000_000));
+    let detail = match admission {
+        Admission::New => return None,
+        Admission::Again { .. } if redelivered => return None,
+        Admission::Again { .. } => format!(
+            "action id {:?} was accepted before: a signed action runs once",
+            req.id
+        ),
+        Admission::Conflict { action } => format!(
+            "action id {:?} was accepted before (for a different {action} request): a signed action runs once",
+            req.id
+        ),
+        Admission::Replayed { received_ms } => format!(
+            "action id {:?} was accepted at {}: a signed action runs once",
+            req.id,
+            when(*received_ms)
+        ),
+    };
+    Some(Refusal::replay(&req.id, &req.action, detail))
+}
+
+/// Answers a refused action (never recorded, never run).
+fn refuse(h: &Arc<Handler>, why: Refusal) {
+    tracing::warn!(id = %why.id, action = %why.action, check = why.check.as_str(), "refused a DMS action: {}", why.message());
+    let resp = Response::fail(&why.id, &why.action, why.message());
+    let h2 = h.clone();
+    h.shutdown.clone().spawn(async move {
+        h2.outbox
+            .send(&why.id, Kind::Unrecorded, resp.to_bytes())
+            .await
+    });
 }
 
 /// A repeated id: never run again; its stored replies are sent again.
@@ -240,20 +339,46 @@ async fn triage(
     p: &Params,
     mqtt: &MqttHandle,
     serial_base: Option<&Topic>,
+    audiences: &[String],
     msg: &MqttMessage,
-) -> Option<Request> {
+) -> Option<(Request, Option<Verified>)> {
     if let (Some(r), Some(base)) = (&p.required, serial_base) {
         if msg.topic.strip_prefix(base).is_some() {
             // Stored (or refused) before the broker hears PUBACK.
-            if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload) {
+            let delivery = crate::services::per_serial::Delivery {
+                audiences,
+                redelivered: msg.redelivered(),
+            };
+            if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload, delivery) {
                 let _ = mqtt.publish(&topic, payload).await;
             }
             mqtt.ack(msg).await;
             return None;
         }
     }
-    match request::parse(&msg.payload) {
-        Ok(req) => Some(req),
+    let names: Vec<&str> = audiences.iter().map(String::as_str).collect();
+    let verdict = match p
+        .settings
+        .signing
+        .admit(&msg.payload, &names, crate::clock::now_s())
+    {
+        Ok(v) => v,
+        Err(why) => {
+            mqtt.ack(msg).await;
+            refuse(&p.handler, why);
+            return None;
+        }
+    };
+    let parsed = match &verdict {
+        Admit::Unsigned(bytes) => request::parse(bytes),
+        Admit::Signed(v) => request::parse(&v.payload),
+    };
+    let signed = match verdict {
+        Admit::Signed(v) => Some(v),
+        Admit::Unsigned(_) => None,
+    };
+    match parsed {
+        Ok(req) => Some((req, signed)),
         Err(resp) => {
             tracing::warn!(id = %resp.id, "refused a DMS request: {}", resp.message);
             mqtt.ack(msg).await;
@@ -333,6 +458,57 @@ where
         tokio::select! {
             _ = token.cancelled() => return,
             _ = interval.tick() => tick().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::Check;
+
+    #[test]
+    fn a_signed_id_seen_before_is_a_replay_unless_the_broker_redelivers_it() {
+        let req = Request {
+            id: "a".into(),
+            action: "install".into(),
+            snap: "x".into(),
+            data: String::new(),
+        };
+        let signed = Verified {
+            payload: Vec::new(),
+            kid: "k".into(),
+            nonce: "a".into(),
+            exp: 0,
+        };
+        let again = Admission::Again {
+            state: State::Done,
+            response: None,
+            completion: None,
+        };
+        let conflict = Admission::Conflict {
+            action: "remove".into(),
+        };
+        let pruned = Admission::Replayed { received_ms: 0 };
+        // Unsigned: the ledger's rules as before.
+        for a in [&Admission::New, &again, &conflict] {
+            assert!(replay(&req, None, false, a).is_none());
+        }
+        assert!(replay(&req, Some(&signed), false, &Admission::New).is_none());
+        // The broker's redelivery: answered from the ledger, not refused.
+        assert!(replay(&req, Some(&signed), true, &again).is_none());
+        for (a, dup) in [
+            (&again, false),
+            (&conflict, false),
+            (&conflict, true),
+            (&pruned, false),
+            (&pruned, true),
+        ] {
+            let r = replay(&req, Some(&signed), dup, a).expect("a replay");
+            assert_eq!(
+                (r.check, r.id.as_str(), r.action.as_str()),
+                (Check::Replay, "a", "install")
+            );
         }
     }
 }

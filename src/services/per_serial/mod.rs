@@ -17,6 +17,7 @@ pub use subsystem::NatsSide;
 
 use crate::backoff;
 use crate::bus::{topics, Nats, Topic};
+use crate::signing::{Admit, Refusal};
 use crate::snapd::{self, SnapAction, SnapName, Status};
 use crate::subsystems::changes::Poller;
 use crate::supervisor::RunResult;
@@ -54,6 +55,30 @@ pub struct Settings {
     pub retry_max: Duration,
     /// Longest wait for one install.
     pub change_timeout: Duration,
+    /// `dms.signing.*`: the same trust as the DMS topic's actions.
+    pub signing: Arc<crate::signing::Policy>,
+}
+
+/// How a message reached the tree, for its signature checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    /// The names this device answers to in a signature's `aud` (the
+    /// serial, and the device id on the DMS connection).
+    pub audiences: &'a [String],
+    /// The broker's own redelivery (MQTT DUP): a repeat answered as any
+    /// repeat, not a replay (it never runs twice either way).
+    pub redelivered: bool,
+}
+
+/// The audiences of the tree on a transport that knows only the serial:
+/// as in the serial assertion and sanitized as in topics.
+pub fn serial_audiences(serial: &str) -> Vec<String> {
+    let mut out = vec![serial.to_string()];
+    let clean = topics::sanitize_serial(serial);
+    if clean != serial {
+        out.push(clean);
+    }
+    out
 }
 
 pub struct PerSerial {
@@ -121,7 +146,13 @@ impl PerSerial {
     /// to publish at once (a refusal, or a finished request's result again);
     /// `None` when the request was queued (or the message was a result).
     /// When this returns, a queued request is on disk: acknowledge then.
-    pub fn receive(&self, base: &Topic, topic: &Topic, payload: &[u8]) -> Option<(Topic, Bytes)> {
+    pub fn receive(
+        &self,
+        base: &Topic,
+        topic: &Topic,
+        payload: &[u8],
+        delivery: Delivery,
+    ) -> Option<(Topic, Bytes)> {
         let sub = topic.strip_prefix(base)?;
         if sub.last() == Some(&RESULT) || sub.is_empty() {
             return None;
@@ -138,7 +169,17 @@ impl PerSerial {
             tracing::warn!(%topic, "{msg}");
             return Some((result_topic(topic), failure(&id, &msg)));
         }
-        let req = match request::parse(payload) {
+        // Signed (or required to be) like the DMS topic's actions.
+        let names: Vec<&str> = delivery.audiences.iter().map(String::as_str).collect();
+        let (payload, signed) = match self.settings.signing.admit(payload, &names, unix_now()) {
+            Ok(Admit::Unsigned(bytes)) => (std::borrow::Cow::Borrowed(bytes), false),
+            Ok(Admit::Signed(v)) => (std::borrow::Cow::Owned(v.payload), true),
+            Err(why) => {
+                tracing::warn!(%topic, id = %why.id, check = why.check.as_str(), "refused a required-install: {}", why.message());
+                return Some((result_topic(topic), failure(&why.id, &why.message())));
+            }
+        };
+        let req = match request::parse(&payload) {
             Ok(r) => r,
             Err(refusal) => {
                 tracing::warn!(%topic, id = %refusal.id, "refused a required-install: {}", refusal.message);
@@ -161,6 +202,20 @@ impl PerSerial {
                 tracing::info!(id = %req.id, snaps = ?names, "required-install queued");
                 self.wake.notify_one();
                 None
+            }
+            // A signed request seen before (its id is in the queue, which
+            // keeps every id): a replay, refused.
+            Ok(Added::Pending | Added::Done(_)) if signed && !delivery.redelivered => {
+                let why = Refusal::replay(
+                    &req.id,
+                    "",
+                    format!(
+                        "request id {:?} was accepted before: a signed request runs once",
+                        req.id
+                    ),
+                );
+                tracing::warn!(%topic, id = %req.id, "refused a required-install: {}", why.message());
+                Some((result_topic(topic), failure(&req.id, &why.message())))
             }
             Ok(Added::Pending) => {
                 tracing::info!(id = %req.id, "required-install already queued");
@@ -383,6 +438,8 @@ pub async fn serve_nats(
     let serial = wait_for_serial(&snapd, &shutdown).await;
     let Some(serial) = serial else { return Ok(()) };
     let base = topics::serial_actions(&serial)?;
+    // Core NATS never redelivers: every repeat of a signed id is a replay.
+    let audiences = Arc::new(serial_audiences(&serial));
     // Connected (the server's INFO is known) once a flush is answered.
     bus.flush().await?;
     // Held back while the server protects nothing; looked at again now and
@@ -429,8 +486,10 @@ pub async fn serve_nats(
                     anyhow::bail!("per-serial action on {} not taken: {why}", m.topic);
                 }
                 // SQLite with synchronous=FULL and an fsync: off the runtime.
-                let (r, b, topic, payload) = (required.clone(), base.clone(), m.topic.clone(), m.payload.clone());
-                let immediate = tokio::task::spawn_blocking(move || r.receive(&b, &topic, &payload))
+                let (r, b, topic, payload, aud) = (required.clone(), base.clone(), m.topic.clone(), m.payload.clone(), audiences.clone());
+                let immediate = tokio::task::spawn_blocking(move || {
+                    r.receive(&b, &topic, &payload, Delivery { audiences: &aud, redelivered: false })
+                })
                     .await
                     .map_err(|e| anyhow::anyhow!("the per-serial queue write failed: {e}"))?;
                 if let Some((topic, payload)) = &immediate {
