@@ -344,15 +344,35 @@ async fn triage(
 ) -> Option<(Request, Option<Verified>)> {
     if let (Some(r), Some(base)) = (&p.required, serial_base) {
         if msg.topic.strip_prefix(base).is_some() {
-            // Stored (or refused) before the broker hears PUBACK.
-            let delivery = crate::services::per_serial::Delivery {
-                audiences,
-                redelivered: msg.redelivered(),
-            };
-            if let Some((topic, payload)) = r.receive(base, &msg.topic, &msg.payload, delivery) {
-                let _ = mqtt.publish(&topic, payload).await;
+            // Stored (or refused) before the broker hears PUBACK; the write
+            // (SQLite, synchronous=FULL) runs off the runtime.
+            let (r, base, topic, payload) = (
+                r.clone(),
+                base.clone(),
+                msg.topic.clone(),
+                msg.payload.clone(),
+            );
+            let (audiences, redelivered) = (audiences.to_vec(), msg.redelivered());
+            let stored = tokio::task::spawn_blocking(move || {
+                let delivery = crate::services::per_serial::Delivery {
+                    audiences: &audiences,
+                    redelivered,
+                };
+                r.receive(&base, &topic, &payload, delivery)
+            })
+            .await;
+            match stored {
+                Ok(immediate) => {
+                    if let Some((topic, payload)) = immediate {
+                        let _ = mqtt.publish(&topic, payload).await;
+                    }
+                    mqtt.ack(msg).await;
+                }
+                // Not acknowledged: the broker delivers it again.
+                Err(e) => {
+                    tracing::error!(topic = %msg.topic, "the per-serial queue write failed: {e}")
+                }
             }
-            mqtt.ack(msg).await;
             return None;
         }
     }
