@@ -52,10 +52,12 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(cmd: &mut Command) -> Proc {
+/// Starts `cmd` with its output in `log` (shown if the setup fails).
+fn spawn(cmd: &mut Command, log: &std::path::Path) -> Proc {
+    let out = std::fs::File::create(log).unwrap();
     Proc(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
+        cmd.stdout(out.try_clone().unwrap())
+            .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
     )
@@ -107,7 +109,7 @@ fn target() -> u16 {
 }
 
 /// Waits until a visitor of `port` gets an echo (the setup is ready).
-fn ready(port: u16) {
+fn ready(port: u16, logs: &[&std::path::Path]) {
     let ok = common::poll_until(Instant::now() + Duration::from_secs(60), || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -116,7 +118,12 @@ fn ready(port: u16) {
         s.read_exact(&mut b).ok()?;
         Some(())
     });
-    assert!(ok.is_some(), "port {port} never carried an echo");
+    let logs: Vec<&std::path::Path> = logs.to_vec();
+    assert!(
+        ok.is_some(),
+        "port {port} never carried an echo:\n{}",
+        common::servers::tail_files(&logs, 20)
+    );
 }
 
 fn pin(halves: &[(&'static str, u32)]) {
@@ -234,9 +241,10 @@ fn rathole(target: u16, tls: bool) -> Option<Setup> {
         ),
     )
     .unwrap();
-    let s = spawn(Command::new("rathole").arg("--server").arg(&server));
-    let c = spawn(Command::new("rathole").arg("--client").arg(&client));
-    ready(port);
+    let (slog, clog) = (dir.path().join("server.log"), dir.path().join("client.log"));
+    let s = spawn(Command::new("rathole").arg("--server").arg(&server), &slog);
+    let c = spawn(Command::new("rathole").arg("--client").arg(&client), &clog);
+    ready(port, &[&slog, &clog]);
     let halves = vec![("server", s.0.id()), ("client", c.0.id())];
     Some(Setup {
         name: if tls {
@@ -256,33 +264,41 @@ fn bore(target: u16) -> Option<Setup> {
         return None;
     }
     let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (slog, clog) = (dir.path().join("server.log"), dir.path().join("client.log"));
     // bore's control port is fixed (7835).
-    let s = spawn(Command::new("bore").args([
-        "server",
-        "--bind-addr",
-        "127.0.0.1",
-        "--min-port",
-        &port.to_string(),
-        "--max-port",
-        &port.to_string(),
-    ]));
-    let c = spawn(Command::new("bore").args([
-        "local",
-        &target.to_string(),
-        "--local-host",
-        "127.0.0.1",
-        "--to",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-    ]));
-    ready(port);
+    let s = spawn(
+        Command::new("bore").args([
+            "server",
+            "--bind-addr",
+            "127.0.0.1",
+            "--min-port",
+            &port.to_string(),
+            "--max-port",
+            &port.to_string(),
+        ]),
+        &slog,
+    );
+    let c = spawn(
+        Command::new("bore").args([
+            "local",
+            &target.to_string(),
+            "--local-host",
+            "127.0.0.1",
+            "--to",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ]),
+        &clog,
+    );
+    ready(port, &[&slog, &clog]);
     let halves = vec![("server", s.0.id()), ("client", c.0.id())];
     Some(Setup {
         name: "bore",
         port,
         halves,
-        _keep: vec![Box::new(s), Box::new(c)],
+        _keep: vec![Box::new(s), Box::new(c), Box::new(dir)],
     })
 }
 
@@ -361,6 +377,9 @@ fn idle_visitors(port: u16, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
+/// Starts a setup toward the target port (`None`: its tool is missing).
+type MakeSetup = fn(u16) -> Option<Setup>;
+
 struct Row {
     name: &'static str,
     one: f64,
@@ -412,17 +431,22 @@ fn main() {
             idle: 50,
         }
     };
+    // BENCH_SETUPS=direct,tunnel,... runs only those (direct is always
+    // run: it is the ceiling the ratios are of).
+    let only = std::env::var("BENCH_SETUPS").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     let t = target();
     let mut rows = Vec::new();
     // One setup at a time, so only its processes run while it is measured.
     rows.push(measure(&direct(t), &sizes));
-    rows.push(measure(&this_tunnel(t), &sizes));
+    let mut setups: Vec<(&str, MakeSetup)> = vec![("tunnel", |t| Some(this_tunnel(t)))];
     if bench {
-        for make in [
-            (|t| rathole(t, false)) as fn(u16) -> Option<Setup>,
-            |t| rathole(t, true),
-            bore,
-        ] {
+        setups.push(("rathole-tcp", |t| rathole(t, false)));
+        setups.push(("rathole-tls", |t| rathole(t, true)));
+        setups.push(("bore", bore));
+    }
+    for (name, make) in setups {
+        if wanted(name) {
             if let Some(s) = make(t) {
                 rows.push(measure(&s, &sizes));
             }
