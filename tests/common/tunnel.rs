@@ -42,6 +42,16 @@ impl Relay {
     /// for device certificates, the API in plain HTTP (`dev=true`), and
     /// `pipes` free pipe ports; state in `dir`.
     pub fn start(pki: &TestPki, dir: &std::path::Path, pipes: usize) -> Relay {
+        Self::start_with(pki, dir, pipes, &[])
+    }
+
+    /// [`Relay::start`] with settings overridden or added (`extra`).
+    pub fn start_with(
+        pki: &TestPki,
+        dir: &std::path::Path,
+        pipes: usize,
+        extra: &[(&'static str, String)],
+    ) -> Relay {
         let agents_port = free_port();
         let api_port = free_port();
         let ports: Vec<u16> = (0..pipes).map(|_| free_port()).collect();
@@ -77,6 +87,11 @@ impl Relay {
             ),
             ("IOT_RELAY_LOG__LEVEL", "info,iot_agent=debug".into()),
         ];
+        let mut env = env;
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.clone()));
+        }
         let mut relay = Relay {
             proc: AgentProcess::spawn(relay_command(&["run"], &env)),
             agents_port,

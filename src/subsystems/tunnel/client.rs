@@ -22,12 +22,6 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_BASE: Duration = Duration::from_millis(500);
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
-/// What the client needs, read once from `tunnel.*`.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub config: TunnelConfig,
-}
-
 /// The TLS side of dialing: built from the files at each run, so a
 /// certificate replaced on disk is picked up by the next restart.
 struct Dialer {
@@ -78,8 +72,7 @@ impl Dialer {
 /// Runs the client until shutdown: connect, serve, and after a loss wait
 /// (jittered back-off) and connect again. One log line per state change:
 /// connected, lost, and each new reason a connection attempt fails for.
-pub async fn run(settings: &Settings, shutdown: Shutdown) -> anyhow::Result<()> {
-    let c = &settings.config;
+pub async fn run(c: &TunnelConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let dialer = Dialer::new(c)?;
     let allow: Arc<[String]> = c.allow.items().into();
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);

@@ -8,22 +8,20 @@ pub mod client;
 pub mod mux;
 pub mod protocol;
 
-use crate::config::Config;
+use crate::config::{Config, TunnelConfig};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::sync::Arc;
 
-/// The subsystem: a handle on its settings.
+/// The subsystem: a handle on its settings (`tunnel.*`).
 #[derive(Clone)]
 pub struct Tunnel {
-    settings: Arc<client::Settings>,
+    config: Arc<TunnelConfig>,
 }
 
 impl Tunnel {
     pub fn from_config(config: &Config) -> Tunnel {
         Tunnel {
-            settings: Arc::new(client::Settings {
-                config: config.tunnel.clone(),
-            }),
+            config: Arc::new(config.tunnel.clone()),
         }
     }
 }
@@ -33,6 +31,6 @@ impl Subsystem for Tunnel {
     const SECTION: &'static str = "tunnel";
 
     async fn run(self, shutdown: Shutdown) -> RunResult {
-        client::run(&self.settings, shutdown).await
+        client::run(&self.config, shutdown).await
     }
 }
