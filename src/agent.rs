@@ -127,6 +127,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    // The remote terminal: off unless terminal.enabled; the DMS session
+    // serves the same sessions on its per-device topics.
+    if config.terminal.enabled {
+        sup.add(services::terminal::NatsTerminal {
+            terminals: services::terminal::Terminals::new(
+                services::terminal::Settings::from_config(&config),
+            ),
+            bus: bus.clone(),
+        });
+    } else {
+        tracing::info!("remote terminal off (terminal.enabled=false)");
+    }
+
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(handle_signals(shutdown.clone(), reload));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "iot-agent running");

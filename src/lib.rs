@@ -34,6 +34,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod nats_server;
+pub mod remote;
 pub mod services;
 pub mod snapd;
 pub mod supervisor;

@@ -4,3 +4,4 @@ pub mod dms;
 pub mod mirror;
 pub mod required;
 pub mod snapd_health;
+pub mod terminal;

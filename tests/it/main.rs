@@ -24,6 +24,7 @@ mod run_script;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;
+mod terminal;
 
 /// The snap-pack tool's code (layout, meta/snap.yaml, checks), shared with
 /// `scripts/snap-pack`.

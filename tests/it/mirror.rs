@@ -883,6 +883,7 @@ fn agent_subjects() -> Vec<String> {
         .chain(iot_agent::services::required::documented_addresses())
         .chain(iot_agent::export::documented_addresses())
         .chain(iot_agent::changes::watchdog::documented_addresses())
+        .chain(iot_agent::services::terminal::nats_addresses())
         .filter(|a| !a.starts_with(&intake))
         .map(|a| {
             a.replace("{path}", "snaps.hello")
@@ -891,6 +892,7 @@ fn agent_subjects() -> Vec<String> {
                 .replace("{id}", "42")
                 .replace("{token}", "t-1")
                 .replace("{serial}", "SERIAL1")
+                .replace("{session}", "0a1b2c")
         })
         .collect()
 }

@@ -1,0 +1,502 @@
+//! The remote terminal over a real nats-server: the agent's service
+//! (in-process, as `iot-agent run` wires it) and the operator's client
+//! library (`iot_agent::remote`, what `iot-remote shell` uses).
+
+use crate::common::servers::{NatsConfig, NatsServer, NatsUser};
+use bytes::Bytes;
+use futures::StreamExt;
+use iot_agent::bus::{topics, Nats, Topic};
+use iot_agent::remote::terminal::{Event, Session};
+use iot_agent::remote::Link;
+use iot_agent::services::terminal::protocol::{self, Answer, OutFrame};
+use iot_agent::services::terminal::{NatsTerminal, Settings, Terminals};
+use iot_agent::supervisor::{Shutdown, Subsystem};
+use std::sync::Arc;
+use std::time::Duration;
+
+const PASSWORD: &str = "terminal-test-password";
+const EXAMPLE_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/nats-server.conf");
+/// Bound on every wait (not a timing assertion: a healthy run answers in
+/// milliseconds).
+const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Rig {
+    pub nats: NatsServer,
+    pub terminals: Arc<Terminals>,
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub fn settings(idle: Duration, max: usize) -> Settings {
+    Settings {
+        shell: "/bin/bash".into(),
+        idle,
+        max,
+    }
+}
+
+/// A nats-server (`conf`, or one `snapd` user) and the terminal service on it.
+pub async fn rig_with(nats: NatsServer, agent_password: &str, settings: Settings) -> Rig {
+    let bus = Nats::connect(
+        &crate::common::agent_nats_config(&nats.url(), agent_password),
+        "terminal-under-test",
+    )
+    .await
+    .unwrap();
+    let terminals = Terminals::new(settings);
+    let shutdown = Shutdown::new();
+    let service = NatsTerminal {
+        terminals: terminals.clone(),
+        bus: bus.clone(),
+    };
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        service.run(s).await.expect("the terminal service failed");
+    });
+    // Served once an open is answered (the subscription is in place).
+    let probe = link(&nats, "snapd", agent_password).await;
+    let root = Topic::fixed(topics::TERMINAL);
+    let open = root.join(&[protocol::OPEN]).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let Link::Nats(c) = &probe else {
+            unreachable!()
+        };
+        if let Ok(Ok(m)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            c.request(open.nats(), Bytes::from_static(b"not json")),
+        )
+        .await
+        {
+            let a: Answer = serde_json::from_slice(&m.payload).unwrap();
+            if !a.ok {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the terminal never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Rig {
+        nats,
+        terminals,
+        shutdown,
+        task,
+    }
+}
+
+pub async fn rig(settings: Settings) -> Rig {
+    let nats = NatsServer::start(NatsConfig {
+        users: vec![NatsUser::new("snapd", PASSWORD)],
+        ..Default::default()
+    });
+    rig_with(nats, PASSWORD, settings).await
+}
+
+pub async fn link(nats: &NatsServer, user: &str, password: &str) -> Link {
+    let device = iot_agent::remote::Device::parse(&nats.url()).unwrap();
+    Link::connect(&device, user, password).await.unwrap()
+}
+
+fn root() -> Topic {
+    Topic::fixed(topics::TERMINAL)
+}
+
+fn open(command: &str) -> protocol::Open {
+    protocol::Open {
+        rows: 24,
+        cols: 80,
+        command: Some(command.into()),
+        user: Some("test-operator".into()),
+        ..Default::default()
+    }
+}
+
+/// Reads output until `until` holds for everything read so far (or the
+/// session exits); returns the bytes and the exit, if it came.
+async fn read_until(
+    s: &mut Session,
+    until: impl Fn(&[u8]) -> bool,
+) -> (Vec<u8>, Option<protocol::Exit>) {
+    let mut got = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(WAIT, s.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no more output; so far: {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .unwrap();
+        match ev {
+            Event::Output(b) => {
+                got.extend_from_slice(&b);
+                if until(&got) {
+                    return (got, None);
+                }
+            }
+            Event::Exit(e) => return (got, Some(e)),
+        }
+    }
+}
+
+async fn read_to_exit(s: &mut Session) -> (Vec<u8>, protocol::Exit) {
+    let (b, e) = read_until(s, |_| false).await;
+    (b, e.unwrap())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The number after `PID=` in the output.
+fn pid_in(out: &[u8]) -> i32 {
+    let text = String::from_utf8_lossy(out);
+    let at = text.find("PID=").expect("a PID= line") + 4;
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+/// A process is gone when /proc has no running process of that pid (a
+/// zombie ran its course and waits only for its parent to be reaped).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+            matches!(state, Some(Some('Z' | 'X')))
+        }
+    }
+}
+
+fn has_pid_line(b: &[u8]) -> bool {
+    let t = String::from_utf8_lossy(b);
+    t.find("PID=")
+        .is_some_and(|i| t[i + 4..].contains(|c: char| !c.is_ascii_digit()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_receives_every_byte_from_0_to_255_exactly_and_the_exit_code() {
+    let rig = rig(settings(Duration::from_secs(60), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    // Raw mode: the PTY passes output through untranslated (no \n -> \r\n).
+    let escapes: String = (0..=255u32).map(|b| format!("\\{b:03o}")).collect();
+    let cmd = format!("stty raw -echo; printf '{escapes}'; exit 3");
+    let mut s = Session::open(&link, &root(), open(&cmd)).await.unwrap();
+    let (out, exit) = read_to_exit(&mut s).await;
+    let want: Vec<u8> = (0..=255u8).collect();
+    assert_eq!(out, want);
+    assert_eq!(exit.reason, "exited");
+    assert_eq!(exit.code, Some(3));
+    // The session is forgotten once over: nothing else is open.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rig.terminals.open_sessions() != 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_with_commas_nul_and_non_utf8_arrives_intact_and_interactive_echo_works() {
+    let rig = rig(settings(Duration::from_secs(60), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typed");
+    let sent: Vec<u8> = b"echo a,b,,c\x00\xff\xfe\xc3\x28 ,end"
+        .iter()
+        .copied()
+        .chain(0..=255u8)
+        .collect();
+    let cmd = format!(
+        "stty raw -echo -iexten; echo READY; head -c {} > {}; echo DONE",
+        sent.len(),
+        file.display()
+    );
+    let mut s = Session::open(&link, &root(), open(&cmd)).await.unwrap();
+    read_until(&mut s, |b| contains(b, b"READY")).await;
+    // In three frames, split inside the data.
+    s.send(&sent[..5]).await.unwrap();
+    s.send(&sent[5..20]).await.unwrap();
+    s.send(&sent[20..]).await.unwrap();
+    let (_, exit) = read_to_exit(&mut s).await;
+    assert_eq!(exit.code, Some(0));
+    assert_eq!(std::fs::read(&file).unwrap(), sent);
+
+    // An interactive shell: `echo a,b` answers `a,b` (the reference agent
+    // kept only what followed the comma).
+    let mut open_shell = open("");
+    open_shell.command = None;
+    let mut s = Session::open(&link, &root(), open_shell).await.unwrap();
+    s.send(b"echo a,b; exit 7\n").await.unwrap();
+    let (out, exit) = read_to_exit(&mut s).await;
+    assert!(
+        contains(&out, b"a,b\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(exit.code, Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_changes_stty_size() {
+    let rig = rig(settings(Duration::from_secs(60), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let mut s = Session::open(&link, &root(), open("stty size; read x; stty size"))
+        .await
+        .unwrap();
+    read_until(&mut s, |b| contains(b, b"24 80")).await;
+    s.resize(40, 100).await.unwrap();
+    s.send(b"\n").await.unwrap();
+    let (out, exit) = read_to_exit(&mut s).await;
+    assert!(
+        contains(&out, b"40 100"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(exit.code, Some(0));
+    // Out of range: refused with an answer.
+    let s = Session::open(&link, &root(), open("read x")).await.unwrap();
+    let e = s.resize(0, 100).await.unwrap_err();
+    assert!(e.starts_with("terminal-bad-request"), "{e}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_kills_every_process_of_the_session_even_jobs_in_their_own_group() {
+    let rig = rig(settings(Duration::from_secs(60), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    // `set -m`: job control, so the sleep runs in a process group of its own
+    // (as in an interactive shell); a second one ignores SIGHUP.
+    let cmd =
+        "set -m; sleep 1000 & echo PID=$!; nohup sleep 1001 >/dev/null 2>&1 & echo PID2=$!; wait";
+    let mut s = Session::open(&link, &root(), open(cmd)).await.unwrap();
+    let (out, _) = read_until(&mut s, |b| contains(b, b"PID2=") && b.ends_with(b"\r\n")).await;
+    let pid = pid_in(&out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let pid2: i32 = text[text.find("PID2=").unwrap() + 5..]
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!gone(pid) && !gone(pid2), "the sleeps run");
+    s.close().await.unwrap();
+    // The answer comes once the processes are gone.
+    assert!(gone(pid), "sleep {pid} survived the close");
+    assert!(gone(pid2), "nohup sleep {pid2} survived the close");
+    let (_, exit) = read_to_exit(&mut s).await;
+    assert_eq!(exit.reason, "closed");
+    // The session is over: input to it is answered with an error.
+    let a = raw_request(
+        &link,
+        &format!("{}.input", session_prefix(s.id())),
+        b"\0\0\0\0\0\0\0\x01x",
+    )
+    .await;
+    assert_eq!(a.error.unwrap().kind, "terminal-unknown-session");
+}
+
+fn session_prefix(id: &str) -> String {
+    root().join(&[id]).unwrap().nats()
+}
+
+async fn raw_request(link: &Link, subject: &str, payload: &[u8]) -> Answer {
+    let Link::Nats(c) = link else { unreachable!() };
+    let m = tokio::time::timeout(
+        WAIT,
+        c.request(subject.to_string(), Bytes::copy_from_slice(payload)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+/// The session over the wire, without the client library (which would keep
+/// it alive): opened, listened to, then left alone until the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_closed_and_its_processes_killed() {
+    let rig = rig(settings(Duration::from_secs(1), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let Link::Nats(c) = &link else { unreachable!() };
+    let body = serde_json::to_vec(&open("sleep 1000 & echo PID=$!; wait")).unwrap();
+    let a = raw_request(
+        &link,
+        &root().join(&[protocol::OPEN]).unwrap().nats(),
+        &body,
+    )
+    .await;
+    assert!(a.ok, "{a:?}");
+    assert_eq!(a.idle_secs, Some(1));
+    let id = a.session.unwrap();
+    let mut out = c
+        .subscribe(format!("{}.out", session_prefix(&id)))
+        .await
+        .unwrap();
+    c.flush().await.unwrap();
+    c.publish(
+        format!("{}.ack", session_prefix(&id)),
+        r#"{"seq":0}"#.into(),
+    )
+    .await
+    .unwrap();
+    let mut bytes = Vec::new();
+    let exit = loop {
+        let m = tokio::time::timeout(WAIT, out.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match OutFrame::decode(&m.payload).unwrap() {
+            OutFrame::Output { data, .. } => bytes.extend_from_slice(&data),
+            OutFrame::Exit { exit, .. } => break exit,
+        }
+    };
+    assert_eq!(exit.reason, "idle");
+    let pid = pid_in(&bytes);
+    assert!(gone(pid), "sleep {pid} survived the idle timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_beyond_the_maximum_is_refused_and_agent_shutdown_kills_them_all() {
+    let rig = rig(settings(Duration::from_secs(60), 2)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let mut a = Session::open(&link, &root(), open("sleep 1000 & echo PID=$!; wait"))
+        .await
+        .unwrap();
+    let mut b = Session::open(&link, &root(), open("sleep 1000 & echo PID=$!; wait"))
+        .await
+        .unwrap();
+    let e = Session::open(&link, &root(), open("true"))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.starts_with("terminal-too-many-sessions"), "{e}");
+    let (out_a, _) = read_until(&mut a, has_pid_line).await;
+    let (out_b, _) = read_until(&mut b, has_pid_line).await;
+    let (pa, pb) = (pid_in(&out_a), pid_in(&out_b));
+    // The agent stops: every session ends, its processes killed.
+    rig.shutdown.cancel();
+    let (_, ea) = read_to_exit(&mut a).await;
+    let (_, eb) = read_to_exit(&mut b).await;
+    assert_eq!(
+        (ea.reason.as_str(), eb.reason.as_str()),
+        ("shutdown", "shutdown")
+    );
+    assert!(
+        gone(pa) && gone(pb),
+        "a session's sleep survived the shutdown"
+    );
+    tokio::time::timeout(WAIT, rig.task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_error_answers() {
+    let rig = rig(settings(Duration::from_secs(60), 2)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let open_subject = root().join(&[protocol::OPEN]).unwrap().nats();
+    let kind = |a: Answer| a.error.map(|e| e.kind).unwrap_or_default();
+    assert_eq!(
+        kind(raw_request(&link, &open_subject, b"{").await),
+        "terminal-bad-request"
+    );
+    assert_eq!(
+        kind(raw_request(&link, &open_subject, br#"{"rows":0,"cols":80}"#).await),
+        "terminal-bad-request"
+    );
+    let nope = session_prefix("nope");
+    assert_eq!(
+        kind(raw_request(&link, &format!("{nope}.input"), b"\0\0\0\0\0\0\0\x01x").await),
+        "terminal-unknown-session"
+    );
+    assert_eq!(
+        kind(raw_request(&link, &format!("{nope}.input"), b"xx").await),
+        "terminal-bad-request"
+    );
+    assert_eq!(
+        kind(raw_request(&link, &format!("{nope}.close"), b"{}").await),
+        "terminal-unknown-session"
+    );
+    assert_eq!(
+        kind(raw_request(&link, &format!("{nope}.resize"), br#"{"rows":1,"cols":1}"#).await),
+        "terminal-unknown-session"
+    );
+    assert_eq!(
+        kind(raw_request(&link, &format!("{nope}.bogus"), b"{}").await),
+        "terminal-bad-subject"
+    );
+    // A missing shell is an answer too.
+    drop(rig);
+    let rig = crate::terminal::rig(Settings {
+        shell: "/nonexistent/shell".into(),
+        ..settings(Duration::from_secs(60), 2)
+    })
+    .await;
+    let link = crate::terminal::link(&rig.nats, "snapd", PASSWORD).await;
+    let e = Session::open(&link, &root(), open("true"))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.starts_with("terminal-spawn-failed"), "{e}");
+}
+
+/// Who may open a session is the broker's decision: with the shipped
+/// `docs/nats-server.conf`, the `device` user's open is refused by the
+/// server (it never reaches the agent), the `operator` user's works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_configuration_lets_the_operator_in_and_refuses_the_device_user() {
+    let nats = NatsServer::start(NatsConfig {
+        include: Some(EXAMPLE_CONF.into()),
+        ..Default::default()
+    });
+    let rig = rig_with(
+        nats,
+        "change this agent password",
+        settings(Duration::from_secs(60), 4),
+    )
+    .await;
+    let (tx, mut violations) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let device = async_nats::ConnectOptions::with_user_and_password(
+        "device".into(),
+        "change this device password".into(),
+    )
+    .request_timeout(Some(Duration::from_secs(2)))
+    .event_callback(move |e| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = e {
+                let _ = tx.send(e.to_string().to_lowercase());
+            }
+        }
+    })
+    .connect(rig.nats.url())
+    .await
+    .unwrap();
+    let open_subject = root().join(&[protocol::OPEN]).unwrap().nats();
+    let body = serde_json::to_vec(&open("echo hi")).unwrap();
+    let r = device.request(open_subject.clone(), body.into()).await;
+    assert!(r.is_err(), "the device user's open was answered");
+    let want = format!("permissions violation for publish to \"{open_subject}\"");
+    loop {
+        let got = tokio::time::timeout(WAIT, violations.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if got.contains(&want) {
+            break;
+        }
+    }
+    assert_eq!(rig.terminals.open_sessions(), 0);
+
+    let operator = link(&rig.nats, "operator", "change this operator password").await;
+    let mut s = Session::open(&operator, &root(), open("echo hi-from-device"))
+        .await
+        .unwrap();
+    let (out, exit) = read_to_exit(&mut s).await;
+    assert!(contains(&out, b"hi-from-device"));
+    assert_eq!(exit.code, Some(0));
+}
