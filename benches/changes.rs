@@ -3,8 +3,8 @@
 //! CLI's listing. Run with `scripts/bench --bench changes`; results and
 //! method are recorded in docs/benchmarks.md.
 
-use iot_agent::changes::store::{Filter, Store};
 use iot_agent::snapd::Change;
+use iot_agent::subsystems::changes::store::{Filter, Store};
 use serde_json::json;
 use std::time::{Duration, Instant};
 

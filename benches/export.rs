@@ -17,7 +17,7 @@ mod common;
 use common::servers::{NatsConfig, NatsServer, NatsUser};
 use iot_agent::bus::{topics, Nats};
 use iot_agent::config::{self, ExportConfig, FullPolicy, UpstreamUrl};
-use iot_agent::export::{forward, intake, spool};
+use iot_agent::subsystems::export::{forward, intake, spool};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -89,8 +89,11 @@ async fn nats_intake_rate(dir: &std::path::Path, inflight: usize, total: u64) ->
         bus.clone(),
         topics::export_intake("export").unwrap(),
         writer,
-        iot_agent::export::capacity::SharedCapacity::new(
-            iot_agent::export::capacity::Capacity::new(&ExportConfig::default().upstream, None),
+        iot_agent::subsystems::export::capacity::SharedCapacity::new(
+            iot_agent::subsystems::export::capacity::Capacity::new(
+                &ExportConfig::default().upstream,
+                None,
+            ),
         ),
         stop.clone(),
     ));
@@ -189,8 +192,8 @@ async fn replay_rate(dir: &std::path::Path, url: &str, total: u64, window: u32) 
     let probe = spool::Spool::open(&path, spool::Durability::Relaxed).unwrap();
     let stop = CancellationToken::new();
     let start = Instant::now();
-    let capacity = iot_agent::export::capacity::SharedCapacity::new(
-        iot_agent::export::capacity::Capacity::new(&cfg.upstream, None),
+    let capacity = iot_agent::subsystems::export::capacity::SharedCapacity::new(
+        iot_agent::subsystems::export::capacity::Capacity::new(&cfg.upstream, None),
     );
     let fwd = tokio::spawn(forward::run(
         cfg,

@@ -4,13 +4,14 @@
 
 use crate::bus::Nats;
 use crate::config::Config;
-use crate::export::Export;
 use crate::identity::{CredentialsRx, Enroller, IdentityService, Store};
 use crate::services::dms::{self, Dms};
-use crate::services::required::{self, Required};
+use crate::services::per_serial::{self, PerSerial};
 use crate::services::snapd_health::SnapdHealth;
+use crate::subsystems::changes;
+use crate::subsystems::export::Export;
 use crate::supervisor::{Policy, Supervisor};
-use crate::{changes, control, services, snapd};
+use crate::{control, services, snapd};
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -84,7 +85,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sup = Supervisor::new(Policy::default());
     if let Some(required) = &required {
         sup.add(required.clone());
-        sup.add(required::NatsSide {
+        sup.add(per_serial::NatsSide {
             required: required.clone(),
             bus: bus.clone(),
             snapd: snapd.clone(),
@@ -160,12 +161,12 @@ fn required_queue(
     config: &Config,
     snapd: &snapd::Client,
     poller: &Arc<changes::Poller>,
-) -> Arc<Required> {
-    Required::new(
+) -> Arc<PerSerial> {
+    PerSerial::new(
         snapd.clone(),
         poller.clone(),
         config.required.database.location.path(),
-        required::Settings {
+        per_serial::Settings {
             switch_channel: config.required.switch,
             attempts: config.required.attempts.max(1),
             retry_max: config.required.retry.max.get(),

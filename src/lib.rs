@@ -7,11 +7,13 @@
 //! - [`bus`]: two transports ([`bus::Nats`], [`bus::mqtt`]) and one topic vocabulary;
 //! - [`supervisor`]: the one subsystem shape ([`supervisor::Subsystem`]); runs
 //!   subsystems, restarts them, stops them (and their tasks) on signal;
-//! - [`services`]: what the agent answers and watches;
-//! - [`changes`]: snapd's changes: the poller, the history (SQLite), the watchdog;
+//! - [`services`]: what the agent answers on a bus: the DMS's actions, the
+//!   snapd mirror, the per-serial action tree;
+//! - [`subsystems`]: what owns state and runs on its own: snapd's
+//!   [`subsystems::changes`] (poller, SQLite history, watchdog) and
+//!   [`subsystems::export`] (store-and-forward telemetry);
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
-//! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
 //! - [`clock`]: the wall clock ("now" in s, ms, ns) and snapd's RFC 3339 timestamps;
 //! - [`sys`]: the few libc calls (file lock, signals), the crate's only `unsafe`;
 //! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
@@ -22,14 +24,12 @@
 pub mod agent;
 pub mod backoff;
 pub mod bus;
-pub mod changes;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod control;
 pub mod db;
 pub mod errors;
-pub mod export;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;
@@ -37,6 +37,7 @@ pub mod nats_server;
 pub mod remote;
 pub mod services;
 pub mod snapd;
+pub mod subsystems;
 pub mod supervisor;
 pub mod sys;
 pub mod tls;

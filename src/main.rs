@@ -197,7 +197,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     commands::changes::show(&loaded.config, &id, json)?
                 }
                 None => {
-                    let filter = iot_agent::changes::store::Filter {
+                    let filter = iot_agent::subsystems::changes::store::Filter {
                         statuses: commands::changes::split_list(&status),
                         kinds: commands::changes::split_list(&kind),
                         since_ns: since
@@ -229,9 +229,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings() {
                 tracing::warn!("{w}");
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = match loaded.config.runtime.workers {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    if n > 1 {
+                        b.worker_threads(n.into());
+                    }
+                    b
+                }
+            }
+            .enable_all()
+            .build()?;
             rt.block_on(iot_agent::agent::run(loaded.config))?;
             // Tasks still blocked on I/O must not hold the exit.
             rt.shutdown_timeout(std::time::Duration::from_millis(500));

@@ -15,7 +15,7 @@
 //! A trait over both would have to be the weaker of the two (no
 //! acknowledgement that means "stored", no request/reply), and the code
 //! that serves both transports does not need it: the per-serial tree keeps
-//! its logic transport-free ([`crate::services::required::Required::receive`]
+//! its logic transport-free ([`crate::services::per_serial::PerSerial::receive`]
 //! takes a topic and a payload and says what to publish), and each
 //! transport's side acknowledges in its own terms. What the transports do
 //! share is written once: the topic vocabulary ([`topics`], MQTT form

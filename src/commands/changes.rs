@@ -2,10 +2,10 @@
 //! runs (SQLite in WAL mode lets a reader in beside the writer).
 
 use super::write_stdout;
-use crate::changes::store::{Filter, Store, Stored};
 use crate::clock;
 use crate::config::Config;
 use crate::snapd::Change;
+use crate::subsystems::changes::store::{Filter, Store, Stored};
 use anyhow::{bail, Context};
 
 /// `iot-agent changes [--status S] [--kind K] [--since T] [--json]`.

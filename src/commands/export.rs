@@ -9,10 +9,10 @@
 use super::write_stdout;
 use crate::bus::topics;
 use crate::config::Config;
-use crate::export::capacity::Capacity;
-use crate::export::intake::MAX_PAYLOAD;
-use crate::export::spool::{Durability, NewMessage, Outcome, Spool};
-use crate::export::{limits, status};
+use crate::subsystems::export::capacity::Capacity;
+use crate::subsystems::export::intake::MAX_PAYLOAD;
+use crate::subsystems::export::spool::{Durability, NewMessage, Outcome, Spool};
+use crate::subsystems::export::{limits, status};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::io::Read;

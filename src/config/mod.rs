@@ -66,6 +66,7 @@ section! {
         pub snapd: SnapdConfig,
         pub nats: NatsConfig,
         pub log: LogConfig,
+        pub runtime: RuntimeConfig,
         pub dirs: Dirs,
         pub snaplogger: SnapLogger,
         pub dms: DmsConfig,
@@ -176,6 +177,17 @@ section! {
     pub struct LogConfig {
         /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
         pub level: LogLevel = LogLevel::new("info"),
+    }
+}
+
+section! {
+    /// The async runtime the daemon runs on. Every blocking write (SQLite
+    /// with `synchronous=FULL`, fsync) goes to tokio's blocking pool, so
+    /// even one thread keeps answering while a disk is slow.
+    pub struct RuntimeConfig {
+        /// Worker threads: `0` one per core (tokio's default), `1` a single
+        /// thread (the smallest footprint on a small board), `N` N threads.
+        pub workers: u16,
     }
 }
 
@@ -490,7 +502,7 @@ section! {
         /// acknowledges an oversized message and drops it). 0: what the
         /// upstream says (NATS `max_payload`, the stream's `max_msg_size`), 1 MiB
         /// for MQTT. Intake refuses larger messages so none can be lost or
-        /// block the spool later (`crate::export::capacity`).
+        /// block the spool later (`crate::subsystems::export::capacity`).
         pub payload: u64,
     }
 }

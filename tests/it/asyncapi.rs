@@ -46,9 +46,9 @@ fn the_document_lists_exactly_the_subjects_the_code_uses() {
     let code: BTreeSet<String> = endpoints::all()
         .into_iter()
         .map(|e| e.address)
-        .chain(iot_agent::services::required::documented_addresses())
-        .chain(iot_agent::export::documented_addresses())
-        .chain(iot_agent::changes::watchdog::documented_addresses())
+        .chain(iot_agent::services::per_serial::documented_addresses())
+        .chain(iot_agent::subsystems::export::documented_addresses())
+        .chain(iot_agent::subsystems::changes::watchdog::documented_addresses())
         .chain(iot_agent::services::dms::documented_addresses())
         .chain(iot_agent::services::terminal::documented_addresses())
         .collect();

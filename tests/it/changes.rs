@@ -8,7 +8,7 @@
 use crate::common::agent_proc::{run_once, AgentProcess};
 use crate::common::servers::{free_port, RealSnapd};
 use crate::common::snapd_double::{parse_rfc3339, rfc3339, Fault, SnapdDouble};
-use iot_agent::changes::Store;
+use iot_agent::subsystems::changes::Store;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -463,7 +463,7 @@ fn an_older_schema_is_upgraded_in_place_and_a_newer_one_refused() {
         .unwrap();
     assert_eq!(
         version,
-        iot_agent::db::latest(iot_agent::changes::store::MIGRATIONS)
+        iot_agent::db::latest(iot_agent::subsystems::changes::store::MIGRATIONS)
     );
 
     // A newer agent's database: refused with advice, never rewritten.
@@ -664,11 +664,11 @@ async fn by_default_the_watchdog_asks_snapd_to_reboot() {
     config.watchdog.threshold = iot_agent::config::Duration::from_secs(1);
     config.watchdog.boot.grace = iot_agent::config::Duration::from_secs(0);
     let snapd = iot_agent::snapd::Client::new(d.socket(), Duration::from_secs(5));
-    let poller = std::sync::Arc::new(iot_agent::changes::Poller::new(
+    let poller = std::sync::Arc::new(iot_agent::subsystems::changes::Poller::new(
         snapd.clone(),
         Duration::from_secs(3600),
     ));
-    let watchdog = std::sync::Arc::new(iot_agent::changes::Watchdog::from_config(
+    let watchdog = std::sync::Arc::new(iot_agent::subsystems::changes::Watchdog::from_config(
         &config,
         snapd,
         poller.subscribe(),

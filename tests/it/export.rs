@@ -719,7 +719,7 @@ fn intake_refuses_what_the_jetstream_stream_cannot_take_and_delivers_up_to_the_c
         (export_status(&env)["limits"]["message"]["max-bytes"] == 1024).then_some(())
     })
     .expect("the stream's max_msg_size was not learned");
-    let cap = 1024 - iot_agent::export::upstream::header_bytes("s1");
+    let cap = 1024 - iot_agent::subsystems::export::upstream::header_bytes("s1");
     let (over, at) = rt.block_on(async {
         let client = app_client(&local).await;
         (

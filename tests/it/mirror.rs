@@ -11,9 +11,9 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use iot_agent::bus::{ConnectionStatus, Nats, StatusTx};
-use iot_agent::changes::Poller;
 use iot_agent::services::mirror::{follow::FollowPolicy, Mirror, Settings};
 use iot_agent::snapd::{self, RetryPolicy};
+use iot_agent::subsystems::changes::Poller;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -880,9 +880,9 @@ fn agent_subjects() -> Vec<String> {
     iot_agent::services::mirror::endpoints::all()
         .into_iter()
         .map(|e| e.address)
-        .chain(iot_agent::services::required::documented_addresses())
-        .chain(iot_agent::export::documented_addresses())
-        .chain(iot_agent::changes::watchdog::documented_addresses())
+        .chain(iot_agent::services::per_serial::documented_addresses())
+        .chain(iot_agent::subsystems::export::documented_addresses())
+        .chain(iot_agent::subsystems::changes::watchdog::documented_addresses())
         .chain(iot_agent::services::terminal::nats_addresses())
         .filter(|a| !a.starts_with(&intake))
         .map(|a| {

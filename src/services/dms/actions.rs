@@ -26,7 +26,7 @@ pub enum Next {
 pub struct Ctx {
     pub snapd: snapd::Client,
     /// The shared change poller: how actions follow the changes they start.
-    pub changes: Arc<crate::changes::Poller>,
+    pub changes: Arc<crate::subsystems::changes::Poller>,
     pub creds: Arc<Credentials>,
     pub uploader: Uploader,
     /// Longest wait for a change (snapshots, completion reports).

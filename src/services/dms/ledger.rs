@@ -18,7 +18,7 @@
 use super::request::Request;
 use crate::db::{self, DbError, Migration};
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -145,7 +145,10 @@ impl Ledger {
     pub fn accept(&self, batch: &[(&Request, &str)]) -> Result<Vec<Admission>, DbError> {
         let now = now_ms();
         self.with(|c| {
-            let tx = c.transaction()?;
+            // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
+            // deferred one reads first and, finding another writer when it
+            // upgrades, fails at once with "database is locked".
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut out = Vec::with_capacity(batch.len());
             for (req, digest) in batch {
                 let existing = tx

@@ -27,10 +27,10 @@ pub mod upload;
 use crate::backoff::Backoff;
 use crate::bus::mqtt::MqttHandle;
 use crate::bus::{topics, ConnectionStatus, Topic};
-use crate::changes::Poller;
 use crate::identity::{Credentials, CredentialsRx, Store};
-use crate::services::required::Required;
+use crate::services::per_serial::PerSerial;
 use crate::snapd;
+use crate::subsystems::changes::Poller;
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use actions::{Ctx, Next};
 use ledger::{Ledger, State, Unfinished};
@@ -127,7 +127,7 @@ pub struct Dms {
     /// the heartbeat hashes are built again.
     pub changes: Arc<Poller>,
     /// The per-serial action tree, served on this connection too.
-    pub required: Option<Arc<Required>>,
+    pub required: Option<Arc<PerSerial>>,
     pub credentials: CredentialsRx,
     pub status: watch::Sender<ConnectionStatus>,
     pub store: Store,

@@ -14,7 +14,7 @@ use super::{blocking, heartbeat, metrics, run_action, Handler, Settings};
 use crate::bus::mqtt::{self, MqttHandle, MqttMessage};
 use crate::bus::{topics, ConnectionStatus, Topic};
 use crate::identity::Credentials;
-use crate::services::required::Required;
+use crate::services::per_serial::PerSerial;
 use crate::supervisor::RunResult;
 use crate::supervisor::Shutdown;
 use std::sync::Arc;
@@ -27,11 +27,11 @@ const BATCH: usize = 256;
 pub(super) struct Params {
     pub handler: Arc<Handler>,
     pub creds: Arc<Credentials>,
-    pub required: Option<Arc<Required>>,
+    pub required: Option<Arc<PerSerial>>,
     pub status: watch::Sender<ConnectionStatus>,
     pub settings: Settings,
     pub session_tx: watch::Sender<Option<(MqttHandle, Topic)>>,
-    pub changes: Arc<crate::changes::Poller>,
+    pub changes: Arc<crate::subsystems::changes::Poller>,
 }
 
 pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
@@ -287,7 +287,7 @@ async fn log_subscribed(mut subscribed: watch::Receiver<bool>, token: Shutdown) 
 /// Marks the heartbeat hashes stale whenever a change becomes ready (or
 /// events were missed).
 async fn watch_snap_changes(
-    mut events: tokio::sync::broadcast::Receiver<crate::changes::ChangeEvent>,
+    mut events: tokio::sync::broadcast::Receiver<crate::subsystems::changes::ChangeEvent>,
     hashes: heartbeat::HashCache,
     token: Shutdown,
 ) {
@@ -306,7 +306,7 @@ async fn watch_snap_changes(
 }
 
 /// Publishes the per-serial results on the DMS connection.
-async fn forward_results(required: Arc<Required>, mqtt: MqttHandle, token: Shutdown) {
+async fn forward_results(required: Arc<PerSerial>, mqtt: MqttHandle, token: Shutdown) {
     let mut results = required.results();
     loop {
         tokio::select! {

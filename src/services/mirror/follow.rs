@@ -4,11 +4,11 @@
 //! that started an install can watch it instead of polling.
 //!
 //! The change is followed through the shared change poller
-//! ([`crate::changes::Poller::follow`]), the one way the agent follows a
+//! ([`crate::subsystems::changes::Poller::follow`]), the one way the agent follows a
 //! change: following costs snapd no request of its own.
 
 use crate::bus::{topics, Nats};
-use crate::changes::Poller;
+use crate::subsystems::changes::Poller;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;

@@ -46,9 +46,9 @@ pub mod request;
 
 use crate::bus::topics::{self, Topic};
 use crate::bus::{Nats, StatusRx};
-use crate::changes::Poller;
 use crate::config::Config;
 use crate::snapd::{self, RetryPolicy};
+use crate::subsystems::changes::Poller;
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use async_nats::service::ServiceExt;
 use bytes::Bytes;

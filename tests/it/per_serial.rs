@@ -370,3 +370,51 @@ async fn the_dms_channel_pair_installs_from_latest_stable() {
         "an unknown risk reached snapd"
     );
 }
+
+/// The queue's SQLite write (`synchronous=FULL`, an fsync) runs off the
+/// async runtime, so a slow or locked disk stalls only that request. The
+/// agent runs on ONE thread here (`runtime.workers=1`) and the test holds
+/// the queue's write lock: had the write run on the runtime, it would hold
+/// the only thread in SQLite's busy wait, the mirror could not answer until
+/// the wait gave up (5 s), and the request would then be refused. Off the
+/// runtime, the mirror answers while the lock is held, the lock is let go,
+/// and the request is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locked_queue_database_stalls_no_other_request_on_a_one_thread_runtime() {
+    let mut s = setup(&[
+        ("IOT_AGENT_RUNTIME__WORKERS", "1".into()),
+        (
+            "IOT_AGENT_LOG__LEVEL",
+            "iot_agent::services::per_serial=debug,info".into(),
+        ),
+    ])
+    .await;
+    let db = s._dir.path().join("data").join("required.db");
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let nc = nats_client(&s).await;
+    let req = json!({"id": "locked", "snaps": [{"name": "other"}]}).to_string();
+    let pending = tokio::spawn({
+        let nc = nc.clone();
+        async move { nc.request(topic("required-install"), req.into()).await }
+    });
+    // Its last line before the write: from here the write waits on the lock.
+    s.agent.wait_for("storing a required-install");
+    let info = tokio::time::timeout(
+        Duration::from_secs(60),
+        nc.request("snapd.v2.system-info.get", "".into()),
+    )
+    .await
+    .expect("the mirror did not answer while the queue was locked")
+    .unwrap();
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["status-code"], 200, "{info}");
+    lock.execute_batch("ROLLBACK").unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(60), pending)
+        .await
+        .expect("no answer to the required-install")
+        .unwrap()
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["accepted"], true, "{answer}");
+}

@@ -17,12 +17,12 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "changes/0001_history.sql",
-        sql: include_str!("../../migrations/changes/0001_history.sql"),
+        sql: include_str!("../../../migrations/changes/0001_history.sql"),
     },
     Migration {
         version: 2,
         name: "changes/0002_watchdog.sql",
-        sql: include_str!("../../migrations/changes/0002_watchdog.sql"),
+        sql: include_str!("../../../migrations/changes/0002_watchdog.sql"),
     },
 ];
 

@@ -17,8 +17,8 @@ pub use subsystem::NatsSide;
 
 use crate::backoff;
 use crate::bus::{topics, Nats, Topic};
-use crate::changes::Poller;
 use crate::snapd::{self, SnapAction, SnapName, Status};
+use crate::subsystems::changes::Poller;
 use crate::supervisor::RunResult;
 use bytes::Bytes;
 use serde_json::json;
@@ -56,7 +56,7 @@ pub struct Settings {
     pub change_timeout: Duration,
 }
 
-pub struct Required {
+pub struct PerSerial {
     snapd: snapd::Client,
     /// The shared change poller: installs are followed there.
     changes: Arc<Poller>,
@@ -85,15 +85,15 @@ fn failure(id: &str, message: &str) -> Bytes {
     Bytes::from(json!({"id": id, "success": false, "message": message, "snaps": []}).to_string())
 }
 
-impl Required {
+impl PerSerial {
     pub fn new(
         snapd: snapd::Client,
         changes: Arc<Poller>,
         db_path: &std::path::Path,
         settings: Settings,
-    ) -> Arc<Required> {
+    ) -> Arc<PerSerial> {
         let (results, _) = broadcast::channel(64);
-        Arc::new(Required {
+        Arc::new(PerSerial {
             snapd,
             changes,
             store: std::sync::OnceLock::new(),
@@ -153,6 +153,8 @@ impl Required {
             );
             return Some((result_topic(topic), failure(&req.id, &msg)));
         };
+        // The last line before the synchronous write (a test waits for it).
+        tracing::debug!(id = %req.id, "storing a required-install");
         match store.add(&req, topic.mqtt(), &now) {
             Ok(Added::New) => {
                 let names: Vec<&str> = req.snaps.iter().map(|s| s.name.as_str()).collect();
@@ -373,7 +375,7 @@ fn tracking(s: &snapd::Snap) -> String {
 /// Serves the tree on the device-local NATS: subscribes once the device has
 /// a serial, answers refusals at once, and forwards the worker's results.
 pub async fn serve_nats(
-    required: Arc<Required>,
+    required: Arc<PerSerial>,
     bus: Nats,
     snapd: snapd::Client,
     shutdown: CancellationToken,

@@ -17,12 +17,12 @@
 #![warn(missing_docs)]
 
 use crate::bus::{topics, Nats, Topic};
-use crate::changes::guard::{self, Budget, Clock, Hold, Progress};
-use crate::changes::poller::{Snapshot, SnapshotRx};
-use crate::changes::store::{status_name, RebootRecord, Store};
 use crate::clock;
 use crate::config::Config;
 use crate::snapd::{self, Change, ChangeSelect};
+use crate::subsystems::changes::guard::{self, Budget, Clock, Hold, Progress};
+use crate::subsystems::changes::poller::{Snapshot, SnapshotRx};
+use crate::subsystems::changes::store::{status_name, RebootRecord, Store};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use crate::{errors, fsutil};
 use serde_json::json;

@@ -1,14 +1,14 @@
 //! The tree's two subsystems in the supervisor's shape: the queue worker
-//! (the [`Required`] handle itself) and its NATS side ([`NatsSide`]); the
+//! (the [`PerSerial`] handle itself) and its NATS side ([`NatsSide`]); the
 //! DMS session serves the MQTT side.
 
-use super::Required;
+use super::PerSerial;
 use crate::bus::Nats;
 use crate::snapd;
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::sync::Arc;
 
-impl Subsystem for Arc<Required> {
+impl Subsystem for Arc<PerSerial> {
     const NAME: &'static str = "required-install";
     const SECTION: &'static str = "required";
 
@@ -22,7 +22,7 @@ impl Subsystem for Arc<Required> {
 #[derive(Clone)]
 pub struct NatsSide {
     /// The queue the requests go to.
-    pub required: Arc<Required>,
+    pub required: Arc<PerSerial>,
     /// The device-local NATS.
     pub bus: Nats,
     /// Where the serial comes from.

@@ -13,11 +13,11 @@
 //! nor skips a change that snapd still has.
 #![warn(missing_docs)]
 
-use crate::changes::poller::{Snapshot, SnapshotRx};
-use crate::changes::store::{status_name, Store};
 use crate::clock;
 use crate::config::Config;
 use crate::snapd::{Change, Status};
+use crate::subsystems::changes::poller::{Snapshot, SnapshotRx};
+use crate::subsystems::changes::store::{status_name, Store};
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::collections::HashSet;
 use std::path::PathBuf;

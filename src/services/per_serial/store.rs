@@ -4,7 +4,7 @@
 
 use super::request::RequiredInstall;
 use crate::db::{self, DbError, Migration};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -74,7 +74,10 @@ impl Store {
 
     pub fn add(&self, req: &RequiredInstall, topic: &str, now: &str) -> Result<Added, DbError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
+            // deferred one reads first and, finding another writer when it
+            // upgrades, fails at once with "database is locked".
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing: Option<(String, Option<String>)> = tx
                 .query_row(
                     "SELECT state, result FROM requirements WHERE id = ?1",

@@ -63,12 +63,12 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "export/0001_spool.sql",
-        sql: include_str!("../../migrations/export/0001_spool.sql"),
+        sql: include_str!("../../../migrations/export/0001_spool.sql"),
     },
     Migration {
         version: 2,
         name: "export/0002_dead_letters.sql",
-        sql: include_str!("../../migrations/export/0002_dead_letters.sql"),
+        sql: include_str!("../../../migrations/export/0002_dead_letters.sql"),
     },
 ];
 
