@@ -9,6 +9,7 @@
 //! - `mqtt://HOST:PORT/DEVICE_ID` (or `mqtts://`): the DMS broker; topics
 //!   under `devices/terminal/DEVICE_ID` / `devices/browser/DEVICE_ID`.
 
+pub mod browse;
 pub mod link;
 pub mod shell;
 pub mod terminal;

@@ -192,12 +192,15 @@ impl Session {
     /// ends it with the error.
     pub async fn next(&mut self) -> Result<Event, String> {
         loop {
-            if let Some(f) = self.pending.pop_front() {
-                let got = self.reorder.next_seq() - 1 - self.pending.len() as u64;
+            if !self.pending.is_empty() {
+                // Acknowledged before it is taken out: a caller that drops
+                // this future (select!) loses no frame.
+                let got = self.reorder.next_seq() - self.pending.len() as u64;
                 if got >= self.acked + protocol::WINDOW / 4 {
-                    self.acked = got;
                     self.ack(got).await?;
+                    self.acked = got;
                 }
+                let f = self.pending.pop_front().expect("not empty");
                 return Ok(match f {
                     OutFrame::Output { data, .. } => Event::Output(data),
                     OutFrame::Exit { exit, .. } => Event::Exit(exit),

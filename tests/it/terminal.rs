@@ -500,3 +500,172 @@ async fn the_example_configuration_lets_the_operator_in_and_refuses_the_device_u
     assert!(contains(&out, b"hi-from-device"));
     assert_eq!(exit.code, Some(0));
 }
+
+/// A tmux server of its own (its own socket), killed when dropped.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    pub fn start(width: u16, height: u16, env: &[(&str, &str)]) -> Tmux {
+        let t = Tmux {
+            socket: format!(
+                "iot-agent-test-{}-{}",
+                std::process::id(),
+                iot_agent::remote::link::reply_token()
+            ),
+        };
+        let mut cmd = std::process::Command::new("tmux");
+        cmd.args([
+            "-L",
+            &t.socket,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+        ])
+        .args(["-x", &width.to_string(), "-y", &height.to_string()]);
+        for (k, v) in env {
+            cmd.args(["-e", &format!("{k}={v}")]);
+        }
+        cmd.args(["bash", "--norc", "--noprofile"]);
+        let out = cmd.output().expect("tmux runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.run(&["set-option", "-g", "status", "off"]);
+        t
+    }
+
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Types a line (and Enter).
+    pub fn type_line(&self, text: &str) {
+        self.run(&["send-keys", "-t", "t", "-l", text]);
+        self.run(&["send-keys", "-t", "t", "Enter"]);
+    }
+
+    pub fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "t", "-S", "-200"])
+    }
+
+    /// Waits until the screen shows `text`; returns the screen.
+    pub fn wait_for(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let s = self.screen();
+            if s.contains(text) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the screen never showed {text:?}:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+/// The operator's command in a real terminal (tmux): `iot-remote shell`
+/// attaches, a typed command runs on the device, the device's `stty size`
+/// follows the local window (also after a resize: SIGWINCH), the remote
+/// exit code comes back, and the local terminal is out of raw mode again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_in_tmux_runs_a_command_on_the_device() {
+    let nats = NatsServer::start(NatsConfig {
+        include: Some(EXAMPLE_CONF.into()),
+        ..Default::default()
+    });
+    let rig = rig_with(
+        nats,
+        "change this agent password",
+        settings(Duration::from_secs(60), 4),
+    )
+    .await;
+    let url = rig.nats.url();
+    let tmux = tokio::task::spawn_blocking(move || {
+        let tmux = Tmux::start(
+            100,
+            30,
+            &[
+                ("IOT_REMOTE_USER", "operator"),
+                ("IOT_REMOTE_PASSWORD", "change this operator password"),
+                ("PS1", "local$ "),
+                ("TERM", "xterm"),
+            ],
+        );
+        tmux.wait_for("local$");
+        tmux.type_line(&format!("{} shell {url}", env!("CARGO_BIN_EXE_iot-remote")));
+        tmux.wait_for("iot-remote: attached to session");
+        // The device's shell: a prompt of its own (written so that the
+        // typed line does not show it).
+        tmux.type_line("PS1='\\144evice$ '");
+        tmux.wait_for("\ndevice$");
+        tmux.type_line("echo remote-$((6*7)) from $$");
+        tmux.wait_for("remote-42 from");
+        tmux.type_line("echo size=$(stty size)");
+        tmux.wait_for("size=30 100");
+        tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+        tmux.wait_for_size_change();
+        tmux.type_line("echo size=$(stty size)");
+        tmux.wait_for("size=40 120");
+        tmux.type_line("exit 5");
+        tmux.wait_until(|s| s.matches("local$").count() == 2);
+        tmux.type_line("echo code=$? raw=$(stty -a | grep -c -- -icanon)");
+        tmux.wait_for("code=5 raw=0");
+        tmux
+    })
+    .await
+    .unwrap();
+    drop(tmux);
+    assert_eq!(rig.terminals.open_sessions(), 0);
+}
+
+impl Tmux {
+    fn wait_until(&self, done: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let s = self.screen();
+            if done(&s) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never:\n{s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for_size_change(&self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self
+            .run(&[
+                "display-message",
+                "-p",
+                "-t",
+                "t",
+                "#{pane_height} #{pane_width}",
+            ])
+            .trim()
+            != "40 120"
+        {
+            assert!(std::time::Instant::now() < deadline, "tmux did not resize");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
