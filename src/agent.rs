@@ -141,6 +141,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("remote terminal off (terminal.enabled=false)");
     }
 
+    if config.browser.enabled {
+        match services::browser::Browser::new(services::browser::Settings::from_config(&config)) {
+            Ok(browser) => {
+                sup.add(services::browser::NatsBrowser {
+                    browser,
+                    bus: bus.clone(),
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "remote browser not started"),
+        }
+    } else {
+        tracing::info!("remote browser off (browser.enabled=false)");
+    }
+
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(handle_signals(shutdown.clone(), reload));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "iot-agent running");

@@ -51,6 +51,7 @@ fn the_document_lists_exactly_the_subjects_the_code_uses() {
         .chain(iot_agent::subsystems::changes::watchdog::documented_addresses())
         .chain(iot_agent::services::dms::documented_addresses())
         .chain(iot_agent::services::terminal::documented_addresses())
+        .chain(iot_agent::services::browser::documented_addresses())
         .collect();
     let missing: Vec<_> = code.difference(&documented).collect();
     let extra: Vec<_> = documented.difference(&code).collect();
@@ -67,6 +68,13 @@ fn the_document_names_every_agent_error_kind() {
         assert!(
             doc.contains(&format!("        - {}\n", kind.as_str())),
             "{} is not in TerminalErrorKind's enum",
+            kind.as_str()
+        );
+    }
+    for kind in iot_agent::services::browser::protocol::ErrorKind::ALL {
+        assert!(
+            doc.contains(&format!("        - {}\n", kind.as_str())),
+            "{} is not in BrowserErrorKind's enum",
             kind.as_str()
         );
     }

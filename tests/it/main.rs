@@ -6,6 +6,7 @@ mod common;
 
 mod agent_run;
 mod asyncapi;
+mod browser;
 mod bus;
 mod changes;
 mod config_cli;

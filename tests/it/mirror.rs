@@ -884,6 +884,7 @@ fn agent_subjects() -> Vec<String> {
         .chain(iot_agent::subsystems::export::documented_addresses())
         .chain(iot_agent::subsystems::changes::watchdog::documented_addresses())
         .chain(iot_agent::services::terminal::nats_addresses())
+        .chain(iot_agent::services::browser::nats_addresses())
         .filter(|a| !a.starts_with(&intake))
         .map(|a| {
             a.replace("{path}", "snaps.hello")

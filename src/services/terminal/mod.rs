@@ -15,7 +15,8 @@
 pub mod protocol;
 pub mod session;
 
-use crate::bus::mqtt::MqttHandle;
+pub use crate::services::outlet::{Outlet, Route};
+
 use crate::bus::{topics, Nats, Topic};
 use crate::config::Config;
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
@@ -80,44 +81,6 @@ fn addresses(root: &str, sep: &str) -> Vec<String> {
     }
     v.push(format!("{root}{sep}{}{sep}{{token}}", protocol::REPLY));
     v
-}
-
-/// Where frames and answers are published.
-#[derive(Clone)]
-pub enum Outlet {
-    /// The device-local NATS.
-    Nats(Nats),
-    /// The DMS broker (QoS 1).
-    Mqtt(MqttHandle),
-}
-
-impl Outlet {
-    /// Publishes.
-    pub async fn publish(&self, topic: &Topic, payload: Bytes) -> Result<(), String> {
-        match self {
-            Outlet::Nats(n) => n.publish(topic, payload).await.map_err(|e| e.to_string()),
-            Outlet::Mqtt(m) => m.publish(topic, payload).await.map_err(|e| e.to_string()),
-        }
-    }
-
-    /// Waits until what was published went out (NATS; MQTT confirms each).
-    pub async fn flush(&self) -> Result<(), String> {
-        match self {
-            Outlet::Nats(n) => n.flush().await.map_err(|e| e.to_string()),
-            Outlet::Mqtt(_) => Ok(()),
-        }
-    }
-}
-
-/// A transport and the root the service answers under on it.
-#[derive(Clone)]
-pub struct Route {
-    /// How to publish.
-    pub outlet: Outlet,
-    /// `iot/agent/terminal` or `devices/terminal/{device id}`.
-    pub root: Topic,
-    /// `nats` or `mqtt`, for the log.
-    pub transport: &'static str,
 }
 
 struct Entry {
