@@ -25,6 +25,15 @@ struct Cli {
         hide_env_values = true
     )]
     password: String,
+    /// mqtts://: a CA certificate (PEM) trusted besides the system's roots.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// mqtts://: a client certificate (PEM), for brokers that require one.
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// mqtts://: the client certificate's key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,37 +70,34 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let code = rt.block_on(async move {
+        let name = match &cli.command {
+            Command::Shell { device, .. } | Command::Browse { device, .. } => device.clone(),
+        };
+        let device = match iot_agent::remote::Device::parse(&name) {
+            Ok(d) => d,
+            Err(e) => return fail(&e),
+        };
+        let files = iot_agent::remote::link::TlsFiles {
+            ca: cli.ca.clone(),
+            cert: cli.cert.clone(),
+            key: cli.key.clone(),
+        };
+        let link =
+            match iot_agent::remote::Link::connect_with(&device, &cli.user, &cli.password, &files)
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => return fail(&e),
+            };
         match cli.command {
-            Command::Shell { device, command } => {
-                let device = match iot_agent::remote::Device::parse(&device) {
-                    Ok(d) => d,
-                    Err(e) => return fail(&e),
-                };
-                match iot_agent::remote::shell::run(&device, &cli.user, &cli.password, command)
-                    .await
-                {
+            Command::Shell { command, .. } => {
+                match iot_agent::remote::shell::run(&link, &device, command).await {
                     Ok(code) => code,
                     Err(e) => fail(&e),
                 }
             }
-            Command::Browse {
-                device,
-                listen,
-                origin,
-            } => {
-                let device = match iot_agent::remote::Device::parse(&device) {
-                    Ok(d) => d,
-                    Err(e) => return fail(&e),
-                };
-                match iot_agent::remote::browse::run(
-                    &device,
-                    &cli.user,
-                    &cli.password,
-                    listen,
-                    &origin,
-                )
-                .await
-                {
+            Command::Browse { listen, origin, .. } => {
+                match iot_agent::remote::browse::run(link, &device, listen, &origin).await {
                     Ok(()) => 0,
                     Err(e) => fail(&e),
                 }

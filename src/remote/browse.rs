@@ -25,9 +25,8 @@ type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Serves until the process is stopped.
 pub async fn run(
+    link: Link,
     device: &Device,
-    user: &str,
-    password: &str,
     listen: SocketAddr,
     origin: &str,
 ) -> Result<(), String> {
@@ -36,7 +35,6 @@ pub async fn run(
             "--listen {listen}: serve on a loopback address only (the device's web UI would be open to the network)"
         ));
     }
-    let link = Link::connect(device, user, password).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

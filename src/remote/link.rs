@@ -120,6 +120,16 @@ impl Drop for Messages {
 impl Link {
     /// Connects as `user` / `password` (empty user: none).
     pub async fn connect(device: &Device, user: &str, password: &str) -> Result<Link, String> {
+        Link::connect_with(device, user, password, &TlsFiles::default()).await
+    }
+
+    /// [`Link::connect`] with a CA and client certificate for `mqtts://`.
+    pub async fn connect_with(
+        device: &Device,
+        user: &str,
+        password: &str,
+        files: &TlsFiles,
+    ) -> Result<Link, String> {
         match device {
             Device::Nats { url } => {
                 let opts = if user.is_empty() {
@@ -137,10 +147,29 @@ impl Link {
             }
             Device::Mqtt {
                 host, port, tls, ..
-            } => Ok(Link::Mqtt(
-                mqtt::MqttLinkClient::connect(host, *port, *tls, user, password).await?,
-            )),
+            } => {
+                let tls = if *tls {
+                    Some(operator_tls(files)?)
+                } else {
+                    None
+                };
+                Link::connect_mqtt(host, *port, tls, user, password).await
+            }
         }
+    }
+
+    /// Connects to an MQTT broker with a TLS configuration of the caller's
+    /// (a client certificate, a private CA).
+    pub async fn connect_mqtt(
+        host: &str,
+        port: u16,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+        user: &str,
+        password: &str,
+    ) -> Result<Link, String> {
+        Ok(Link::Mqtt(
+            mqtt::MqttLinkClient::connect(host, port, tls, user, password).await?,
+        ))
     }
 
     /// Subscribes (before anything is asked that it should see).
@@ -236,6 +265,50 @@ impl Link {
     }
 }
 
+/// PEM files for an `mqtts://` broker.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// A CA trusted besides the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate (chain) ...
+    pub cert: Option<std::path::PathBuf>,
+    /// ... and its key.
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// The TLS configuration for an `mqtts://` broker: the server verified
+/// (chain and name) against the system's roots and `ca`; a client
+/// certificate when given.
+pub fn operator_tls(files: &TlsFiles) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use crate::tls;
+    let mut roots = tls::Roots::new().system();
+    if let Some(ca) = &files.ca {
+        roots = roots.file(ca, "--ca").map_err(|e| e.to_string())?;
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let pems = match (&files.cert, &files.key) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        (None, None) => None,
+        _ => return Err("--cert and --key go together".into()),
+    };
+    tls::client_config(
+        roots,
+        pems.as_ref().map(|(c, k)| tls::ClientCert {
+            cert_pem: c,
+            key_pem: k,
+        }),
+        tls::Verify::Full,
+        tls::Advice {
+            peer: "the MQTT broker",
+            ca_key: "--ca",
+            verify_key: None,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// A token for a reply topic nobody else uses.
 pub fn reply_token() -> String {
     use rand::Rng;
@@ -298,11 +371,11 @@ pub mod mqtt {
     }
 
     impl MqttLinkClient {
-        /// Connects (clean session) and starts polling.
+        /// Connects (clean session; TLS with `tls`) and starts polling.
         pub async fn connect(
             host: &str,
             port: u16,
-            tls: bool,
+            tls: Option<Arc<rustls::ClientConfig>>,
             user: &str,
             password: &str,
         ) -> Result<MqttLinkClient, String> {
@@ -314,18 +387,7 @@ pub mod mqtt {
             if !user.is_empty() {
                 opts.set_credentials(user, password);
             }
-            if tls {
-                let cfg = crate::tls::client_config(
-                    crate::tls::Roots::new().system(),
-                    None,
-                    crate::tls::Verify::Full,
-                    crate::tls::Advice {
-                        peer: "the MQTT broker",
-                        ca_key: "the system's trusted roots",
-                        verify_key: None,
-                    },
-                )
-                .map_err(|e| format!("cannot set up TLS: {e}"))?;
+            if let Some(cfg) = tls {
                 opts.set_transport(rumqttc::Transport::tls_with_config(
                     rumqttc::TlsConfiguration::Rustls(cfg),
                 ));

@@ -70,13 +70,7 @@ pub fn operator_name() -> String {
 
 /// Runs a session until it ends; returns the exit code to exit with: the
 /// remote shell's, 128 + its signal, or 1 when it was closed for it.
-pub async fn run(
-    device: &Device,
-    user: &str,
-    password: &str,
-    command: Option<String>,
-) -> Result<i32, String> {
-    let link = Link::connect(device, user, password).await?;
+pub async fn run(link: &Link, device: &Device, command: Option<String>) -> Result<i32, String> {
     let (rows, cols) = window_size();
     let open = protocol::Open {
         rows,
@@ -86,7 +80,7 @@ pub async fn run(
         user: Some(operator_name()),
         reply_to: None,
     };
-    let mut session = Session::open(&link, &device.terminal_root(), open).await?;
+    let mut session = Session::open(link, &device.terminal_root(), open).await?;
     eprintln!(
         "iot-remote: attached to session {} (the session ends with its shell)",
         session.id()

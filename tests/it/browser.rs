@@ -21,13 +21,13 @@ const WAIT: Duration = Duration::from_secs(30);
 const PINK: [u8; 3] = [0xff, 0x00, 0x80];
 
 /// What the test site saw: (path, cookie header).
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
+pub(crate) type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 /// The device's web UI: a start page whose script follows a relative link,
 /// a redirect (absolute, to its own origin) that sets a cookie, a final
 /// page that shows whether the cookie came back and a relative image, and
 /// a large body.
-async fn site() -> (u16, Seen) {
+pub(crate) async fn site() -> (u16, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen: Seen = Default::default();

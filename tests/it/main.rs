@@ -21,6 +21,7 @@ mod mirror;
 mod nats_bundled;
 mod per_serial;
 mod readme;
+mod remote_mqtt;
 mod run_script;
 mod snap_hook;
 mod snap_pack;

@@ -104,7 +104,7 @@ fn root() -> Topic {
     Topic::fixed(topics::TERMINAL)
 }
 
-fn open(command: &str) -> protocol::Open {
+pub(crate) fn open(command: &str) -> protocol::Open {
     protocol::Open {
         rows: 24,
         cols: 80,
@@ -116,7 +116,7 @@ fn open(command: &str) -> protocol::Open {
 
 /// Reads output until `until` holds for everything read so far (or the
 /// session exits); returns the bytes and the exit, if it came.
-async fn read_until(
+pub(crate) async fn read_until(
     s: &mut Session,
     until: impl Fn(&[u8]) -> bool,
 ) -> (Vec<u8>, Option<protocol::Exit>) {
@@ -143,30 +143,36 @@ async fn read_until(
     }
 }
 
-async fn read_to_exit(s: &mut Session) -> (Vec<u8>, protocol::Exit) {
+pub(crate) async fn read_to_exit(s: &mut Session) -> (Vec<u8>, protocol::Exit) {
     let (b, e) = read_until(s, |_| false).await;
     (b, e.unwrap())
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The number after `PID=` in the output.
-fn pid_in(out: &[u8]) -> i32 {
+/// The number after `PID=` in the output (the echo of a typed `PID=$!`
+/// is skipped).
+pub(crate) fn pid_in(out: &[u8]) -> i32 {
+    find_pid(out).expect("a PID=N line")
+}
+
+fn find_pid(out: &[u8]) -> Option<i32> {
     let text = String::from_utf8_lossy(out);
-    let at = text.find("PID=").expect("a PID= line") + 4;
-    text[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap()
+    text.match_indices("PID=").find_map(|(i, _)| {
+        let rest = &text[i + 4..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let complete = rest.len() > digits.len();
+        (!digits.is_empty() && complete)
+            .then(|| digits.parse().ok())
+            .flatten()
+    })
 }
 
 /// A process is gone when /proc has no running process of that pid (a
 /// zombie ran its course and waits only for its parent to be reaped).
-fn gone(pid: i32) -> bool {
+pub(crate) fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => {
@@ -176,10 +182,8 @@ fn gone(pid: i32) -> bool {
     }
 }
 
-fn has_pid_line(b: &[u8]) -> bool {
-    let t = String::from_utf8_lossy(b);
-    t.find("PID=")
-        .is_some_and(|i| t[i + 4..].contains(|c: char| !c.is_ascii_digit()))
+pub(crate) fn has_pid_line(b: &[u8]) -> bool {
+    find_pid(b).is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
