@@ -673,3 +673,108 @@ impl Tmux {
         }
     }
 }
+
+/// A shell that does not read its input fills the PTY: further input is
+/// refused with an answer (`terminal-input-full`), never waited for, so a
+/// close still ends the session and its processes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_the_shell_does_not_read_is_refused_and_close_still_works() {
+    let rig = rig(settings(Duration::from_secs(60), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let Link::Nats(c) = &link else { unreachable!() };
+    let mut s = Session::open(&link, &root(), open("sleep 1000 & echo PID=$!; wait"))
+        .await
+        .unwrap();
+    let (out, _) = read_until(&mut s, has_pid_line).await;
+    let pid = pid_in(&out);
+    let inbox = c.new_inbox();
+    let mut answers = c.subscribe(inbox.clone()).await.unwrap();
+    let input = format!("{}.input", session_prefix(s.id()));
+    let chunk = vec![b'x'; 4096];
+    let mut full = None;
+    for seq in 1..=2000u64 {
+        let frame = protocol::InputFrame {
+            seq,
+            data: chunk.clone().into(),
+        };
+        c.publish_with_reply(input.clone(), inbox.clone(), frame.encode())
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(WAIT, answers.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let a: Answer = serde_json::from_slice(&m.payload).unwrap();
+        if !a.ok {
+            full = Some(a.error.unwrap().kind);
+            break;
+        }
+    }
+    assert_eq!(full.as_deref(), Some("terminal-input-full"));
+    s.close().await.unwrap();
+    assert!(gone(pid), "sleep {pid} survived the close");
+    let (_, exit) = read_to_exit(&mut s).await;
+    assert_eq!(exit.reason, "closed");
+}
+
+/// Backpressure: the agent never sends output more than the window beyond
+/// the operator's acknowledgement (it stops reading the PTY instead), and
+/// every byte arrives once the operator catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_never_runs_more_than_the_window_ahead_of_the_acknowledgements() {
+    let rig = rig(settings(Duration::from_secs(60), 4)).await;
+    let link = link(&rig.nats, "snapd", PASSWORD).await;
+    let Link::Nats(c) = &link else { unreachable!() };
+    let body = serde_json::to_vec(&open(
+        "stty raw -echo; head -c 3000000 /dev/zero | tr '\\0' x; exit 0",
+    ))
+    .unwrap();
+    let a = raw_request(
+        &link,
+        &root().join(&[protocol::OPEN]).unwrap().nats(),
+        &body,
+    )
+    .await;
+    let window = a.window.unwrap();
+    let prefix = session_prefix(&a.session.unwrap());
+    let mut out = c.subscribe(format!("{prefix}.out")).await.unwrap();
+    c.flush().await.unwrap();
+    let ack = |seq: u64| {
+        let c = c.clone();
+        let subject = format!("{prefix}.ack");
+        async move {
+            c.publish(subject, format!(r#"{{"seq":{seq}}}"#).into())
+                .await
+                .unwrap();
+        }
+    };
+    ack(0).await;
+    let (mut acked, mut bytes, mut stalls) = (0u64, 0usize, 0u32);
+    let exit = loop {
+        let m = tokio::time::timeout(WAIT, out.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let frame = OutFrame::decode(&m.payload).unwrap();
+        let seq = frame.seq();
+        // Output within the window; the exit frame may follow it.
+        let bound = acked + window + matches!(frame, OutFrame::Exit { .. }) as u64;
+        assert!(
+            seq <= bound,
+            "frame {seq} sent with only {acked} acknowledged (window {window})"
+        );
+        match frame {
+            OutFrame::Output { data, .. } => bytes += data.len(),
+            OutFrame::Exit { exit, .. } => break exit,
+        }
+        // Acknowledge only when the window is used up: the agent must wait.
+        if seq == acked + window {
+            stalls += 1;
+            acked = seq;
+            ack(seq).await;
+        }
+    };
+    assert_eq!(exit.code, Some(0));
+    assert_eq!(bytes, 3_000_000);
+    assert!(stalls >= 2, "the window was used up {stalls} times");
+}

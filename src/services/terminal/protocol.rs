@@ -143,6 +143,9 @@ pub enum ErrorKind {
     OutOfOrder,
     /// The NATS server protects nothing, so the terminal is not served.
     Unprotected,
+    /// The shell is not reading its input: this frame was not taken (the
+    /// next expected sequence number stays the same: send it again).
+    InputFull,
 }
 
 impl ErrorKind {
@@ -156,11 +159,12 @@ impl ErrorKind {
             ErrorKind::Spawn => "terminal-spawn-failed",
             ErrorKind::OutOfOrder => "terminal-out-of-order",
             ErrorKind::Unprotected => "terminal-unprotected",
+            ErrorKind::InputFull => "terminal-input-full",
         }
     }
 
     /// Every kind, for the documentation check.
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::BadRequest,
         ErrorKind::BadSubject,
         ErrorKind::UnknownSession,
@@ -168,6 +172,7 @@ impl ErrorKind {
         ErrorKind::Spawn,
         ErrorKind::OutOfOrder,
         ErrorKind::Unprotected,
+        ErrorKind::InputFull,
     ];
 }
 

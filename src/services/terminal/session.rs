@@ -46,12 +46,12 @@ struct Flow {
 impl Flow {
     /// Whether the reader may send another frame after `seq`.
     fn may_send(&self, seq: u64) -> bool {
-        self.abandoned || (self.started && (self.closing || seq < self.acked + protocol::WINDOW))
+        self.abandoned || (self.started && seq < self.acked + protocol::WINDOW)
     }
 }
 
-/// How long a session that ended before its operator listened keeps its
-/// last output for it.
+/// How long a session that ended keeps its last output for an operator who
+/// acknowledges nothing.
 const UNHEARD_GRACE: Duration = Duration::from_secs(10);
 
 /// What opening needs.
@@ -104,6 +104,7 @@ pub fn start(
     let (commands, rx) = mpsc::channel(64);
     let (flow_tx, flow_rx) = watch::channel(Flow::default());
     let (exit_tx, exit_rx) = oneshot::channel();
+    let (drained_tx, drained_rx) = oneshot::channel();
     let out = spec
         .route
         .root
@@ -114,14 +115,21 @@ pub fn start(
         spec.route.clone(),
         out,
         flow_rx,
+        drained_tx,
         exit_rx,
     ));
-    let (input_tx, input_rx) = mpsc::channel::<ToPty>(64);
+    let (input_tx, input_rx) = mpsc::channel::<ToPty>(INPUT_QUEUE);
     shutdown.spawn(pump_input(writer, input_rx));
     let s = shutdown.clone();
     shutdown.spawn(async move {
         let started = Instant::now();
-        let exit = supervise(child, pid, rx, input_tx, flow_tx, spec.idle, &s).await;
+        let ends = Ends {
+            commands: rx,
+            input: input_tx,
+            flow: flow_tx,
+            drained: drained_rx,
+        };
+        let exit = supervise(child, pid, ends, spec.idle, &s).await;
         tracing::info!(
             session = %spec.id,
             by = %spec.who,
@@ -138,17 +146,33 @@ pub fn start(
     Ok(Started { commands, pid })
 }
 
+/// The session loop's ends of its channels.
+struct Ends {
+    /// From the bus.
+    commands: mpsc::Receiver<Command>,
+    /// To the PTY.
+    input: mpsc::Sender<ToPty>,
+    /// To the output pump: how far it may go.
+    flow: watch::Sender<Flow>,
+    /// From the output pump: the PTY is read to its end.
+    drained: oneshot::Receiver<()>,
+}
+
 /// The session loop: until the shell exits, the operator closes, the idle
 /// timeout passes or the agent stops; then kills the session's processes.
 async fn supervise(
     mut child: tokio::process::Child,
     pid: u32,
-    mut commands: mpsc::Receiver<Command>,
-    input: mpsc::Sender<ToPty>,
-    flow: watch::Sender<Flow>,
+    ends: Ends,
     idle: Duration,
     shutdown: &Shutdown,
 ) -> Exit {
+    let Ends {
+        mut commands,
+        input,
+        flow,
+        mut drained,
+    } = ends;
     let mut next_input = 1u64;
     let mut deadline = Instant::now() + idle;
     let mut status = None;
@@ -175,13 +199,11 @@ async fn supervise(
                                 ErrorKind::BadRequest,
                                 format!("rows and cols must be 1 to 1000; got {rows}x{cols}"),
                             ));
-                        } else if let Err(mpsc::error::SendError(ToPty::Size(_, _, tx))) =
-                            input.send(ToPty::Size(rows, cols, tx)).await
-                        {
-                            let _ = tx.send(Answer::error(
-                                ErrorKind::UnknownSession,
-                                "the terminal no longer takes input",
-                            ));
+                        } else if let Err(e) = input.try_send(ToPty::Size(rows, cols, tx)) {
+                            let full = matches!(e, mpsc::error::TrySendError::Full(_));
+                            if let ToPty::Size(_, _, tx) = e.into_inner() {
+                                let _ = tx.send(not_taken(full));
+                            }
                         }
                     }
                     Some(Command::Input(frame, tx)) => {
@@ -194,13 +216,16 @@ async fn supervise(
                                 format!("input {} arrived before input {next_input}", frame.seq),
                             )
                         } else {
-                            next_input += 1;
-                            match input.send(ToPty::Data(frame.data)).await {
-                                Ok(()) => Answer::ok(),
-                                Err(_) => Answer::error(
-                                    ErrorKind::UnknownSession,
-                                    "the terminal no longer takes input",
-                                ),
+                            // Never waits: the loop must stay free for close,
+                            // idle and shutdown while the shell does not read.
+                            match input.try_send(ToPty::Data(frame.data)) {
+                                Ok(()) => {
+                                    next_input += 1;
+                                    Answer::ok()
+                                }
+                                Err(e) => {
+                                    not_taken(matches!(e, mpsc::error::TrySendError::Full(_)))
+                                }
                             }
                         };
                         let _ = tx.send(answer);
@@ -230,13 +255,15 @@ async fn supervise(
         let _ = tx.send(Answer::ok());
     }
     let gone = || Answer::error(ErrorKind::UnknownSession, "the session is over");
-    // A command that ran and exited before its operator said it listens:
-    // its output waits a moment for the first acknowledgement.
-    if matches!(reason, "exited" | "closed") && !flow.borrow().started {
+    // The rest of the output goes at the operator's pace, as before (and
+    // waits for a command that ended before its operator listened), until
+    // the PTY is drained, or nothing was heard from the operator for a while.
+    if matches!(reason, "exited" | "closed") {
         let grace = tokio::time::sleep(UNHEARD_GRACE);
         tokio::pin!(grace);
         loop {
             tokio::select! {
+                _ = &mut drained => break,
                 _ = &mut grace => break,
                 _ = shutdown.cancelled() => break,
                 c = commands.recv() => match c {
@@ -244,9 +271,9 @@ async fn supervise(
                     Some(Command::Ack(seq)) => {
                         flow.send_modify(|f| {
                             f.started = true;
-                            f.acked = seq;
+                            f.acked = f.acked.max(seq);
                         });
-                        break;
+                        grace.as_mut().reset(Instant::now() + UNHEARD_GRACE);
                     }
                     Some(Command::Input(_, tx) | Command::Resize(_, _, tx) | Command::Close(tx)) => {
                         let _ = tx.send(gone());
@@ -268,6 +295,26 @@ async fn supervise(
     }
     exit
 }
+
+/// The answer to input the PTY cannot take now.
+fn not_taken(full: bool) -> Answer {
+    if full {
+        Answer::error(
+            ErrorKind::InputFull,
+            format!(
+                "the shell is not reading its input ({INPUT_QUEUE} writes wait); send this input again later"
+            ),
+        )
+    } else {
+        Answer::error(
+            ErrorKind::UnknownSession,
+            "the terminal no longer takes input",
+        )
+    }
+}
+
+/// Writes waiting for the PTY (each one input frame).
+const INPUT_QUEUE: usize = 256;
 
 /// What goes to the PTY, in order: bytes and size changes.
 enum ToPty {
@@ -304,6 +351,7 @@ async fn pump_output(
     route: Route,
     out: Topic,
     mut flow: watch::Receiver<Flow>,
+    drained: oneshot::Sender<()>,
     exit: oneshot::Receiver<Exit>,
 ) {
     let mut seq = 0u64;
@@ -345,6 +393,7 @@ async fn pump_output(
             }
         }
     }
+    let _ = drained.send(());
     let exit = exit.await.unwrap_or_else(|_| Exit {
         reason: "shutdown".into(),
         ..Default::default()
