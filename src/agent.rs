@@ -143,6 +143,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             bus: bus.clone(),
         });
     }
+    if config.tunnel.enabled {
+        sup.add(crate::subsystems::tunnel::Tunnel::from_config(&config));
+    }
 
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(handle_signals(shutdown.clone(), reload));

@@ -10,13 +10,15 @@
 //! - [`services`]: what the agent answers on a bus: the DMS's actions, the
 //!   snapd mirror, the per-serial action tree;
 //! - [`subsystems`]: what owns state and runs on its own: snapd's
-//!   [`subsystems::changes`] (poller, SQLite history, watchdog) and
-//!   [`subsystems::export`] (store-and-forward telemetry);
+//!   [`subsystems::changes`] (poller, SQLite history, watchdog),
+//!   [`subsystems::export`] (store-and-forward telemetry) and the
+//!   [`subsystems::tunnel`] client (off until configured);
 //! - [`db`]: SQLite databases and their schema migrations;
 //! - [`nats_server`]: the bundled nats-server's generated configuration and passwords;
 //! - [`clock`]: the wall clock ("now" in s, ms, ns) and snapd's RFC 3339 timestamps;
 //! - [`sys`]: the few libc calls (file lock, signals), the crate's only `unsafe`;
-//! - [`tls`]: the one TLS client builder (roots, client certificate, verify mode);
+//! - [`tls`]: the one TLS builder (roots, client certificate, verify mode, servers);
+//! - [`relay`]: the `iot-relay` binary's library: the cloud half of the tunnel;
 //! - [`agent`]: the `run` command that wires it all together.
 
 #![deny(unsafe_code)]
@@ -34,6 +36,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod nats_server;
+pub mod relay;
 pub mod remote;
 pub mod services;
 pub mod snapd;

@@ -1,8 +1,10 @@
-//! The project's one TLS client builder: trusted roots (a file, inline PEM,
-//! the system store), an optional client certificate, and the verification
+//! The project's one TLS builder: trusted roots (a file, inline PEM, the
+//! system store), an optional client certificate, and the verification
 //! mode. Every TLS client of the agent (the DMS broker, the identity
-//! service, the export upstream) is built here, so "TLS verified always"
-//! is decided in one place.
+//! service, the export upstream, the tunnel) and every TLS server of the
+//! relay ([`server_config`]: the agents' port with client certificates
+//! required, the mapping API) is built here, so "TLS verified always" is
+//! decided in one place.
 //!
 //! Two modes, never a skip:
 //! - [`Verify::Full`]: webpki's chain verification and the host name;
@@ -205,6 +207,62 @@ pub fn client_config(
         }
     };
     Ok(Arc::new(config))
+}
+
+/// Reads a PEM file (a certificate chain or a key) for a builder below;
+/// `what` names the configuration key in the error.
+pub fn read_pem(path: &Path, what: &str) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|e| TlsError::Read {
+        what: what.to_string(),
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Builds a rustls server configuration (ring provider) from a certificate
+/// chain and its key. With `client_roots`, every client must present a
+/// certificate that chains to one of them (mutual TLS: the relay's agents'
+/// port); without, none is asked for (the mapping API, which has a token).
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_roots: Option<Roots>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Build(e.to_string()))?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) if roots.is_empty() => {
+            return Err(TlsError::NoRoots("the clients' certificates".into()))
+        }
+        Some(roots) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots.store),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::Build(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let chain = certs_from_pem(cert_pem, "the server certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError::Build(format!("server key: {e}")))?;
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Build(format!("server certificate and key: {e}")))?;
+    Ok(Arc::new(config))
+}
+
+/// The subject's common name of a DER certificate (a device certificate
+/// names the device there), if it has one.
+pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// webpki's verifier, with the host-name mismatch accepted in chain mode

@@ -1,15 +1,23 @@
 //! `iot-agent config`: the effective configuration and its sources.
 
 use super::write_stdout;
-use crate::config::Loaded;
+use crate::config::{Effective, Loaded};
 use std::fmt::Write;
 
 pub fn print(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
     write_stdout(&render(loaded, json)?)
 }
 
+/// Prints values with their sources (also `iot-relay config`).
+pub fn print_values(values: Vec<Effective>, json: bool) -> anyhow::Result<()> {
+    write_stdout(&render_values(values, json)?)
+}
+
 fn render(loaded: &Loaded, json: bool) -> anyhow::Result<String> {
-    let values = loaded.effective();
+    render_values(loaded.effective(), json)
+}
+
+fn render_values(values: Vec<Effective>, json: bool) -> anyhow::Result<String> {
     if json {
         let map: serde_json::Map<String, serde_json::Value> = values
             .into_iter()

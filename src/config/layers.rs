@@ -365,7 +365,12 @@ pub fn known_keys() -> Vec<String> {
     leaf_keys(&Config::default()).into_iter().collect()
 }
 
-fn flatten_json(prefix: &str, v: &serde_json::Value, f: &mut dyn FnMut(&str, &serde_json::Value)) {
+/// Calls `f` with each leaf of `v` and its dotted key.
+pub(crate) fn flatten_json(
+    prefix: &str,
+    v: &serde_json::Value,
+    f: &mut dyn FnMut(&str, &serde_json::Value),
+) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {

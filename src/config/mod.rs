@@ -52,6 +52,8 @@ macro_rules! section {
     (@default $default:expr) => { $default };
     (@default) => { Default::default() };
 }
+/// For the relay's configuration (`crate::relay::config`), declared alike.
+pub(crate) use section;
 
 /// The password that the reference agent shipped for the `snapd` NATS user.
 /// Anyone who has read its source knows it, so the agent warns when it is in use.
@@ -75,6 +77,7 @@ section! {
         pub export: ExportConfig,
         pub terminal: TerminalConfig,
         pub browser: BrowserConfig,
+        pub tunnel: TunnelConfig,
     }
 }
 
@@ -566,6 +569,35 @@ section! {
     pub struct BrowserMax {
         /// Bytes; a larger response (or request) body is refused.
         pub body: u64 = 16 * 1024 * 1024,
+    }
+}
+
+section! {
+    /// The tunnel client (`tunnel.*`): one outbound TLS connection to an
+    /// `iot-relay`, through which the relay reaches the local ports that
+    /// `allow` lists; no inbound port is opened on the device.
+    pub struct TunnelConfig {
+        /// Off by default: the relay and the exposed ports are the
+        /// operator's choice.
+        pub enabled: bool,
+        /// The relay's agents' port, `host:port`; `host` is the name its
+        /// certificate must carry.
+        pub relay: String,
+        /// The CA certificate that signs the relay's certificate (a file
+        /// path or the PEM text); nothing else is trusted.
+        pub ca: PemSource = PemSource::None,
+        /// The device certificate (PEM file) the relay verifies; its CN is
+        /// the device id. Until provisioning lands, files.
+        pub cert: OptPath,
+        /// The device certificate's private key (PEM file, 0600).
+        pub key: OptPath,
+        /// The local `host:port` targets the relay may open; any other is
+        /// refused. Empty: none.
+        pub allow: StringList = StringList::new(&[]),
+        /// How often the agent tells the relay it is alive.
+        pub heartbeat: Duration = Duration::from_secs(10),
+        /// A relay silent this long is dropped and the agent reconnects.
+        pub threshold: Duration = Duration::from_secs(30),
     }
 }
 

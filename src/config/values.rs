@@ -120,6 +120,13 @@ impl<'de> Deserialize<'de> for StringList {
                         .collect(),
                 ))
             }
+            // One number alone (`IOT_RELAY_PIPES__PORTS=30000`) arrives as one.
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StringList, E> {
+                Ok(StringList(vec![v.to_string()]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StringList, E> {
+                Ok(StringList(vec![v.to_string()]))
+            }
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<StringList, A::Error> {
                 let mut out = Vec::new();
                 while let Some(item) = seq.next_element::<String>()? {

@@ -4,7 +4,10 @@
 //! them apart is that stopping one mid-way must lose nothing it accepted.
 //!
 //! - [`changes`]: snapd's changes: the poller, the SQLite history, the watchdog;
-//! - [`export`]: store-and-forward telemetry (spool, upstream forwarding).
+//! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
+//! - [`tunnel`]: the tunnel client, one connection to an `iot-relay` that
+//!   opens streams to allowed device-local ports (off until configured).
 
 pub mod changes;
 pub mod export;
+pub mod tunnel;

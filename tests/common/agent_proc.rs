@@ -35,9 +35,13 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn start(envs: &[(&str, String)]) -> AgentProcess {
-        let mut cmd = command(&["run"], envs);
+        Self::spawn(command(&["run"], envs))
+    }
+
+    /// Another daemon of the crate (`iot-relay run`), read the same way.
+    pub fn spawn(mut cmd: Command) -> AgentProcess {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("cannot start iot-agent run");
+        let mut child = cmd.spawn().expect("cannot start the daemon");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {

@@ -12,6 +12,7 @@ pub mod mqtt_client;
 pub mod servers;
 pub mod snapd_double;
 pub mod tls;
+pub mod tunnel;
 pub mod upload_sink;
 
 use std::io::{Read, Write};

@@ -94,3 +94,44 @@ fn remote_frames(data: &[u8]) {
         let _ = iot_agent::services::browser::check_origin(&r.origin);
     }
 }
+
+/// The tunnel's frames and the relay's mapping form, as `fuzz/fuzz_targets/tunnel_control.rs`.
+#[test]
+fn tunnel_frames_and_mapping_forms_never_panic() {
+    use iot_agent::relay::mapping_api::parse_form;
+    use iot_agent::relay::pipes::Spec;
+    use iot_agent::subsystems::tunnel::protocol::{self, Control, Open, Opened};
+    let mut samples: Vec<Vec<u8>> = vec![
+        protocol::encode(&Control::Hello {
+            version: 1,
+            device: "d".into(),
+        }),
+        protocol::encode(&Control::Heartbeat),
+        protocol::encode(&Open {
+            pipe: "p".into(),
+            target: "127.0.0.1:80".into(),
+        }),
+        protocol::encode(&Opened::Refused { reason: "r".into() }),
+        br#"mapping={"type":"private","maxconnectionsport1":1,"maxconnectionsport2":1}&x=%7B"#
+            .to_vec(),
+        br#"mapping=%7B%22type%22%3A%22public%22%2C%22device%22%3A%22d%22%7D"#.to_vec(),
+    ];
+    let two = [samples[0].clone(), samples[1].clone()].concat();
+    samples.push(two);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7a_11e1);
+    for round in 0..20_000 {
+        let input = mutate(&mut rng, &samples[round % samples.len()]);
+        let mut rest = &input[..];
+        while let Ok(Some((payload, used))) = protocol::split_frame(rest) {
+            let _ = protocol::decode::<Control>(payload);
+            let _ = protocol::decode::<Open>(payload);
+            let _ = protocol::decode::<Opened>(payload);
+            rest = &rest[used..];
+        }
+        for (k, v) in parse_form(&String::from_utf8_lossy(&input)) {
+            if k == "mapping" {
+                let _ = serde_json::from_str::<Spec>(&v);
+            }
+        }
+    }
+}

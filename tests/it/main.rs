@@ -27,6 +27,7 @@ mod snap_hook;
 mod snap_pack;
 mod snapd_client;
 mod terminal;
+mod tunnel;
 
 /// The snap-pack tool's code (layout, meta/snap.yaml, checks), shared with
 /// `scripts/snap-pack`.

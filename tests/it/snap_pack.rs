@@ -72,7 +72,12 @@ fn generated_snap_yaml_agrees_with_snapcraft_yaml_and_the_spec() {
     assert_eq!(strings(&nats["before"]), ["agent"]);
     assert_eq!(strings(&nats["plugs"]), ["network", "network-bind"]);
     let apps: Vec<_> = m["apps"].as_mapping().unwrap().keys().collect();
-    assert_eq!(apps.len(), 4, "{apps:?}");
+    // The relay: a daemon installed stopped, and its command line.
+    let relay = &m["apps"]["relay"];
+    assert_eq!(relay["command"], "bin/iot-relay run");
+    assert_eq!(relay["install-mode"], "disable");
+    assert_eq!(m["apps"]["iot-relay"]["command"], "bin/iot-relay");
+    assert_eq!(apps.len(), 6, "{apps:?}");
     // Other snaps get the device user's credentials through a content slot.
     let slot = &m["slots"]["nats-device"];
     assert_eq!(slot["interface"], "content");
@@ -186,6 +191,8 @@ fn laid_out_tree_passes_snapds_skeleton_check_and_the_tree_check() {
         "accepts the configuration bin/iot-agent nats-config generates",
         "hook configure: meta/hooks/configure -> snap/hooks/configure",
         "prints \"iot-agent ",
+        "app relay (daemon: simple): bin/iot-relay run; plugs: network, network-bind",
+        "prints \"iot-relay ",
     ] {
         assert!(checked.contains(want), "{want:?} not in:\n{checked}");
     }

@@ -81,6 +81,9 @@ pub struct App {
     pub before: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart_condition: Option<String>,
+    /// `disable`: a daemon installed stopped (the relay, for a server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install_mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugs: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -272,6 +275,9 @@ fn show(v: &Value) -> String {
 pub struct Sources {
     /// The agent's (release) binary.
     pub binary: PathBuf,
+    /// The relay's, built beside it (`cargo install --root`, which the rust
+    /// plugin runs, installs every binary of the crate).
+    pub relay: PathBuf,
     /// `snap/snapcraft.yaml`.
     pub snapcraft_yaml: PathBuf,
     /// `snap/hooks/`.
@@ -283,6 +289,7 @@ impl Sources {
     pub fn of_project(root: &Path, binary: &Path) -> Sources {
         Sources {
             binary: binary.to_path_buf(),
+            relay: binary.with_file_name("iot-relay"),
             snapcraft_yaml: root.join("snap/snapcraft.yaml"),
             hooks: root.join("snap/hooks"),
         }
@@ -295,7 +302,7 @@ pub fn hook_wrapper(name: &str) -> String {
 }
 
 /// Lays out the snap's tree in `prime` (created; must not exist yet) as
-/// snapcraft's prime directory would be: `bin/iot-agent` (where the rust
+/// snapcraft's prime directory would be: `bin/iot-agent` and `bin/iot-relay` (where the rust
 /// plugin's `cargo install --root` puts it), `meta/snap.yaml`,
 /// `snap/hooks/*`, their wrappers in `meta/hooks/`, and `meta/gui/`.
 pub fn layout(src: &Sources, prime: &Path) -> Result<()> {
@@ -309,9 +316,13 @@ pub fn layout(src: &Sources, prime: &Path) -> Result<()> {
     for dir in ["bin", "meta/hooks", "meta/gui", "snap/hooks"] {
         fs::create_dir_all(prime.join(dir)).map_err(|e| io(dir, e))?;
     }
-    fs::copy(&src.binary, prime.join("bin/iot-agent"))
-        .map_err(|e| io(&src.binary.display().to_string(), e))?;
-    set_mode(&prime.join("bin/iot-agent"), 0o755)?;
+    for (from, to) in [
+        (&src.binary, "bin/iot-agent"),
+        (&src.relay, "bin/iot-relay"),
+    ] {
+        fs::copy(from, prime.join(to)).map_err(|e| io(&from.display().to_string(), e))?;
+        set_mode(&prime.join(to), 0o755)?;
+    }
     fs::write(prime.join("meta/snap.yaml"), meta).map_err(|e| io("meta/snap.yaml", e))?;
     for f in staged_files(&yaml)? {
         let to = prime.join(&f.path);
@@ -494,25 +505,27 @@ pub fn check_tree(src: &Sources, tree: &Path) -> Result<Vec<String>> {
         Err(e) => problems.push(e),
     }
 
-    let binary = tree.join("bin/iot-agent");
-    match fs::read(&binary) {
-        Ok(bytes) if bytes.starts_with(b"\x7fELF") => {
-            let out = Command::new(&binary).arg("version").output();
-            let want = format!("iot-agent {}", project.version);
-            match out {
-                Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == want => checked.push(
-                    format!("bin/iot-agent: ELF, {} bytes, prints {want:?}", bytes.len()),
-                ),
-                Ok(o) => problems.push(format!(
-                    "bin/iot-agent version printed {:?}, the snap's version is {:?}",
-                    String::from_utf8_lossy(&o.stdout).trim(),
-                    project.version
-                )),
-                Err(e) => problems.push(format!("cannot run bin/iot-agent: {e}")),
+    for name in ["iot-agent", "iot-relay"] {
+        let binary = tree.join("bin").join(name);
+        match fs::read(&binary) {
+            Ok(bytes) if bytes.starts_with(b"\x7fELF") => {
+                let out = Command::new(&binary).arg("version").output();
+                let want = format!("{name} {}", project.version);
+                match out {
+                    Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == want => checked.push(
+                        format!("bin/{name}: ELF, {} bytes, prints {want:?}", bytes.len()),
+                    ),
+                    Ok(o) => problems.push(format!(
+                        "bin/{name} version printed {:?}, the snap's version is {:?}",
+                        String::from_utf8_lossy(&o.stdout).trim(),
+                        project.version
+                    )),
+                    Err(e) => problems.push(format!("cannot run bin/{name}: {e}")),
+                }
             }
+            Ok(_) => problems.push(format!("bin/{name} is not an ELF executable")),
+            Err(e) => problems.push(format!("bin/{name}: {e}")),
         }
-        Ok(_) => problems.push("bin/iot-agent is not an ELF executable".into()),
-        Err(e) => problems.push(format!("bin/iot-agent: {e}")),
     }
 
     if problems.is_empty() {

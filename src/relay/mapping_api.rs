@@ -1,0 +1,217 @@
+//! The mapping API, ioFog Connector's: `POST /api/v2/mapping/add` with the
+//! form field `mapping=` (JSON), `POST /api/v2/mapping/remove` with
+//! `mappingid=`, and `GET /api/v2/mapping` to list. Every request carries
+//! `Authorization: Bearer <api.token>`. HTTPS unless `dev=true`.
+
+use super::pipes::{AddError, Pipes, Spec};
+use crate::supervisor::Shutdown;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+
+/// Largest request body read.
+const MAX_BODY: usize = 64 * 1024;
+
+struct Api {
+    pipes: Arc<Pipes>,
+    token: String,
+}
+
+/// Serves the API until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    pipes: Arc<Pipes>,
+    token: String,
+    shutdown: Shutdown,
+) {
+    let api = Arc::new(Api { pipes, token });
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept an API connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let (api, tls, sd) = (api.clone(), tls.clone(), shutdown.clone());
+        shutdown.spawn(async move {
+            match tls {
+                None => connection(tcp, api, sd).await,
+                Some(tls) => {
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(s)) => connection(s, api, sd).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "API TLS handshake failed"),
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn connection<IO>(io: IO, api: Arc<Api>, shutdown: Shutdown)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let api = api.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&api, req).await) }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = conn => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts")
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    answer(
+        status,
+        json!({"status": "error", "message": message.to_string()}),
+    )
+}
+
+fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
+    use subtle::ConstantTimeEq;
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    !api.token.is_empty() && bool::from(given.as_bytes().ct_eq(api.token.as_bytes()))
+}
+
+async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(api, &req) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer <api.token>)",
+        );
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    match (method, path.trim_end_matches('/')) {
+        (Method::GET, "/api/v2/mapping") => answer(
+            StatusCode::OK,
+            json!({"status": "ok", "mappings": api.pipes.list()}),
+        ),
+        (Method::POST, "/api/v2/mapping/add") => {
+            let form = match form(req).await {
+                Ok(f) => f,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            let Some(text) = field(&form, "mapping").filter(|t| !t.trim().is_empty()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "empty mapping: send the form field mapping=<JSON>",
+                );
+            };
+            let spec: Spec = match serde_json::from_str(text) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad mapping: {e}")),
+            };
+            match api.pipes.add(spec) {
+                Ok(m) => answer(
+                    StatusCode::OK,
+                    json!({
+                        "status": "ok", "id": m.id, "port1": m.port1, "port2": m.port2,
+                        "passcode1": m.passcode1, "passcode2": m.passcode2, "timestamp": m.timestamp,
+                    }),
+                ),
+                Err(e @ AddError::Bad(_)) => error(StatusCode::BAD_REQUEST, e),
+                Err(e @ AddError::NoPort) => error(StatusCode::INSUFFICIENT_STORAGE, e),
+                Err(e @ AddError::Duplicate(_)) => error(StatusCode::CONFLICT, e),
+                Err(e @ AddError::Internal(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (Method::POST, "/api/v2/mapping/remove") => {
+            let form = match form(req).await {
+                Ok(f) => f,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            let Some(id) = field(&form, "mappingid").filter(|t| !t.is_empty()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "send the form field mappingid=<id>",
+                );
+            };
+            match api.pipes.remove(id) {
+                Ok(true) => answer(
+                    StatusCode::OK,
+                    json!({"status": "ok", "id": id, "timestamp": crate::clock::now_ms()}),
+                ),
+                Ok(false) => error(StatusCode::NOT_FOUND, format!("no mapping {id:?}")),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (_, "/api/v2/mapping" | "/api/v2/mapping/add" | "/api/v2/mapping/remove") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    }
+}
+
+/// The body as `application/x-www-form-urlencoded` pairs.
+async fn form(req: Request<Incoming>) -> Result<Vec<(String, String)>, String> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("cannot read the body: {e}"))?
+        .to_bytes();
+    let text = std::str::from_utf8(&body).map_err(|_| "the body is not UTF-8".to_string())?;
+    Ok(parse_form(text))
+}
+
+/// Parses `a=1&b=x+y%21` (form encoding: `+` is a space).
+pub fn parse_form(text: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn form_fields_are_decoded() {
+        let f = super::parse_form("mapping=%7B%22type%22%3A%22public%22%7D&x=a+b&flag");
+        assert_eq!(f[0], ("mapping".into(), "{\"type\":\"public\"}".into()));
+        assert_eq!(f[1], ("x".into(), "a b".into()));
+        assert_eq!(f[2], ("flag".into(), String::new()));
+    }
+}

@@ -1,0 +1,93 @@
+//! The relay (`iot-relay`): the cloud half of the tunnel. Agents dial its
+//! agents' port ([`agents`]); pipes ([`pipes`]) open relay ports to
+//! visitors and carry each one as a stream to its device; the mapping API
+//! ([`mapping_api`]) adds and removes pipes. The wire protocol is the
+//! agent's (`crate::subsystems::tunnel::protocol`).
+
+pub mod agents;
+pub mod config;
+pub mod mapping_api;
+pub mod pipes;
+pub mod private;
+
+use crate::supervisor::Shutdown;
+use anyhow::{anyhow, bail, Context};
+use config::RelayConfig;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Runs the relay until `shutdown` is cancelled.
+pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    if config.api.token.is_empty() {
+        bail!("api.token is not set: the mapping API needs a bearer token (IOT_RELAY_API__TOKEN)");
+    }
+    let (Some(cert), Some(key)) = (config.agents.cert.path(), config.agents.key.path()) else {
+        bail!("agents.cert and agents.key must name the relay's certificate and key files");
+    };
+    if !config.agents.ca.is_set() {
+        bail!("agents.ca is not set: the CA that signs device certificates");
+    }
+    let cert_pem = crate::tls::read_pem(cert, "agents.cert")?;
+    let key_pem = crate::tls::read_pem(key, "agents.key")?;
+    let roots = crate::tls::Roots::new().source(&config.agents.ca, "agents.ca")?;
+    let agents_tls = crate::tls::server_config(&cert_pem, &key_pem, Some(roots))?;
+    let api_tls = if config.dev {
+        None
+    } else {
+        let (cert_pem, key_pem) = match (config.api.cert.path(), config.api.key.path()) {
+            (Some(c), Some(k)) => (
+                crate::tls::read_pem(c, "api.cert")?,
+                crate::tls::read_pem(k, "api.key")?,
+            ),
+            _ => (cert_pem.clone(), key_pem.clone()),
+        };
+        Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            &cert_pem, &key_pem, None,
+        )?))
+    };
+    let pool = config::port_pool(&config.pipes).map_err(|e| anyhow!(e))?;
+
+    let agents_listener = TcpListener::bind(&config.agents.listen)
+        .await
+        .with_context(|| format!("agents.listen {}", config.agents.listen))?;
+    let api_listener = TcpListener::bind(&config.api.listen)
+        .await
+        .with_context(|| format!("api.listen {}", config.api.listen))?;
+    let agents_addr = agents_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+
+    let agents = Arc::new(agents::Agents::default());
+    let pipes = Arc::new(pipes::Pipes::new(
+        pool,
+        config.pipes.bind.clone(),
+        config.state.path().to_path_buf(),
+        agents_addr.port(),
+        agents.clone(),
+        shutdown.clone(),
+    ));
+    pipes.restore()?;
+    shutdown.spawn(agents::serve(
+        agents_listener,
+        tokio_rustls::TlsAcceptor::from(agents_tls),
+        agents,
+        config.agents.clone(),
+        shutdown.clone(),
+    ));
+    shutdown.spawn(mapping_api::serve(
+        api_listener,
+        api_tls,
+        pipes,
+        config.api.token.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        agents = %agents_addr,
+        api = %api_addr,
+        api_scheme = if config.dev { "http" } else { "https" },
+        "iot-relay running"
+    );
+    shutdown.cancelled().await;
+    tracing::info!("iot-relay stopped");
+    Ok(())
+}

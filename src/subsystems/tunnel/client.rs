@@ -1,0 +1,229 @@
+//! The agent's half of the tunnel: dial the relay, keep the one connection
+//! alive, and connect the streams the relay opens to allowed local targets.
+
+use super::mux::{self, Side, Stream};
+use super::protocol::{self, Control, ControlStream, Open, Opened, VERSION};
+use crate::backoff::Backoff;
+use crate::config::TunnelConfig;
+use crate::supervisor::Shutdown;
+use anyhow::{anyhow, bail, Context};
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on dialing the relay (TCP and TLS) and on its welcome.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a data stream's open frame and on connecting the local target.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect back-off: first delay and cap.
+const RETRY_BASE: Duration = Duration::from_millis(500);
+const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// What the client needs, read once from `tunnel.*`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: TunnelConfig,
+}
+
+/// The TLS side of dialing: built from the files at each run, so a
+/// certificate replaced on disk is picked up by the next restart.
+struct Dialer {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    device: String,
+}
+
+impl Dialer {
+    fn new(c: &TunnelConfig) -> anyhow::Result<Dialer> {
+        let (host, _) = c
+            .relay
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("tunnel.relay {:?} is not host:port", c.relay))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| anyhow!("tunnel.relay host {host:?}: {e}"))?;
+        let (Some(cert), Some(key)) = (c.cert.path(), c.key.path()) else {
+            bail!("tunnel.cert and tunnel.key must name the device certificate and key files");
+        };
+        let cert_pem = crate::tls::read_pem(cert, "tunnel.cert")?;
+        let key_pem = crate::tls::read_pem(key, "tunnel.key")?;
+        let chain = crate::tls::certs_from_pem(&cert_pem, "tunnel.cert")?;
+        let device = crate::tls::common_name(&chain[0])
+            .ok_or_else(|| anyhow!("tunnel.cert has no subject CN (the device id)"))?;
+        let roots = crate::tls::Roots::new().source(&c.ca, "tunnel.ca")?;
+        let config = crate::tls::client_config(
+            roots,
+            Some(crate::tls::ClientCert {
+                cert_pem: &cert_pem,
+                key_pem: &key_pem,
+            }),
+            crate::tls::Verify::Full,
+            crate::tls::Advice {
+                peer: "the relay",
+                ca_key: "tunnel.ca",
+                verify_key: None,
+            },
+        )?;
+        Ok(Dialer {
+            connector: tokio_rustls::TlsConnector::from(config),
+            name,
+            device,
+        })
+    }
+}
+
+/// Runs the client until shutdown: connect, serve, and after a loss wait
+/// (jittered back-off) and connect again. One log line per state change:
+/// connected, lost, and each new reason a connection attempt fails for.
+pub async fn run(settings: &Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let c = &settings.config;
+    let dialer = Dialer::new(c)?;
+    let allow: Arc<[String]> = c.allow.items().into();
+    let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
+    let mut last_failure = String::new();
+    while !shutdown.is_cancelled() {
+        let mut connected = false;
+        let outcome = session(c, &dialer, &allow, &shutdown, &mut connected).await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if connected {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        let why = match outcome {
+            Ok(()) => "the relay closed the connection".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        let retry_in = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+        if connected {
+            tracing::warn!(relay = %c.relay, reason = %why, %retry_in, "tunnel lost; reconnecting");
+        } else if why != last_failure {
+            tracing::warn!(relay = %c.relay, reason = %why, %retry_in, "tunnel cannot connect; retrying");
+        }
+        last_failure = if connected { String::new() } else { why };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    Ok(())
+}
+
+/// One connection to the relay, until it ends.
+async fn session(
+    c: &TunnelConfig,
+    dialer: &Dialer,
+    allow: &Arc<[String]>,
+    shutdown: &Shutdown,
+    connected: &mut bool,
+) -> anyhow::Result<()> {
+    let tcp = timeout(CONNECT_TIMEOUT, TcpStream::connect(&c.relay))
+        .await
+        .map_err(|_| anyhow!("no TCP connection within {CONNECT_TIMEOUT:?}"))??;
+    tcp.set_nodelay(true)?;
+    let tls = timeout(
+        CONNECT_TIMEOUT,
+        dialer.connector.connect(dialer.name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))?
+    .context("TLS")?;
+    let (opener, mut inbound, driver) = mux::start(tls, Side::Agent);
+    // Everything of this connection stops with it: the driver, the
+    // acceptor, every local connection (reset).
+    let ended = shutdown.token().child_token();
+    let stop = ended.clone();
+    let driver = shutdown.spawn(async move {
+        let why = tokio::select! {
+            r = driver => match r {
+                Ok(()) => "the connection was closed".to_string(),
+                Err(e) => format!("the connection failed: {e}"),
+            },
+            _ = stop.cancelled() => String::new(),
+        };
+        stop.cancel();
+        why
+    });
+    let _guard = ended.clone().drop_guard();
+
+    let mut ctrl = ControlStream::new(opener.open().await?);
+    ctrl.send(&Control::Hello {
+        version: VERSION,
+        device: dialer.device.clone(),
+    })
+    .await?;
+    match timeout(CONNECT_TIMEOUT, ctrl.recv()).await {
+        Err(_) => bail!("no welcome from the relay within {CONNECT_TIMEOUT:?}"),
+        Ok(Ok(Some(Control::Welcome { .. }))) => {}
+        Ok(Ok(Some(Control::Refused { reason }))) => bail!("the relay refused: {reason}"),
+        Ok(Ok(other)) => bail!("unexpected answer to hello: {other:?}"),
+        Ok(Err(e)) => bail!("answer to hello: {e}"),
+    }
+    *connected = true;
+    tracing::info!(relay = %c.relay, device = %dialer.device, "tunnel connected");
+
+    let (allow, tasks, stop) = (allow.clone(), shutdown.clone(), ended.clone());
+    shutdown.spawn(async move {
+        loop {
+            tokio::select! {
+                s = inbound.recv() => match s {
+                    Some(s) => { tasks.spawn(serve(s, allow.clone(), stop.clone())); }
+                    None => break,
+                },
+                _ = stop.cancelled() => break,
+            }
+        }
+    });
+    ctrl.keep_alive(
+        c.heartbeat.get(),
+        c.threshold.get(),
+        ended.clone().cancelled_owned(),
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    ended.cancel();
+    match driver.await {
+        Ok(why) if !why.is_empty() => bail!(why),
+        _ => Ok(()),
+    }
+}
+
+/// One data stream: read which target, check it is allowed, connect it,
+/// answer, then carry bytes until both sides are done.
+async fn serve(mut s: Stream, allow: Arc<[String]>, stop: CancellationToken) {
+    let open: Open = match timeout(OPEN_TIMEOUT, protocol::read_frame(&mut s)).await {
+        Ok(Ok(open)) => open,
+        // Dropped unclosed: the relay sees a reset.
+        Ok(Err(e)) => return tracing::debug!(error = %e, "bad open frame"),
+        Err(_) => return,
+    };
+    let refuse = |reason: String| Opened::Refused { reason };
+    let answer = if !allow.contains(&open.target) {
+        Err(refuse(format!("{} is not in tunnel.allow", open.target)))
+    } else {
+        match timeout(OPEN_TIMEOUT, TcpStream::connect(&open.target)).await {
+            Ok(Ok(tcp)) => Ok(tcp),
+            Ok(Err(e)) => Err(refuse(format!("cannot connect {}: {e}", open.target))),
+            Err(_) => Err(refuse(format!("{} did not answer", open.target))),
+        }
+    };
+    match answer {
+        Err(refused) => {
+            tracing::info!(pipe = %open.pipe, target = %open.target, answer = ?refused, "tunnel stream refused");
+            let _ = protocol::write_frame(&mut s, &refused).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
+        }
+        Ok(mut tcp) => {
+            let _ = tcp.set_nodelay(true);
+            if protocol::write_frame(&mut s, &Opened::Ok).await.is_ok() {
+                if let Err(e) = mux::splice(&mut s, &mut tcp, stop.cancelled()).await {
+                    tracing::debug!(pipe = %open.pipe, error = %e, "tunnel stream ended");
+                }
+            }
+        }
+    }
+}
