@@ -87,6 +87,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // here and on the DMS session's per-device topics.
     let remote = remote_services(&config);
     if let Some(terminals) = &remote.terminal {
+        terminals.reap_leftovers().await;
+    }
+    if let Some(terminals) = &remote.terminal {
         sup.add(services::terminal::NatsTerminal {
             terminals: terminals.clone(),
             bus: bus.clone(),

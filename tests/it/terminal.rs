@@ -32,6 +32,7 @@ pub fn settings(idle: Duration, max: usize) -> Settings {
         shell: "/bin/bash".into(),
         idle,
         max,
+        state_dir: None,
     }
 }
 
@@ -777,4 +778,57 @@ async fn output_never_runs_more_than_the_window_ahead_of_the_acknowledgements() 
     assert_eq!(exit.code, Some(0));
     assert_eq!(bytes, 3_000_000);
     assert!(stalls >= 2, "the window was used up {stalls} times");
+}
+
+/// The agent killed with SIGKILL cannot close its sessions: the next start
+/// kills what they left running (a `nohup`ed job in a group of its own
+/// here), and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_left_by_a_killed_agent_are_killed_by_the_next_start() {
+    use crate::common::agent_proc::AgentProcess;
+    use crate::common::servers::free_port;
+    let nats = NatsServer::start(NatsConfig {
+        users: vec![NatsUser::new("snapd", PASSWORD)],
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, String)> = vec![
+        (
+            "IOT_AGENT_DIRS__DATA",
+            dir.path().join("data").display().to_string(),
+        ),
+        (
+            "IOT_AGENT_DIRS__COMMON",
+            dir.path().join("common").display().to_string(),
+        ),
+        ("IOT_AGENT_URL", format!("http://127.0.0.1:{}", free_port())),
+        (
+            "IOT_AGENT_SNAPD__SOCKET",
+            dir.path().join("none.socket").display().to_string(),
+        ),
+        ("IOT_AGENT_NATS__URL", nats.url()),
+        ("IOT_AGENT_NATS__SNAPD__PASSWORD", PASSWORD.into()),
+        ("IOT_AGENT_DMS__ENABLED", "false".into()),
+        ("IOT_AGENT_TERMINAL__ENABLED", "true".into()),
+    ];
+    let mut agent = AgentProcess::start(&env);
+    agent.wait_for("terminal served on NATS");
+    let link = link(&nats, "snapd", PASSWORD).await;
+    let mut s = Session::open(
+        &link,
+        &root(),
+        open("set -m; nohup sleep 1000 >/dev/null 2>&1 & echo PID=$!; wait"),
+    )
+    .await
+    .unwrap();
+    let (out, _) = read_until(&mut s, has_pid_line).await;
+    let pid = pid_in(&out);
+    agent.signal("KILL");
+    agent.wait_exit();
+    assert!(!gone(pid), "the job runs on after the agent was killed");
+    let mut again = AgentProcess::start(&env);
+    again.wait_for("killed a terminal session left running");
+    assert!(gone(pid), "sleep {pid} survived the next start");
+    again.signal("TERM");
+    again.wait_exit();
 }

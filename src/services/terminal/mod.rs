@@ -12,6 +12,7 @@
 //! device: who (as the operator's side names itself), the transport, when
 //! it opened, how it ended and how long it lasted; never the keystrokes.
 
+pub mod leftovers;
 pub mod protocol;
 pub mod session;
 
@@ -36,6 +37,9 @@ pub struct Settings {
     pub idle: Duration,
     /// `terminal.sessions.max`.
     pub max: usize,
+    /// Where open sessions are recorded (`{dirs.data}/terminal`), so the
+    /// next start kills what a crashed agent left; `None`: not recorded.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -45,6 +49,7 @@ impl Settings {
             shell: c.terminal.shell.clone(),
             idle: c.terminal.idle.get(),
             max: c.terminal.sessions.max as usize,
+            state_dir: Some(c.data_dir().join("terminal")),
         }
     }
 }
@@ -111,6 +116,18 @@ impl Terminals {
             settings,
             sessions: Default::default(),
         })
+    }
+
+    /// Kills the sessions a previous agent left running (see
+    /// [`leftovers`]); run once when the agent starts, before either
+    /// transport serves (it would kill this agent's own sessions later).
+    pub async fn reap_leftovers(&self) {
+        if let Some(dir) = &self.settings.state_dir {
+            let n = leftovers::reap(dir).await;
+            if n > 0 {
+                tracing::warn!(sessions = n, "terminal sessions of a previous agent killed");
+            }
+        }
     }
 
     /// Sessions open now.
@@ -285,6 +302,7 @@ impl Terminals {
         let (rows, cols) = (open.rows, open.cols);
         let has_command = open.command.is_some();
         let spec = session::Spec {
+            state_dir: self.settings.state_dir.clone(),
             id: id.clone(),
             shell: self.settings.shell.clone(),
             open,

@@ -56,6 +56,8 @@ const UNHEARD_GRACE: Duration = Duration::from_secs(10);
 
 /// What opening needs.
 pub struct Spec {
+    /// See [`super::Settings::state_dir`].
+    pub state_dir: Option<std::path::PathBuf>,
     pub id: String,
     pub shell: String,
     pub open: protocol::Open,
@@ -121,6 +123,7 @@ pub fn start(
     let (input_tx, input_rx) = mpsc::channel::<ToPty>(INPUT_QUEUE);
     shutdown.spawn(pump_input(writer, input_rx));
     let s = shutdown.clone();
+    let record = super::leftovers::Record::write(spec.state_dir.as_deref(), &spec.id, pid);
     shutdown.spawn(async move {
         let started = Instant::now();
         let ends = Ends {
@@ -140,6 +143,8 @@ pub fn start(
             duration = %humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
             "terminal session ended"
         );
+        // Its processes are gone: no record for the next start to act on.
+        drop(record);
         done();
         let _ = exit_tx.send(exit);
     });
