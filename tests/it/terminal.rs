@@ -497,6 +497,36 @@ async fn the_example_configuration_lets_the_operator_in_and_refuses_the_device_u
     }
     assert_eq!(rig.terminals.open_sessions(), 0);
 
+    // The operator user may open sessions, nothing else of the agent's.
+    let (otx, mut op_violations) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let op = async_nats::ConnectOptions::with_user_and_password(
+        "operator".into(),
+        "change this operator password".into(),
+    )
+    .event_callback(move |e| {
+        let tx = otx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = e {
+                let _ = tx.send(e.to_string().to_lowercase());
+            }
+        }
+    })
+    .connect(rig.nats.url())
+    .await
+    .unwrap();
+    op.publish("snapd.v2.snaps.get", "{}".into()).await.unwrap();
+    op.flush().await.unwrap();
+    let want = "permissions violation for publish to \"snapd.v2.snaps.get\"";
+    loop {
+        let got = tokio::time::timeout(WAIT, op_violations.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if got.contains(want) {
+            break;
+        }
+    }
+
     let operator = link(&rig.nats, "operator", "change this operator password").await;
     let mut s = Session::open(&operator, &root(), open("echo hi-from-device"))
         .await
