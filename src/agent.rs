@@ -83,6 +83,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // from its configuration section here, started and stopped by the
     // supervisor. A new subsystem is one more `sup.add` line.
     let mut sup = Supervisor::new(Policy::default());
+    // The remote terminal and browser: off unless enabled; served on NATS
+    // here and on the DMS session's per-device topics.
+    let remote = remote_services(&config);
+    if let Some(terminals) = &remote.terminal {
+        terminals.reap_leftovers().await;
+    }
+    if let Some(terminals) = &remote.terminal {
+        sup.add(services::terminal::NatsTerminal {
+            terminals: terminals.clone(),
+            bus: bus.clone(),
+        });
+    }
+    if let Some(browser) = &remote.browser {
+        sup.add(services::browser::NatsBrowser {
+            browser: browser.clone(),
+            bus: bus.clone(),
+        });
+    }
     if let Some(required) = &required {
         sup.add(required.clone());
         sup.add(per_serial::NatsSide {
@@ -101,6 +119,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             store,
             reload: reload.clone(),
             settings: dms::Settings::from_config(&config),
+            remote,
         });
     }
     sup.add(Arc::new(changes::History::from_config(
@@ -164,6 +183,28 @@ fn required_queue(
             signing: Arc::new(crate::signing::Policy::from_config(&config.dms.signing)),
         },
     )
+}
+
+/// The remote terminal and browser as configured (`terminal.enabled`,
+/// `browser.enabled`).
+fn remote_services(config: &Config) -> services::outlet::Remote {
+    let mut remote = services::outlet::Remote::default();
+    if config.terminal.enabled {
+        remote.terminal = Some(services::terminal::Terminals::new(
+            services::terminal::Settings::from_config(config),
+        ));
+    } else {
+        tracing::info!("remote terminal off (terminal.enabled=false)");
+    }
+    if config.browser.enabled {
+        match services::browser::Browser::new(services::browser::Settings::from_config(config)) {
+            Ok(b) => remote.browser = Some(b),
+            Err(e) => tracing::error!(error = %e, "remote browser not started"),
+        }
+    } else {
+        tracing::info!("remote browser off (browser.enabled=false)");
+    }
+    remote
 }
 
 /// Creates the data and common directories, 0700 even when they existed

@@ -38,6 +38,7 @@ pub mod identity;
 pub mod logging;
 pub mod nats_server;
 pub mod relay;
+pub mod remote;
 pub mod services;
 pub mod signing;
 pub mod snapd;

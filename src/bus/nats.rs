@@ -62,6 +62,12 @@ impl Incoming {
     pub fn wants_reply(&self) -> bool {
         self.reply.is_some()
     }
+
+    /// The reply subject, for answers of several messages (the remote
+    /// browser's response frames).
+    pub fn reply_subject(&self) -> Option<&str> {
+        self.reply.as_ref().map(|s| s.as_str())
+    }
 }
 
 /// A stream of [`Incoming`] messages; unsubscribes when dropped.

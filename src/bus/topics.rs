@@ -173,6 +173,27 @@ pub const EXPORT_STATUS: &str = "iot/agent/export/status";
 pub const WATCHDOG_EVENTS: &str = "iot/agent/watchdog/events";
 /// MQTT connection state of the DMS channel.
 pub const MQTT_CONNECTION_STATUS: &str = "iot/agent/mqtt/connection/status";
+/// The remote terminal on the device-local NATS (`iot.agent.terminal.>`;
+/// leaves in [`crate::services::terminal::protocol`]).
+pub const TERMINAL: &str = "iot/agent/terminal";
+/// The remote browser on the device-local NATS (`iot.agent.browser.>`).
+pub const BROWSER: &str = "iot/agent/browser";
+/// Root of the remote terminal on the DMS broker:
+/// `devices/terminal/{device id}/...`, the device's own topics.
+pub const DMS_TERMINAL: &str = "devices/terminal";
+/// Root of the remote browser on the DMS broker: `devices/browser/{device id}/...`.
+pub const DMS_BROWSER: &str = "devices/browser";
+
+/// `devices/terminal/{device id}`.
+pub fn dms_terminal(device_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed(DMS_TERMINAL).join(&[device_id])
+}
+
+/// `devices/browser/{device id}`.
+pub fn dms_browser(device_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed(DMS_BROWSER).join(&[device_id])
+}
+
 /// The NATS micro-service protocol's discovery subjects, answered by
 /// async-nats's service API (each also with `.{name}` and `.{name}.{id}`).
 pub const SERVICE_PING: &str = "$SRV/PING";

@@ -75,6 +75,8 @@ section! {
         pub required: RequiredConfig,
         pub watchdog: Watchdog,
         pub export: ExportConfig,
+        pub terminal: TerminalConfig,
+        pub browser: BrowserConfig,
         pub tunnel: TunnelConfig,
     }
 }
@@ -543,6 +545,52 @@ section! {
     pub struct ExportStatus {
         /// How often the status is published on the health subject.
         pub interval: Duration = Duration::from_secs(10),
+    }
+}
+
+section! {
+    /// The remote terminal (`terminal.*`): a shell on the device for whoever
+    /// the broker lets use `iot.agent.terminal.>` (NATS) or the device's
+    /// `devices/terminal/{device id}/...` topics (DMS broker).
+    pub struct TerminalConfig {
+        /// Off by default: a shell on the device is root on the device.
+        pub enabled: bool,
+        /// The shell, run as a session leader on a new PTY (`-c COMMAND` when
+        /// the operator names a command).
+        pub shell: String = "/bin/bash".into(),
+        /// A session nobody sent anything to (input, resize, acknowledgement)
+        /// for this long is closed and its processes killed.
+        pub idle: Duration = Duration::from_secs(600),
+        pub sessions: TerminalSessions,
+    }
+}
+
+section! {
+    pub struct TerminalSessions {
+        /// Sessions open at once (both transports); one more is refused.
+        pub max: u32 = 4,
+    }
+}
+
+section! {
+    /// The remote browser (`browser.*`): HTTP requests in messages, executed
+    /// against allow-listed local origins.
+    pub struct BrowserConfig {
+        /// Off by default.
+        pub enabled: bool,
+        /// The origins that may be reached, `127.0.0.1:PORT` entries (comma
+        /// separated); anything else is refused.
+        pub allow: StringList,
+        pub max: BrowserMax,
+        /// Bound on one request to the origin (connect, send, whole answer).
+        pub timeout: Duration = Duration::from_secs(30),
+    }
+}
+
+section! {
+    pub struct BrowserMax {
+        /// Bytes; a larger response (or request) body is refused.
+        pub body: u64 = 16 * 1024 * 1024,
     }
 }
 

@@ -9,7 +9,10 @@
 //!   on both transports;
 //! - [`snapd_health`]: the agent's view of snapd's reachability.
 
+pub mod browser;
 pub mod dms;
 pub mod mirror;
+pub mod outlet;
 pub mod per_serial;
 pub mod snapd_health;
+pub mod terminal;

@@ -50,6 +50,8 @@ fn the_document_lists_exactly_the_subjects_the_code_uses() {
         .chain(iot_agent::subsystems::export::documented_addresses())
         .chain(iot_agent::subsystems::changes::watchdog::documented_addresses())
         .chain(iot_agent::services::dms::documented_addresses())
+        .chain(iot_agent::services::terminal::documented_addresses())
+        .chain(iot_agent::services::browser::documented_addresses())
         .collect();
     let missing: Vec<_> = code.difference(&documented).collect();
     let extra: Vec<_> = documented.difference(&code).collect();
@@ -62,6 +64,20 @@ fn the_document_lists_exactly_the_subjects_the_code_uses() {
 #[test]
 fn the_document_names_every_agent_error_kind() {
     let doc = document();
+    for kind in iot_agent::services::terminal::protocol::ErrorKind::ALL {
+        assert!(
+            doc.contains(&format!("        - {}\n", kind.as_str())),
+            "{} is not in TerminalErrorKind's enum",
+            kind.as_str()
+        );
+    }
+    for kind in iot_agent::services::browser::protocol::ErrorKind::ALL {
+        assert!(
+            doc.contains(&format!("        - {}\n", kind.as_str())),
+            "{} is not in BrowserErrorKind's enum",
+            kind.as_str()
+        );
+    }
     for kind in AgentError::KINDS {
         assert!(
             doc.contains(&format!("        - {kind}\n")),

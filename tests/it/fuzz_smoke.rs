@@ -13,6 +13,11 @@ const SAMPLES: &[&str] = &[
     r#"{"type":"error","status-code":409,"status":"Conflict","result":{"message":"m","kind":"snap-change-conflict","value":"x"}}"#,
     "type: model\nauthority-id: generic\nbrand-id: generic\nmodel: m\nbody-length: 3\n\nabc\n\nSIG",
     "\u{1e}{\"timestamp\":\"t\",\"message\":\"m\",\"sid\":\"s\",\"pid\":\"1\"}\n",
+    r#"{"rows":24,"cols":80,"command":"echo a,b","user":"op","reply-to":"t1"}"#,
+    r#"{"origin":"127.0.0.1:8080","method":"GET","path":"/x?y","headers":[["cookie","a=b"]],"body":"AAE="}"#,
+    "\0\0\0\0\0\0\0\x01echo",
+    "x\0\0\0\0\0\0\0\x02{\"reason\":\"idle\"}",
+    "h\0\0\0\0\0\0\0\x01{\"status\":200,\"headers\":[]}",
     r#"{"code":"","message":"","enrollment":{"id":"d","status":2,"deviceData":"","device":{},"credentials":{"privateKey":"eA==","certificate":"eA==","mqttUrl":"h","mqttPort":"1"},"organization":{"id":"o","rootcert":"eA=="}}}"#,
 ];
 
@@ -63,6 +68,7 @@ fn parsers_of_remote_input_never_panic() {
             let _ = serde_json::from_value::<Vec<snapd::Change>>(env.result.clone());
         }
         let _ = snapd::parse_json_seq(&input);
+        remote_frames(&input);
         if let Ok(r) = serde_json::from_slice::<iot_agent::identity::wire::EnrollResponse>(&input) {
             if let Some(e) = r.enrollment {
                 let _ = iot_agent::identity::Credentials::from_enrollment(&e);
@@ -98,6 +104,24 @@ fn signed_envelopes_never_panic_and_never_verify_other_bytes() {
             Ok(Admit::Unsigned(_)) => panic!("unsigned passed with signatures required"),
             Err(r) => assert!(!r.message().is_empty()),
         }
+    }
+}
+
+/// What `fuzz/fuzz_targets/remote_frames.rs` runs.
+fn remote_frames(data: &[u8]) {
+    use iot_agent::services::browser::protocol as browser;
+    use iot_agent::services::terminal::protocol as terminal;
+    let b = bytes::Bytes::copy_from_slice(data);
+    if let Ok(f) = terminal::InputFrame::decode(&b) {
+        assert_eq!(f.encode(), b);
+    }
+    let _ = terminal::OutFrame::decode(&b);
+    let _ = browser::Frame::decode(&b);
+    let _ = serde_json::from_slice::<terminal::Open>(data);
+    let _ = serde_json::from_slice::<terminal::Resize>(data);
+    if let Ok(r) = serde_json::from_slice::<browser::Request>(data) {
+        let _ = r.body_bytes();
+        let _ = iot_agent::services::browser::check_origin(&r.origin);
     }
 }
 

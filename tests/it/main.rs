@@ -6,6 +6,7 @@ mod common;
 
 mod agent_run;
 mod asyncapi;
+mod browser;
 mod bus;
 mod changes;
 mod config_cli;
@@ -20,11 +21,13 @@ mod mirror;
 mod nats_bundled;
 mod per_serial;
 mod readme;
+mod remote_mqtt;
 mod run_script;
 mod signing;
 mod snap_hook;
 mod snap_pack;
 mod snapd_client;
+mod terminal;
 mod tunnel;
 
 /// The snap-pack tool's code (layout, meta/snap.yaml, checks), shared with

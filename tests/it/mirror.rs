@@ -883,6 +883,8 @@ fn agent_subjects() -> Vec<String> {
         .chain(iot_agent::services::per_serial::documented_addresses())
         .chain(iot_agent::subsystems::export::documented_addresses())
         .chain(iot_agent::subsystems::changes::watchdog::documented_addresses())
+        .chain(iot_agent::services::terminal::nats_addresses())
+        .chain(iot_agent::services::browser::nats_addresses())
         .filter(|a| !a.starts_with(&intake))
         .map(|a| {
             a.replace("{path}", "snaps.hello")
@@ -891,6 +893,7 @@ fn agent_subjects() -> Vec<String> {
                 .replace("{id}", "42")
                 .replace("{token}", "t-1")
                 .replace("{serial}", "SERIAL1")
+                .replace("{session}", "0a1b2c")
         })
         .collect()
 }

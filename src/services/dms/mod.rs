@@ -137,6 +137,8 @@ pub struct Dms {
     pub store: Store,
     pub reload: Arc<Notify>,
     pub settings: Settings,
+    /// The remote terminal and browser on the device's own topics.
+    pub remote: crate::services::outlet::Remote,
 }
 
 /// What every action task needs.
@@ -246,6 +248,7 @@ impl Dms {
                     settings: self.settings.clone(),
                     session_tx: session_tx.clone(),
                     changes: self.changes.clone(),
+                    remote: self.remote.clone(),
                 },
                 session.clone(),
             ));

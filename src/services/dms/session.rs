@@ -33,6 +33,7 @@ pub(super) struct Params {
     pub settings: Settings,
     pub session_tx: watch::Sender<Option<(MqttHandle, Topic)>>,
     pub changes: Arc<crate::subsystems::changes::Poller>,
+    pub remote: crate::services::outlet::Remote,
 }
 
 pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
@@ -51,6 +52,7 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
     if let Some(base) = &serial_base {
         subscriptions.push(Topic::fixed(&format!("{}/#", base.mqtt())));
     }
+    subscriptions.extend(p.remote.subscriptions(&creds.device_id));
     let s = &p.settings;
     let tls = crate::tls::dms_broker(creds, &s.ca, s.verify)
         .map_err(|e| anyhow::anyhow!("cannot set up TLS for the DMS broker: {e}"))?;
@@ -123,6 +125,13 @@ pub(super) async fn run(p: Params, token: Shutdown) -> RunResult {
         let mut permits = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
+            if p.remote
+                .serve_mqtt(&mqtt, &creds.device_id, &msg, &token)
+                .await
+            {
+                next = link.messages.try_recv();
+                continue;
+            }
             if let Some((req, signed)) =
                 triage(&p, &mqtt, serial_base.as_ref(), &audiences, &msg).await
             {
