@@ -425,6 +425,122 @@ impl<'de> Deserialize<'de> for PemSource {
     }
 }
 
+/// What a client trusts for one server: a CA (a file path or the PEM
+/// text, as [`PemSource`]) or a `sha256:` pin of the server's own
+/// certificate (64 hex digits; `:` separators, as `openssl x509
+/// -fingerprint -sha256` prints them, are accepted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TrustAnchor {
+    #[default]
+    None,
+    Pem(PemSource),
+    Pin([u8; 32]),
+}
+
+impl TrustAnchor {
+    pub fn is_set(&self) -> bool {
+        !matches!(self, TrustAnchor::None)
+    }
+}
+
+impl Serialize for TrustAnchor {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TrustAnchor::None => s.serialize_str(""),
+            TrustAnchor::Pem(p) => p.serialize(s),
+            TrustAnchor::Pin(pin) => {
+                let hex: String = pin.iter().map(|b| format!("{b:02x}")).collect();
+                s.serialize_str(&format!("sha256:{hex}"))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TrustAnchor {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a CA file path, PEM text or sha256:<hex>")?;
+        let text = raw.trim();
+        if text.is_empty() {
+            return Ok(TrustAnchor::None);
+        }
+        if let Some(hex) = text
+            .strip_prefix("sha256:")
+            .or_else(|| text.strip_prefix("SHA256:"))
+        {
+            let digits: String = hex.chars().filter(|c| *c != ':').collect();
+            let bytes: Option<Vec<u8>> = (digits.len() == 64 && digits.is_ascii())
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).ok())
+                        .collect()
+                })
+                .flatten();
+            return match bytes {
+                Some(b) => Ok(TrustAnchor::Pin(b.try_into().expect("32 bytes"))),
+                None => Err(de::Error::custom(format!(
+                    "invalid pin {text:?}: write sha256: and the 64 hex digits of the server \
+                     certificate's SHA-256 (openssl x509 -noout -fingerprint -sha256)"
+                ))),
+            };
+        }
+        PemSource::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(text))
+            .map(TrustAnchor::Pem)
+    }
+}
+
+/// A fraction of something (a certificate's lifetime): `2/3`, `0.75` or
+/// `75%`, more than 0 and less than 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fraction {
+    raw: String,
+    value: f64,
+}
+
+impl Fraction {
+    pub fn new(raw: &str) -> Self {
+        Fraction {
+            raw: raw.to_string(),
+            value: Self::parse(raw).expect("a valid default fraction"),
+        }
+    }
+    pub fn get(&self) -> f64 {
+        self.value
+    }
+    fn parse(raw: &str) -> Result<f64, String> {
+        let t = raw.trim();
+        let v = if let Some(p) = t.strip_suffix('%') {
+            p.trim().parse::<f64>().map(|v| v / 100.0).ok()
+        } else if let Some((a, b)) = t.split_once('/') {
+            match (a.trim().parse::<f64>(), b.trim().parse::<f64>()) {
+                (Ok(a), Ok(b)) if b != 0.0 => Some(a / b),
+                _ => None,
+            }
+        } else {
+            t.parse::<f64>().ok()
+        };
+        match v {
+            Some(v) if v > 0.0 && v < 1.0 => Ok(v),
+            _ => Err(format!(
+                "invalid fraction {raw:?}: write it like \"2/3\", \"0.75\" or \"75%\" (more than 0, less than 1)"
+            )),
+        }
+    }
+}
+
+impl Serialize for Fraction {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.raw)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a fraction such as \"2/3\" or \"75%\"")?;
+        let value = Fraction::parse(&raw).map_err(de::Error::custom)?;
+        Ok(Fraction { raw, value })
+    }
+}
+
 thread_local! {
     /// `dirs.data` and `dirs.common` while the rest of the configuration is
     /// extracted (set by [`with_dirs`]): `$SNAP_DATA`/`$SNAP_COMMON` fall

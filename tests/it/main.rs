@@ -19,6 +19,7 @@ mod identity;
 mod mirror;
 mod nats_bundled;
 mod per_serial;
+mod provisioning;
 mod readme;
 mod run_script;
 mod snap_hook;

@@ -23,6 +23,12 @@ impl Tunnel {
         Tunnel {
             settings: Arc::new(client::Settings {
                 config: config.tunnel.clone(),
+                provisioned: crate::subsystems::provisioning::enabled(config).then(|| {
+                    crate::subsystems::provisioning::store::Store::new(
+                        config.provisioning.dir.path(),
+                    )
+                    .identity_path()
+                }),
             }),
         }
     }
