@@ -518,3 +518,67 @@ fn strongswan_pki_enrolls_and_re_enrolls() {
     let (_, b) = ok("openssl x509 -in c2.pem -noout -serial -subject");
     assert!(b.contains("sw-device") && a != b, "{a} {b}");
 }
+
+/// The README's provisioning walk-through, run as written (with free
+/// ports): relay, OTP with curl, the agent configured with it, its
+/// certificate, its tunnel, the page through the relay.
+#[test]
+fn the_readme_provisioning_walk_through_works() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let script: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| *l != "<!-- provisioning walk-through -->")
+        .skip(2)
+        .take_while(|l| *l != "```")
+        .collect();
+    assert!(script[0].starts_with("AGENTS_PORT="), "{script:?}");
+    use crate::common::servers::free_port;
+    let first = format!(
+        "AGENTS_PORT={} API_PORT={} EST_PORT={} PIPE_PORTS={} PAGE_PORT={}",
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port()
+    );
+    let body = script[1..].join("\n");
+    let bins = Path::new(crate::common::tunnel::RELAY_BIN)
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let full = format!("trap 'kill $(jobs -p) 2>/dev/null' EXIT\n{first}\n{body}\n");
+    let out = std::process::Command::new("timeout")
+        .args(["120", "bash", "-euo", "pipefail", "-c", &full])
+        .env_clear()
+        .env("PATH", path)
+        .env(
+            "IOT_AGENT_NATS__URL",
+            format!("nats://127.0.0.1:{}", free_port()),
+        )
+        .env("IOT_AGENT_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("IOT_AGENT_SNAPD__SOCKET", "/nonexistent/snapd.socket")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!(
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("hello from a provisioned device"),
+        "{report}"
+    );
+    assert!(stdout.contains("state:       enrolled"), "{report}");
+    assert!(
+        stdout.contains("CN=device-1") && stdout.contains("iot-relay device CA"),
+        "{report}"
+    );
+}
