@@ -709,6 +709,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_accepts_only_its_certificate_within_its_dates() {
+        let advice = Advice {
+            peer: "the EST server",
+            ca_key: "provisioning.ca",
+            verify_key: None,
+        };
+        let (_, cert) = reference_pki(false);
+        let (_, other) = reference_pki(false);
+        let (_, old) = reference_pki(true);
+        let check = |pin: [u8; 32], c: &CertificateDer<'_>| {
+            let v = Pinned {
+                pin,
+                algorithms: rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms,
+                advice,
+            };
+            let name = ServerName::try_from("localhost").unwrap();
+            v.verify_server_cert(c, &[], &name, &[], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(check(cert_sha256(cert.as_ref()), &cert), Ok(()));
+        let e = check(cert_sha256(cert.as_ref()), &other).unwrap_err();
+        assert!(
+            e.contains("not the pinned") && e.contains("provisioning.ca"),
+            "{e}"
+        );
+        let e = check(cert_sha256(old.as_ref()), &old).unwrap_err();
+        assert!(e.contains("outside its validity"), "{e}");
+        assert!(pinned_client_config([0; 32], None, advice).is_ok());
+    }
+
+    #[test]
     fn no_roots_and_bad_pem_are_refused_with_the_key() {
         let e = client_config(
             Roots::new(),

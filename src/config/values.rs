@@ -607,6 +607,42 @@ fn text_value<'de, D: Deserializer<'de>>(d: D, what: &'static str) -> Result<Str
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn trust_anchors_take_a_pin_with_or_without_colons_and_refuse_a_short_one() {
+        let parse = |v: &str| serde_json::from_value::<TrustAnchor>(serde_json::json!(v));
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(
+            parse(&format!("sha256:{hex}")).unwrap(),
+            TrustAnchor::Pin([0xab; 32])
+        );
+        assert_eq!(
+            parse(&format!("sha256:{colons}")).unwrap(),
+            TrustAnchor::Pin([0xab; 32])
+        );
+        let e = parse("sha256:abcd").unwrap_err().to_string();
+        assert!(e.contains("64 hex digits"), "{e}");
+        assert_eq!(parse("").unwrap(), TrustAnchor::None);
+        assert!(matches!(
+            parse("/etc/ca.pem").unwrap(),
+            TrustAnchor::Pem(PemSource::File(_))
+        ));
+        let pin = TrustAnchor::Pin([1; 32]);
+        let text = serde_json::to_value(&pin).unwrap();
+        assert_eq!(serde_json::from_value::<TrustAnchor>(text).unwrap(), pin);
+    }
+
+    #[test]
+    fn fractions_as_ratio_decimal_or_percent() {
+        let parse = |v: &str| serde_json::from_value::<Fraction>(serde_json::json!(v));
+        assert!((parse("2/3").unwrap().get() - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(parse("0.5").unwrap().get(), 0.5);
+        assert_eq!(parse("75%").unwrap().get(), 0.75);
+        for bad in ["0", "1", "3/2", "x", "1/0", "150%"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
     use super::*;
 
     fn de<T: for<'a> Deserialize<'a>>(v: serde_json::Value) -> Result<T, String> {

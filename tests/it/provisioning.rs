@@ -83,6 +83,9 @@ fn a_replayed_otp_is_refused_reported_once_and_never_sent_again() {
     let env = provisioned_env(&pki, first.path(), &relay, DEVICE, &otp, &[], &[]);
     let mut agent = start(&env);
     agent.wait_for("provisioning: enrolled");
+    // The relay killed and restarted: the used OTP stays used.
+    relay.kill();
+    relay.restart();
 
     // Another device directory with the same OTP: refused, said once.
     let second = tempfile::tempdir().unwrap();
@@ -580,5 +583,78 @@ fn the_readme_provisioning_walk_through_works() {
     assert!(
         stdout.contains("CN=device-1") && stdout.contains("iot-relay device CA"),
         "{report}"
+    );
+}
+
+/// In a snap the spent OTP leaves the snap configuration (`snapctl unset`),
+/// as well as never being written to the device's disk.
+#[test]
+fn in_a_snap_the_spent_otp_is_unset_from_the_snap_configuration() {
+    let pki = TestPki::new("unused-client");
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 0);
+    let otp = issue_otp(&relay, DEVICE, None);
+    // A fake snapctl over a JSON document: `get -d KEYS` and `unset KEY`.
+    let doc = dir.path().join("snap-config.json");
+    std::fs::write(
+        &doc,
+        serde_json::json!({"provisioning": {"otp": otp}}).to_string(),
+    )
+    .unwrap();
+    let bin = dir.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        r#"#!/bin/sh
+exec python3 - "$@" <<'PY'
+import json, sys
+path = "{doc}"
+args = sys.argv[1:]
+with open(path + ".args", "a") as f:
+    f.write(" ".join(args) + "\n")
+doc = json.load(open(path))
+if args[:2] == ["get", "-d"]:
+    print(json.dumps({{k: doc[k] for k in args[2:] if k in doc}}))
+elif args[:1] == ["unset"]:
+    for key in args[1:]:
+        parts = key.split(".")
+        d = doc
+        for p in parts[:-1]:
+            d = d.get(p, {{}})
+        d.pop(parts[-1], None)
+    json.dump(doc, open(path, "w"))
+else:
+    sys.exit("fake snapctl: unexpected " + " ".join(args))
+PY
+"#,
+        doc = doc.display()
+    );
+    let fake = bin.join("snapctl");
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut env = provisioned_env(&pki, dir.path(), &relay, DEVICE, "", &[], &[]);
+    env.retain(|(k, _)| *k != "IOT_AGENT_PROVISIONING__OTP");
+    env.push(("SNAP_NAME", "iot-agent".into()));
+    env.push((
+        "PATH",
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    ));
+    let mut agent = start(&env);
+    agent.wait_for_all(&[
+        "provisioning: enrolled",
+        "removed the spent provisioning.otp from the snap configuration",
+    ]);
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&doc).unwrap()).unwrap();
+    assert_eq!(after, serde_json::json!({"provisioning": {}}));
+    let calls = std::fs::read_to_string(dir.path().join("snap-config.json.args")).unwrap();
+    assert!(calls.contains("unset provisioning.otp"), "{calls}");
+    assert_eq!(
+        all_files_contain(&dir.path().join("data"), &otp),
+        Vec::<String>::new()
     );
 }
