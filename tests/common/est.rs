@@ -119,3 +119,87 @@ pub fn sync_relay_log(relay: &mut Relay) {
     drop(s);
     relay.proc.wait_for("EST TLS handshake failed");
 }
+
+/// A minimal EST server of another make: it answers `cacerts` and
+/// `simpleenroll` with base64 wrapped at 64 columns and CRLF (as some
+/// servers do), signing with a CA of its own in `dir`. Returns its port.
+pub fn wrapping_est_server(pki: &TestPki, dir: &Path) -> u16 {
+    use http_body_util::{BodyExt, Full};
+    use iot_agent::relay::ca::{parse_csr, Ca};
+    use std::sync::Arc;
+    let ca = Arc::new(
+        Ca::load_or_create(&dir.join("double-ca.pem"), &dir.join("double-ca.key")).unwrap(),
+    );
+    let tls = iot_agent::tls::server_config(
+        &std::fs::read_to_string(&pki.server_cert).unwrap(),
+        &std::fs::read_to_string(&pki.server_key).unwrap(),
+        None,
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let wrap = |der: &[u8]| -> bytes::Bytes {
+        let flat = iot_agent::est::encode_base64(der);
+        let lines: Vec<&str> = flat
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        bytes::Bytes::from(lines.join("\r\n") + "\r\n")
+    };
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, ca) = (acceptor.clone(), ca.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let ca = ca.clone();
+                            async move {
+                                let path = req.uri().path().to_string();
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let der = if path.ends_with("/cacerts") {
+                                    iot_agent::est::certs_only(std::slice::from_ref(&ca.cert_der))
+                                        .unwrap()
+                                } else {
+                                    let csr =
+                                        parse_csr(&iot_agent::est::decode_base64(&body).unwrap())
+                                            .unwrap();
+                                    let cn = csr.common_name.clone().unwrap();
+                                    let cert = ca
+                                        .sign(&csr, &cn, std::time::Duration::from_secs(3600))
+                                        .unwrap();
+                                    iot_agent::est::certs_only(&[cert]).unwrap()
+                                };
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .header("content-type", iot_agent::est::CERTS_ONLY)
+                                        .header("content-transfer-encoding", "base64")
+                                        .body(Full::new(wrap(&der)))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}

@@ -658,3 +658,42 @@ PY
         Vec::<String>::new()
     );
 }
+
+/// An EST server that wraps its base64 (CRLF every 64 columns): the agent
+/// reads it as well as the relay's unwrapped answers.
+#[test]
+fn the_agent_reads_line_wrapped_answers_of_another_est_server() {
+    let pki = TestPki::new("unused-client");
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&pki, dir.path(), 0);
+    let port = crate::common::est::wrapping_est_server(&pki, dir.path());
+    let env = provisioned_env(
+        &pki,
+        dir.path(),
+        &relay,
+        DEVICE,
+        "any-otp",
+        &[],
+        &[(
+            "IOT_AGENT_PROVISIONING__URL",
+            format!("https://localhost:{port}"),
+        )],
+    );
+    let mut agent = start(&env);
+    agent.wait_for("provisioning: enrolled");
+    let st = status(&env);
+    assert!(
+        st["certificate"]["subject"]
+            .as_str()
+            .unwrap()
+            .contains(DEVICE),
+        "{st}"
+    );
+    let bundle = std::fs::read_to_string(dir.path().join("data/provisioning/ca.pem")).unwrap();
+    assert_eq!(
+        bundle.trim(),
+        std::fs::read_to_string(dir.path().join("double-ca.pem"))
+            .unwrap()
+            .trim()
+    );
+}

@@ -104,15 +104,25 @@ impl Reporter<'_> {
 }
 
 async fn run(c: &ProvisioningConfig, shutdown: &Shutdown) -> RunResult {
-    if c.device.trim().is_empty() {
-        anyhow::bail!("provisioning.device is not set: the device id the certificate is for");
-    }
-    // Checked once: a bad url or trust anchor is a configuration error.
-    let anonymous = Est::new(c, None)?;
     let store = Store::new(c.dir.path());
     let mut report = Reporter {
         store: &store,
         last: String::new(),
+    };
+    // A configuration error is reported once and waits for a new
+    // configuration (which restarts the agent): retrying cannot fix it.
+    let anonymous = if c.device.trim().is_empty() {
+        Err("provisioning.device is not set: the device id the certificate is for".to_string())
+    } else {
+        Est::new(c, None).map_err(|e| format!("{e:#}"))
+    };
+    let anonymous = match anonymous {
+        Ok(est) => est,
+        Err(e) => {
+            report.set("error", &format!("cannot provision: {e}"));
+            shutdown.cancelled().await;
+            return Ok(());
+        }
     };
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     // The key of an enrollment deferred with 202: kept (in memory only) so
