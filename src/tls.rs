@@ -430,6 +430,21 @@ impl std::fmt::Debug for PinRefused {
 
 impl std::error::Error for PinRefused {}
 
+/// The channel binding of a TLS 1.3 connection, base64 (RFC 9266:
+/// `tls-exporter`, label `EXPORTER-Channel-Binding`, no context, 32 bytes):
+/// EST binds a CSR to the connection that carries it with it. `None` on
+/// TLS 1.2, where rustls offers no tls-unique.
+pub fn channel_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Option<String> {
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, b"EXPORTER-Channel-Binding", None)
+        .ok()?;
+    use base64::Engine;
+    Some(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
 /// The subject's common name of a DER certificate (a device certificate
 /// names the device there), if it has one.
 pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {

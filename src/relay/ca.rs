@@ -30,6 +30,8 @@ pub struct Ca {
 pub struct Csr {
     /// The subject's common name (the device id the CSR asks for).
     pub common_name: Option<String>,
+    /// The PKCS#9 challengePassword, if any (EST channel binding).
+    pub challenge_password: Option<String>,
     /// The SubjectPublicKeyInfo, DER.
     spki: Vec<u8>,
 }
@@ -52,8 +54,19 @@ pub fn parse_csr(der: &[u8]) -> Result<Csr, String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string);
+    let challenge_password =
+        csr.certification_request_info
+            .attributes()
+            .iter()
+            .find_map(|a| match a.parsed_attribute() {
+                x509_parser::cri_attributes::ParsedCriAttribute::ChallengePassword(p) => {
+                    Some(p.0.clone())
+                }
+                _ => None,
+            });
     Ok(Csr {
         common_name,
+        challenge_password,
         spki: info.subject_pki.raw.to_vec(),
     })
 }

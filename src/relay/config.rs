@@ -59,6 +59,10 @@ section! {
         /// with `Retry-After` this long first (manual approval, a slow CA);
         /// the OTP is not used until the retry is served.
         pub defer: Duration = Duration::from_secs(0),
+        /// Refuse a CSR that does not carry the TLS connection's channel
+        /// binding (RFC 9266 tls-exporter as its challengePassword; the
+        /// agent always sends it, curl/openssl and strongSwan do not).
+        pub require_binding: bool,
     }
 }
 

@@ -27,17 +27,26 @@ pub struct Est {
     pub lifetime: Duration,
     /// `est.defer`: zero is off.
     pub defer: Duration,
+    /// `est.require_binding`: refuse CSRs without the TLS channel binding.
+    pub require_binding: bool,
     /// When each deferred device may be served.
     deferred: Mutex<HashMap<String, Instant>>,
 }
 
 impl Est {
-    pub fn new(ca: Arc<Ca>, otps: Arc<Otps>, lifetime: Duration, defer: Duration) -> Est {
+    pub fn new(
+        ca: Arc<Ca>,
+        otps: Arc<Otps>,
+        lifetime: Duration,
+        defer: Duration,
+        require_binding: bool,
+    ) -> Est {
         Est {
             ca,
             otps,
             lifetime,
             defer,
+            require_binding,
             deferred: Mutex::new(HashMap::new()),
         }
     }
@@ -80,11 +89,14 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(crate::tls::common_name);
+            let session = Session {
+                device,
+                binding: crate::tls::channel_binding(stream.get_ref().1),
+            };
+            let session = Arc::new(session);
             let service = hyper::service::service_fn(move |req| {
-                let (est, device) = (est.clone(), device.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(&est, req, device.as_deref()).await)
-                }
+                let (est, session) = (est.clone(), session.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(&est, req, &session).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -97,6 +109,14 @@ pub async fn serve(
 }
 
 type Answer = Response<Full<Bytes>>;
+
+/// What one TLS connection established.
+struct Session {
+    /// The CN of the client certificate rustls verified against the CA.
+    device: Option<String>,
+    /// Its `tls-exporter` channel binding (TLS 1.3), base64.
+    binding: Option<String>,
+}
 
 fn text(status: StatusCode, message: impl std::fmt::Display) -> Answer {
     Response::builder()
@@ -139,15 +159,15 @@ fn operation(path: &str) -> Option<&str> {
     }
 }
 
-async fn handle(est: &Est, req: Request<Incoming>, tls_device: Option<&str>) -> Answer {
+async fn handle(est: &Est, req: Request<Incoming>, session: &Session) -> Answer {
     let path = req.uri().path().to_string();
     let Some(op) = operation(&path) else {
         return text(StatusCode::NOT_FOUND, format!("no EST endpoint {path}"));
     };
     match (req.method().clone(), op) {
         (Method::GET, "cacerts") => certs(std::slice::from_ref(&est.ca.cert_der)),
-        (Method::POST, "simpleenroll") => enroll(est, req).await,
-        (Method::POST, "simplereenroll") => reenroll(est, req, tls_device).await,
+        (Method::POST, "simpleenroll") => enroll(est, req, session).await,
+        (Method::POST, "simplereenroll") => reenroll(est, req, session).await,
         (_, "cacerts" | "simpleenroll" | "simplereenroll") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
@@ -216,6 +236,30 @@ fn same_device(csr: &super::ca::Csr, device: &str) -> Result<(), Bad> {
     }
 }
 
+/// RFC 7030 §3.5 with RFC 9266: a CSR carrying a challengePassword must
+/// carry this connection's channel binding (it was made for it, not
+/// replayed from another); without one it is accepted unless
+/// `est.require_binding` (third-party clients rarely bind).
+fn bound(est: &Est, csr: &super::ca::Csr, session: &Session) -> Result<(), Bad> {
+    use subtle::ConstantTimeEq;
+    match (&csr.challenge_password, &session.binding) {
+        (Some(given), Some(want)) if bool::from(given.as_bytes().ct_eq(want.as_bytes())) => Ok(()),
+        (Some(_), Some(_)) => Err(bad(
+            StatusCode::BAD_REQUEST,
+            "the CSR's challengePassword is not this TLS connection's channel binding              (tls-exporter, RFC 9266): make the CSR on the connection that sends it",
+        )),
+        (Some(_), None) => Err(bad(
+            StatusCode::BAD_REQUEST,
+            "the CSR carries a challengePassword, but channel binding needs TLS 1.3 here",
+        )),
+        (None, _) if est.require_binding => Err(bad(
+            StatusCode::BAD_REQUEST,
+            "this server requires the TLS channel binding (tls-exporter, RFC 9266) as the              CSR's challengePassword (est.require_binding)",
+        )),
+        (None, _) => Ok(()),
+    }
+}
+
 fn sign(est: &Est, csr: &super::ca::Csr, device: &str, how: &str) -> Answer {
     match est.ca.sign(csr, device, est.lifetime) {
         Ok(der) => {
@@ -226,7 +270,7 @@ fn sign(est: &Est, csr: &super::ca::Csr, device: &str, how: &str) -> Answer {
     }
 }
 
-async fn enroll(est: &Est, req: Request<Incoming>) -> Answer {
+async fn enroll(est: &Est, req: Request<Incoming>, session: &Session) -> Answer {
     let Some(auth) = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -244,7 +288,7 @@ async fn enroll(est: &Est, req: Request<Incoming>) -> Answer {
         Ok(c) => c,
         Err((status, m)) => return text(status, m),
     };
-    if let Err((status, m)) = same_device(&csr, &device) {
+    if let Err((status, m)) = same_device(&csr, &device).and_then(|()| bound(est, &csr, session)) {
         return text(status, m);
     }
     if let Err(r) = est.otps.check(&device, &otp) {
@@ -279,8 +323,8 @@ fn refused(device: &str, r: Refusal) -> Answer {
     unauthorized(r)
 }
 
-async fn reenroll(est: &Est, req: Request<Incoming>, tls_device: Option<&str>) -> Answer {
-    let Some(device) = tls_device else {
+async fn reenroll(est: &Est, req: Request<Incoming>, session: &Session) -> Answer {
+    let Some(device) = session.device.as_deref() else {
         return unauthorized(
             "re-enrollment needs the TLS client certificate being renewed (one this relay's CA \
              issued); a device without one enrolls with simpleenroll and a one-time password",
@@ -290,7 +334,7 @@ async fn reenroll(est: &Est, req: Request<Incoming>, tls_device: Option<&str>) -
         Ok(c) => c,
         Err((status, m)) => return text(status, m),
     };
-    if let Err((status, m)) = same_device(&csr, device) {
+    if let Err((status, m)) = same_device(&csr, device).and_then(|()| bound(est, &csr, session)) {
         return text(status, m);
     }
     sign(est, &csr, device, "simplereenroll")

@@ -91,6 +91,7 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
                 otps.clone(),
                 config.est.lifetime.get(),
                 config.est.defer.get(),
+                config.est.require_binding,
             )),
             shutdown.clone(),
         ));

@@ -697,3 +697,60 @@ fn the_agent_reads_line_wrapped_answers_of_another_est_server() {
             .trim()
     );
 }
+
+/// The agent binds each CSR to its TLS connection (RFC 9266 tls-exporter
+/// as the challengePassword): a relay that requires it serves the agent
+/// and refuses an unbound CSR and one bound to another connection.
+#[test]
+fn csrs_are_bound_to_their_tls_connection() {
+    let pki = TestPki::new("unused-client");
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(
+        &pki,
+        dir.path(),
+        0,
+        &[("IOT_RELAY_EST__REQUIRE_BINDING", "true".into())],
+    );
+    let otp = issue_otp(&relay, DEVICE, None);
+    let env = provisioned_env(&pki, dir.path(), &relay, DEVICE, &otp, &[], &[]);
+    let mut agent = start(&env);
+    agent.wait_for("provisioning: enrolled");
+
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(
+        w.join("req.cnf"),
+        "[req]\nprompt = no\ndistinguished_name = dn\nattributes = attrs\n\
+         [dn]\nCN = dev-b\n[attrs]\nchallengePassword = AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+    )
+    .unwrap();
+    let out = sh(
+        w,
+        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout k.pem \
+         -subj /CN=dev-b -outform DER 2>/dev/null | base64 -w0 > plain.b64 && \
+         openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout k2.pem \
+         -config req.cnf -outform DER 2>/dev/null | base64 -w0 > other.b64",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let other_otp = issue_otp(&relay, "dev-b", None);
+    for (file, want) in [
+        ("plain.b64", "requires the TLS channel binding"),
+        ("other.b64", "not this TLS connection's channel binding"),
+    ] {
+        let out = sh(
+            w,
+            &format!(
+                "curl -sS --cacert {} -u dev-b:{other_otp} -H 'Content-Type: application/pkcs10' \
+                 --data-binary @{file} -w ' %{{http_code}}' \
+                 https://localhost:{}/.well-known/est/simpleenroll",
+                pki.ca_cert.display(),
+                relay.est_port
+            ),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.trim_end().ends_with("400"), "{text}");
+        assert!(text.contains(want), "{text}");
+    }
+    sync_relay_log(&mut relay);
+    assert_eq!(relay.proc.count("EST issued a device certificate"), 1);
+}

@@ -126,8 +126,8 @@ async fn run(c: &ProvisioningConfig, shutdown: &Shutdown) -> RunResult {
     };
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     // The key of an enrollment deferred with 202: kept (in memory only) so
-    // the retry asks for the same thing.
-    let mut pending_key: Option<(String, Vec<u8>)> = None;
+    // the retry asks for the same key.
+    let mut pending_key: Option<String> = None;
     while !shutdown.is_cancelled() {
         let current = match store.identity() {
             Ok(id) => id,
@@ -238,11 +238,14 @@ async fn run(c: &ProvisioningConfig, shutdown: &Shutdown) -> RunResult {
         if let Err(e) = store.save_ca(&ca) {
             report.set("error", &e);
         }
-        let (key_pem, csr) = match pending_key.take() {
+        let key_pem = match pending_key.take() {
             Some(k) => k,
-            None => client::key_and_csr(&c.device).map_err(anyhow::Error::msg)?,
+            None => client::new_key().map_err(anyhow::Error::msg)?,
         };
-        match anonymous.enroll(&csr, Some((&c.device, otp))).await {
+        match anonymous
+            .enroll(&key_pem, &c.device, Some((&c.device, otp)))
+            .await
+        {
             Outcome::Issued(chain) => match save(&store, &chain, &key_pem) {
                 Ok(id) => {
                     if let Err(e) = store.spend(otp) {
@@ -269,7 +272,7 @@ async fn run(c: &ProvisioningConfig, shutdown: &Shutdown) -> RunResult {
                 }
             },
             Outcome::Deferred(after) => {
-                pending_key = Some((key_pem, csr));
+                pending_key = Some(key_pem);
                 report.set(
                     "deferred",
                     &format!(
@@ -299,7 +302,7 @@ async fn run(c: &ProvisioningConfig, shutdown: &Shutdown) -> RunResult {
                 break;
             }
             Outcome::Failed(e) => {
-                pending_key = Some((key_pem, csr));
+                pending_key = Some(key_pem);
                 let d = backoff.next_delay();
                 report.set(
                     "error",
@@ -320,8 +323,8 @@ async fn renew(c: &ProvisioningConfig, store: &Store, id: &Identity) -> Result<I
     if let Ok(ca) = est.cacerts().await {
         let _ = store.save_ca(&ca);
     }
-    let (key_pem, csr) = client::key_and_csr(&c.device)?;
-    match est.enroll(&csr, None).await {
+    let key_pem = client::new_key()?;
+    match est.enroll(&key_pem, &c.device, None).await {
         Outcome::Issued(chain) => save(store, &chain, &key_pem),
         Outcome::Deferred(after) => Err(format!("deferred (202, retry after {})", secs(after))),
         Outcome::Refused(m) => Err(format!("refused: {m}")),
