@@ -146,6 +146,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             bus: bus.clone(),
         });
     }
+    if crate::subsystems::provisioning::enabled(&config) {
+        sup.add(crate::subsystems::provisioning::Provisioning::from_config(
+            &config,
+        ));
+    }
     if config.tunnel.enabled {
         sup.add(crate::subsystems::tunnel::Tunnel::from_config(&config));
     }

@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod db;
 pub mod errors;
+pub mod est;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;

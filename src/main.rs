@@ -78,6 +78,11 @@ enum Command {
         #[arg(long, value_name = "WHEN")]
         since: Option<String>,
     },
+    /// Certificate provisioning over EST: show the certificate, its expiry and the state.
+    Provisioning {
+        #[command(subcommand)]
+        command: ProvisioningCommand,
+    },
     /// Store-and-forward telemetry: spool a message, show the backlog.
     Export {
         #[command(subcommand)]
@@ -113,6 +118,16 @@ enum ChangesCommand {
     Show {
         /// The change id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProvisioningCommand {
+    /// The provisioned certificate (subject, validity, renewal) and the state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -216,6 +231,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     commands::changes::list(&loaded.config, &filter, json)?
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Provisioning {
+            command: ProvisioningCommand::Status { json },
+        } => {
+            commands::provisioning::status(&loaded.config, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { command } => match command {

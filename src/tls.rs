@@ -195,18 +195,7 @@ pub fn client_config(
         .map_err(|e| TlsError::Build(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let config = match client {
-        None => builder.with_no_client_auth(),
-        Some(c) => {
-            let chain = certs_from_pem(c.cert_pem, "the client certificate")?;
-            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
-                .map_err(|e| TlsError::ClientCert(format!("client key: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| TlsError::ClientCert(e.to_string()))?
-        }
-    };
-    Ok(Arc::new(config))
+    with_client(builder, client)
 }
 
 /// Reads a PEM file (a certificate chain or a key) for a builder below;
@@ -228,11 +217,41 @@ pub fn server_config(
     key_pem: &str,
     client_roots: Option<Roots>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let auth = match client_roots {
+        None => ClientAuth::None,
+        Some(r) => ClientAuth::Required(r),
+    };
+    server_config_with(cert_pem, key_pem, auth)
+}
+
+/// What a server asks of its clients' certificates.
+pub enum ClientAuth {
+    /// None asked for.
+    None,
+    /// Required, chaining to these roots.
+    Required(Roots),
+    /// Asked for and verified against these roots when presented, but a
+    /// client may present none (the EST server: first enrollment has only
+    /// a password, re-enrollment the certificate being renewed).
+    Optional(Roots),
+}
+
+/// [`server_config`] with the client-certificate policy spelt out.
+pub fn server_config_with(
+    cert_pem: &str,
+    key_pem: &str,
+    auth: ClientAuth,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Build(e.to_string()))?;
-    let builder = match client_roots {
+    let (roots, optional) = match auth {
+        ClientAuth::None => (None, false),
+        ClientAuth::Required(r) => (Some(r), false),
+        ClientAuth::Optional(r) => (Some(r), true),
+    };
+    let builder = match roots {
         None => builder.with_no_client_auth(),
         Some(roots) if roots.is_empty() => {
             return Err(TlsError::NoRoots("the clients' certificates".into()))
@@ -241,9 +260,15 @@ pub fn server_config(
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots.store),
                 provider,
-            )
-            .build()
-            .map_err(|e| TlsError::Build(e.to_string()))?;
+            );
+            let verifier = if optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| TlsError::Build(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -254,6 +279,170 @@ pub fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Build(format!("server certificate and key: {e}")))?;
     Ok(Arc::new(config))
+}
+
+/// The SHA-256 of a DER certificate (what a `sha256:` pin names).
+pub fn cert_sha256(der: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// A client configuration that trusts exactly one server certificate, by
+/// the SHA-256 of its DER (`provisioning.ca=sha256:...`): bootstrapping
+/// trust before the CA bundle is known. It is a real verifier: the
+/// certificate must be the pinned one and within its validity dates, and
+/// the handshake must be signed by its key; nothing else is trusted.
+pub fn pinned_client_config(
+    pin: [u8; 32],
+    client: Option<ClientCert<'_>>,
+    advice: Advice,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Pinned {
+        pin,
+        algorithms: provider.signature_verification_algorithms,
+        advice,
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Build(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    with_client(builder, client)
+}
+
+fn with_client(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    client: Option<ClientCert<'_>>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let chain = certs_from_pem(c.cert_pem, "the client certificate")?;
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
+                .map_err(|e| TlsError::ClientCert(format!("client key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::ClientCert(e.to_string()))?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// The pin verifier of [`pinned_client_config`].
+#[derive(Debug)]
+struct Pinned {
+    pin: [u8; 32],
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    advice: Advice,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use subtle::ConstantTimeEq;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let got = cert_sha256(end_entity.as_ref());
+        let fail = |why: String| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+                PinRefused(why),
+            ))))
+        };
+        if !bool::from(got.ct_eq(&self.pin)) {
+            return Err(fail(format!(
+                "{} presented a certificate with SHA-256 {} ({}), not the pinned {}; set {} to \
+                 sha256:<the server certificate's SHA-256> or to its CA certificate",
+                self.advice.peer,
+                hex(&got),
+                describe(end_entity),
+                hex(&self.pin),
+                self.advice.ca_key
+            )));
+        }
+        let (_, cert) = X509Certificate::from_der(end_entity.as_ref()).map_err(|_| {
+            fail(format!(
+                "{} presented an unreadable certificate",
+                self.advice.peer
+            ))
+        })?;
+        let at = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64)
+            .map_err(|_| fail("the device clock is out of range".into()))?;
+        if !cert.validity().is_valid_at(at) {
+            return Err(fail(format!(
+                "{} presented the pinned certificate outside its validity ({}); renew it or \
+                 check the device clock",
+                self.advice.peer,
+                describe(end_entity)
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A refused pinned certificate (rustls shows `Other` errors with `{:?}`).
+struct PinRefused(String);
+
+impl std::fmt::Display for PinRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for PinRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PinRefused {}
+
+/// The channel binding of a TLS 1.3 connection, base64 (RFC 9266:
+/// `tls-exporter`, label `EXPORTER-Channel-Binding`, no context, 32 bytes):
+/// EST binds a CSR to the connection that carries it with it. `None` on
+/// TLS 1.2, where rustls offers no tls-unique.
+pub fn channel_binding<D>(conn: &rustls::ConnectionCommon<D>) -> Option<String> {
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, b"EXPORTER-Channel-Binding", None)
+        .ok()?;
+    use base64::Engine;
+    Some(base64::engine::general_purpose::STANDARD.encode(out))
 }
 
 /// The subject's common name of a DER certificate (a device certificate
@@ -532,6 +721,39 @@ mod tests {
         let (ca, old) = reference_pki(true);
         let expired = verify(&ca, &old, Verify::Chain).unwrap_err();
         assert!(expired.contains("expired"), "{expired}");
+    }
+
+    #[test]
+    fn a_pin_accepts_only_its_certificate_within_its_dates() {
+        let advice = Advice {
+            peer: "the EST server",
+            ca_key: "provisioning.ca",
+            verify_key: None,
+        };
+        let (_, cert) = reference_pki(false);
+        let (_, other) = reference_pki(false);
+        let (_, old) = reference_pki(true);
+        let check = |pin: [u8; 32], c: &CertificateDer<'_>| {
+            let v = Pinned {
+                pin,
+                algorithms: rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms,
+                advice,
+            };
+            let name = ServerName::try_from("localhost").unwrap();
+            v.verify_server_cert(c, &[], &name, &[], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(check(cert_sha256(cert.as_ref()), &cert), Ok(()));
+        let e = check(cert_sha256(cert.as_ref()), &other).unwrap_err();
+        assert!(
+            e.contains("not the pinned") && e.contains("provisioning.ca"),
+            "{e}"
+        );
+        let e = check(cert_sha256(old.as_ref()), &old).unwrap_err();
+        assert!(e.contains("outside its validity"), "{e}");
+        assert!(pinned_client_config([0; 32], None, advice).is_ok());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod enroll;
 pub mod export;
 pub mod nats;
+pub mod provisioning;
 pub mod sign;
 pub mod status;
 pub mod unregister;

@@ -23,6 +23,7 @@ pub const SECRET_KEYS: &[&str] = &[
     "nats.operator.password",
     "nats.leaf.password",
     "export.upstream.password",
+    "provisioning.otp",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use layers::{Effective, Loaded, Source};
 pub use values::{
-    Duration, ExpandPath, LogLevel, NatsUrl, OptPath, PemSource, ServiceUrl, SigningKeys,
-    StringList, UpstreamUrl,
+    Duration, ExpandPath, Fraction, LogLevel, NatsUrl, OptPath, PemSource, ServiceUrl, SigningKeys,
+    StringList, TrustAnchor, UpstreamUrl,
 };
 
 /// Declares a configuration section: the struct, deserialized with
@@ -78,6 +78,7 @@ section! {
         pub terminal: TerminalConfig,
         pub browser: BrowserConfig,
         pub tunnel: TunnelConfig,
+        pub provisioning: ProvisioningConfig,
     }
 }
 
@@ -609,9 +610,10 @@ section! {
         /// path or the PEM text); nothing else is trusted.
         pub ca: PemSource = PemSource::None,
         /// The device certificate (PEM file) the relay verifies; its CN is
-        /// the device id. Until provisioning lands, files.
+        /// the device id. Empty: the certificate `provisioning.*` obtains.
         pub cert: OptPath,
-        /// The device certificate's private key (PEM file, 0600).
+        /// The device certificate's private key (PEM file, 0600); empty
+        /// with `cert`: the provisioned key.
         pub key: OptPath,
         /// The local `host:port` targets the relay may open; any other is
         /// refused. Empty: none.
@@ -620,6 +622,37 @@ section! {
         pub heartbeat: Duration = Duration::from_secs(10),
         /// A relay silent this long is dropped and the agent reconnects.
         pub threshold: Duration = Duration::from_secs(30),
+    }
+}
+
+section! {
+    /// Certificate provisioning over EST (RFC 7030) with a one-time password
+    /// (`provisioning.*`): the key is made on the device and never leaves
+    /// it; the certificate and the CA bundle are kept in `dir`, and the
+    /// tunnel uses them when `tunnel.cert` is not set.
+    pub struct ProvisioningConfig {
+        /// The EST server, `https://host:port` (an `iot-relay`'s `est.listen`);
+        /// empty: provisioning off.
+        pub url: String,
+        /// An EST label (`/.well-known/est/<label>/...`); empty: none.
+        pub label: String,
+        /// What the EST server's certificate is checked against: the CA
+        /// certificate (a file path or the PEM text), or `sha256:<hex>` of
+        /// the server's own certificate (a pin). Required with `url`.
+        pub ca: TrustAnchor = TrustAnchor::None,
+        /// The device id: the HTTP Basic user and the certificate's CN.
+        pub device: String,
+        /// The one-time password for the first enrollment (`snap set` it
+        /// once): removed from the snap configuration after it was used,
+        /// and never used twice.
+        pub otp: String,
+        /// When to re-enroll: this fraction of the certificate's lifetime.
+        pub renew: Fraction = Fraction::new("2/3"),
+        /// The provisioned key and certificate (`device.pem`, 0600), the CA
+        /// bundle (`ca.pem`) and the state (`state.json`).
+        pub dir: ExpandPath = ExpandPath::new("$SNAP_DATA/provisioning"),
+        /// Bound on one EST request.
+        pub timeout: Duration = Duration::from_secs(30),
     }
 }
 

@@ -471,6 +471,122 @@ impl<'de> Deserialize<'de> for PemSource {
     }
 }
 
+/// What a client trusts for one server: a CA (a file path or the PEM
+/// text, as [`PemSource`]) or a `sha256:` pin of the server's own
+/// certificate (64 hex digits; `:` separators, as `openssl x509
+/// -fingerprint -sha256` prints them, are accepted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TrustAnchor {
+    #[default]
+    None,
+    Pem(PemSource),
+    Pin([u8; 32]),
+}
+
+impl TrustAnchor {
+    pub fn is_set(&self) -> bool {
+        !matches!(self, TrustAnchor::None)
+    }
+}
+
+impl Serialize for TrustAnchor {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TrustAnchor::None => s.serialize_str(""),
+            TrustAnchor::Pem(p) => p.serialize(s),
+            TrustAnchor::Pin(pin) => {
+                let hex: String = pin.iter().map(|b| format!("{b:02x}")).collect();
+                s.serialize_str(&format!("sha256:{hex}"))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TrustAnchor {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a CA file path, PEM text or sha256:<hex>")?;
+        let text = raw.trim();
+        if text.is_empty() {
+            return Ok(TrustAnchor::None);
+        }
+        if let Some(hex) = text
+            .strip_prefix("sha256:")
+            .or_else(|| text.strip_prefix("SHA256:"))
+        {
+            let digits: String = hex.chars().filter(|c| *c != ':').collect();
+            let bytes: Option<Vec<u8>> = (digits.len() == 64 && digits.is_ascii())
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).ok())
+                        .collect()
+                })
+                .flatten();
+            return match bytes {
+                Some(b) => Ok(TrustAnchor::Pin(b.try_into().expect("32 bytes"))),
+                None => Err(de::Error::custom(format!(
+                    "invalid pin {text:?}: write sha256: and the 64 hex digits of the server \
+                     certificate's SHA-256 (openssl x509 -noout -fingerprint -sha256)"
+                ))),
+            };
+        }
+        PemSource::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(text))
+            .map(TrustAnchor::Pem)
+    }
+}
+
+/// A fraction of something (a certificate's lifetime): `2/3`, `0.75` or
+/// `75%`, more than 0 and less than 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fraction {
+    raw: String,
+    value: f64,
+}
+
+impl Fraction {
+    pub fn new(raw: &str) -> Self {
+        Fraction {
+            raw: raw.to_string(),
+            value: Self::parse(raw).expect("a valid default fraction"),
+        }
+    }
+    pub fn get(&self) -> f64 {
+        self.value
+    }
+    fn parse(raw: &str) -> Result<f64, String> {
+        let t = raw.trim();
+        let v = if let Some(p) = t.strip_suffix('%') {
+            p.trim().parse::<f64>().map(|v| v / 100.0).ok()
+        } else if let Some((a, b)) = t.split_once('/') {
+            match (a.trim().parse::<f64>(), b.trim().parse::<f64>()) {
+                (Ok(a), Ok(b)) if b != 0.0 => Some(a / b),
+                _ => None,
+            }
+        } else {
+            t.parse::<f64>().ok()
+        };
+        match v {
+            Some(v) if v > 0.0 && v < 1.0 => Ok(v),
+            _ => Err(format!(
+                "invalid fraction {raw:?}: write it like \"2/3\", \"0.75\" or \"75%\" (more than 0, less than 1)"
+            )),
+        }
+    }
+}
+
+impl Serialize for Fraction {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.raw)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = text_value(d, "a fraction such as \"2/3\" or \"75%\"")?;
+        let value = Fraction::parse(&raw).map_err(de::Error::custom)?;
+        Ok(Fraction { raw, value })
+    }
+}
+
 thread_local! {
     /// `dirs.data` and `dirs.common` while the rest of the configuration is
     /// extracted (set by [`with_dirs`]): `$SNAP_DATA`/`$SNAP_COMMON` fall
@@ -537,6 +653,42 @@ fn text_value<'de, D: Deserializer<'de>>(d: D, what: &'static str) -> Result<Str
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn trust_anchors_take_a_pin_with_or_without_colons_and_refuse_a_short_one() {
+        let parse = |v: &str| serde_json::from_value::<TrustAnchor>(serde_json::json!(v));
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(
+            parse(&format!("sha256:{hex}")).unwrap(),
+            TrustAnchor::Pin([0xab; 32])
+        );
+        assert_eq!(
+            parse(&format!("sha256:{colons}")).unwrap(),
+            TrustAnchor::Pin([0xab; 32])
+        );
+        let e = parse("sha256:abcd").unwrap_err().to_string();
+        assert!(e.contains("64 hex digits"), "{e}");
+        assert_eq!(parse("").unwrap(), TrustAnchor::None);
+        assert!(matches!(
+            parse("/etc/ca.pem").unwrap(),
+            TrustAnchor::Pem(PemSource::File(_))
+        ));
+        let pin = TrustAnchor::Pin([1; 32]);
+        let text = serde_json::to_value(&pin).unwrap();
+        assert_eq!(serde_json::from_value::<TrustAnchor>(text).unwrap(), pin);
+    }
+
+    #[test]
+    fn fractions_as_ratio_decimal_or_percent() {
+        let parse = |v: &str| serde_json::from_value::<Fraction>(serde_json::json!(v));
+        assert!((parse("2/3").unwrap().get() - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(parse("0.5").unwrap().get(), 0.5);
+        assert_eq!(parse("75%").unwrap().get(), 0.75);
+        for bad in ["0", "1", "3/2", "x", "1/0", "150%"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
     use super::*;
 
     fn de<T: for<'a> Deserialize<'a>>(v: serde_json::Value) -> Result<T, String> {

@@ -27,6 +27,54 @@ section! {
         /// agents and visitors find their pipes on the same ports (0600).
         pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/mappings.json"),
         pub log: RelayLog,
+        pub ca: CaConfig,
+        pub est: EstConfig,
+        pub otp: OtpConfig,
+    }
+}
+
+section! {
+    /// The relay's device CA: it signs the certificates EST issues, and
+    /// the agents' port trusts it. Created on first start when both files
+    /// are missing (the key 0600).
+    pub struct CaConfig {
+        pub cert: ExpandPath = ExpandPath::new("$SNAP_DATA/ca/ca.pem"),
+        pub key: ExpandPath = ExpandPath::new("$SNAP_DATA/ca/ca.key"),
+    }
+}
+
+section! {
+    /// The EST server (RFC 7030) under `/.well-known/est/`: HTTPS; a TLS
+    /// client certificate is asked for but optional (re-enrollment needs it).
+    pub struct EstConfig {
+        /// Off: no EST port (device certificates come from elsewhere).
+        pub enabled: bool = true,
+        pub listen: String = "0.0.0.0:7002".into(),
+        /// Its HTTPS certificate and key; empty: `agents.cert`/`agents.key`.
+        pub cert: OptPath,
+        pub key: OptPath,
+        /// How long an issued device certificate is valid.
+        pub lifetime: Duration = Duration::from_secs(30 * 24 * 3600),
+        /// More than 0s: a device's enrollment is answered `202 Accepted`
+        /// with `Retry-After` this long first (manual approval, a slow CA);
+        /// the OTP is not used until the retry is served.
+        pub defer: Duration = Duration::from_secs(0),
+        /// Refuse a CSR that does not carry the TLS connection's channel
+        /// binding (RFC 9266 tls-exporter as its challengePassword; the
+        /// agent always sends it, curl/openssl and strongSwan do not).
+        pub require_binding: bool,
+    }
+}
+
+section! {
+    /// One-time passwords for first enrollment (`POST /api/v2/otp`).
+    pub struct OtpConfig {
+        /// How long an OTP is valid when the request gives no `expiry`.
+        pub expiry: Duration = Duration::from_secs(24 * 3600),
+        /// The longest `expiry` a request may ask for.
+        pub max: Duration = Duration::from_secs(30 * 24 * 3600),
+        /// The OTP store (only hashes; 0600).
+        pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/otps.json"),
     }
 }
 
@@ -37,8 +85,9 @@ section! {
         /// The relay's certificate chain and key (PEM files).
         pub cert: OptPath,
         pub key: OptPath,
-        /// The CA that signs device certificates (a file path or the PEM
-        /// text); an agent without a certificate it signed is refused.
+        /// Another CA that signs device certificates (a file path or the
+        /// PEM text), trusted besides the relay's own (`ca.cert`); an agent
+        /// without a certificate one of them signed is refused.
         pub ca: PemSource = PemSource::None,
         /// How often the relay tells each agent it is alive.
         pub heartbeat: Duration = Duration::from_secs(10),

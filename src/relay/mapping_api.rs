@@ -1,7 +1,8 @@
 //! The mapping API, ioFog Connector's: `POST /api/v2/mapping/add` with the
 //! form field `mapping=` (JSON), `POST /api/v2/mapping/remove` with
 //! `mappingid=`, and `GET /api/v2/mapping` to list. Every request carries
-//! `Authorization: Bearer <api.token>`. HTTPS unless `dev=true`.
+//! `Authorization: Bearer <api.token>`. HTTPS unless `dev=true`. The same
+//! API issues EST one-time passwords: `POST /api/v2/otp` ([`super::otp`]).
 
 use super::pipes::{AddError, Pipes, Spec};
 use crate::supervisor::Shutdown;
@@ -22,6 +23,7 @@ const MAX_BODY: usize = 64 * 1024;
 struct Api {
     pipes: Arc<Pipes>,
     token: String,
+    otp: Arc<super::otp::OtpApi>,
 }
 
 /// Serves the API until shutdown.
@@ -30,9 +32,10 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     pipes: Arc<Pipes>,
     token: String,
+    otp: Arc<super::otp::OtpApi>,
     shutdown: Shutdown,
 ) {
-    let api = Arc::new(Api { pipes, token });
+    let api = Arc::new(Api { pipes, token, otp });
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -165,9 +168,24 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }
-        (_, "/api/v2/mapping" | "/api/v2/mapping/add" | "/api/v2/mapping/remove") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        (Method::POST, "/api/v2/otp") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the body: {e}"),
+                    )
+                }
+            };
+            let o = &api.otp;
+            let (status, v) = super::otp::issue_request(&o.otps, &body, o.expiry, o.max);
+            answer(status, v)
         }
+        (
+            _,
+            "/api/v2/mapping" | "/api/v2/mapping/add" | "/api/v2/mapping/remove" | "/api/v2/otp",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
     }
 }

@@ -5,8 +5,11 @@
 //! agent's (`crate::subsystems::tunnel::protocol`).
 
 pub mod agents;
+pub mod ca;
 pub mod config;
+pub mod est;
 pub mod mapping_api;
+pub mod otp;
 pub mod pipes;
 pub mod private;
 
@@ -24,13 +27,19 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let (Some(cert), Some(key)) = (config.agents.cert.path(), config.agents.key.path()) else {
         bail!("agents.cert and agents.key must name the relay's certificate and key files");
     };
-    if !config.agents.ca.is_set() {
-        bail!("agents.ca is not set: the CA that signs device certificates");
-    }
     let cert_pem = crate::tls::read_pem(cert, "agents.cert")?;
     let key_pem = crate::tls::read_pem(key, "agents.key")?;
-    let roots = crate::tls::Roots::new().source(&config.agents.ca, "agents.ca")?;
+    // The relay's own device CA (created on first start) signs what EST
+    // issues; the agents' port trusts it and `agents.ca` besides.
+    let ca = Arc::new(ca::Ca::load_or_create(
+        config.ca.cert.path(),
+        config.ca.key.path(),
+    )?);
+    let roots = crate::tls::Roots::new()
+        .source(&config.agents.ca, "agents.ca")?
+        .pem(&ca.cert_pem, "ca.cert")?;
     let agents_tls = crate::tls::server_config(&cert_pem, &key_pem, Some(roots))?;
+    let otps = Arc::new(otp::Otps::open(config.otp.state.path().to_path_buf())?);
     let api_tls = if config.dev {
         None
     } else {
@@ -55,6 +64,41 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         .with_context(|| format!("api.listen {}", config.api.listen))?;
     let agents_addr = agents_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
+    let est_addr = if config.est.enabled {
+        let (cert_pem, key_pem) = match (config.est.cert.path(), config.est.key.path()) {
+            (Some(c), Some(k)) => (
+                crate::tls::read_pem(c, "est.cert")?,
+                crate::tls::read_pem(k, "est.key")?,
+            ),
+            _ => (cert_pem.clone(), key_pem.clone()),
+        };
+        let tls = crate::tls::server_config_with(
+            &cert_pem,
+            &key_pem,
+            crate::tls::ClientAuth::Optional(
+                crate::tls::Roots::new().pem(&ca.cert_pem, "ca.cert")?,
+            ),
+        )?;
+        let listener = TcpListener::bind(&config.est.listen)
+            .await
+            .with_context(|| format!("est.listen {}", config.est.listen))?;
+        let addr = listener.local_addr()?;
+        shutdown.spawn(est::serve(
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            Arc::new(est::Est::new(
+                ca.clone(),
+                otps.clone(),
+                config.est.lifetime.get(),
+                config.est.defer.get(),
+                config.est.require_binding,
+            )),
+            shutdown.clone(),
+        ));
+        addr.to_string()
+    } else {
+        "off".to_string()
+    };
 
     let agents = Arc::new(agents::Agents::default());
     let pipes = Arc::new(pipes::Pipes::new(
@@ -78,12 +122,18 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         api_tls,
         pipes,
         config.api.token.clone(),
+        Arc::new(otp::OtpApi {
+            otps,
+            expiry: config.otp.expiry.get(),
+            max: config.otp.max.get(),
+        }),
         shutdown.clone(),
     ));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         agents = %agents_addr,
         api = %api_addr,
+        est = %est_addr,
         api_scheme = if config.dev { "http" } else { "https" },
         "iot-relay running"
     );

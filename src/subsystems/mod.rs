@@ -6,8 +6,11 @@
 //! - [`changes`]: snapd's changes: the poller, the SQLite history, the watchdog;
 //! - [`export`]: store-and-forward telemetry (spool, upstream forwarding);
 //! - [`tunnel`]: the tunnel client, one connection to an `iot-relay` that
-//!   opens streams to allowed device-local ports (off until configured).
+//!   opens streams to allowed device-local ports (off until configured);
+//! - [`provisioning`]: the device certificate from an EST server with a
+//!   one-time password, renewed over mutual TLS (off until configured).
 
 pub mod changes;
 pub mod export;
+pub mod provisioning;
 pub mod tunnel;

@@ -7,6 +7,7 @@
 
 pub mod agent_proc;
 pub mod dms_types;
+pub mod est;
 pub mod identity_double;
 pub mod mqtt_client;
 pub mod servers;

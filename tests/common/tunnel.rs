@@ -32,6 +32,8 @@ pub struct Relay {
     pub proc: AgentProcess,
     pub agents_port: u16,
     pub api_port: u16,
+    /// The EST server's HTTPS port (`est.listen`).
+    pub est_port: u16,
     pub ports: Vec<u16>,
     pub dir: PathBuf,
     pub env: Vec<(&'static str, String)>,
@@ -45,7 +47,7 @@ impl Relay {
         Self::start_with(pki, dir, pipes, &[])
     }
 
-    /// [`Relay::start`] with settings overridden or added (`extra`).
+    /// [`Relay::start`] with settings added or overridden (`est.defer`...).
     pub fn start_with(
         pki: &TestPki,
         dir: &std::path::Path,
@@ -53,6 +55,7 @@ impl Relay {
         extra: &[(&'static str, String)],
     ) -> Relay {
         let agents_port = free_port();
+        let est_port = free_port();
         let api_port = free_port();
         let ports: Vec<u16> = (0..pipes).map(|_| free_port()).collect();
         let list = ports
@@ -86,6 +89,20 @@ impl Relay {
                 dir.join("mappings.json").display().to_string(),
             ),
             ("IOT_RELAY_LOG__LEVEL", "info,iot_agent=debug".into()),
+            // The relay's own CA, OTP store and EST port, in the test's dir.
+            (
+                "IOT_RELAY_CA__CERT",
+                dir.join("ca/ca.pem").display().to_string(),
+            ),
+            (
+                "IOT_RELAY_CA__KEY",
+                dir.join("ca/ca.key").display().to_string(),
+            ),
+            (
+                "IOT_RELAY_OTP__STATE",
+                dir.join("otps.json").display().to_string(),
+            ),
+            ("IOT_RELAY_EST__LISTEN", format!("127.0.0.1:{est_port}")),
         ];
         let mut env = env;
         for (k, v) in extra {
@@ -96,6 +113,7 @@ impl Relay {
             proc: AgentProcess::spawn(relay_command(&["run"], &env)),
             agents_port,
             api_port,
+            est_port,
             ports,
             dir: dir.to_path_buf(),
             env,
@@ -180,7 +198,19 @@ pub fn start_agent(
     allow: &[&str],
     extra: &[(&'static str, String)],
 ) -> AgentProcess {
-    let mut env: Vec<(&str, String)> = vec![
+    AgentProcess::start(&agent_env(pki, dir, relay_port, allow, extra))
+}
+
+/// The environment [`start_agent`] starts the agent with (for one-shot
+/// commands that must see the same configuration).
+pub fn agent_env(
+    pki: &TestPki,
+    dir: &std::path::Path,
+    relay_port: u16,
+    allow: &[&str],
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&'static str, String)> = vec![
         (
             "IOT_AGENT_DIRS__DATA",
             dir.join("data").display().to_string(),
@@ -224,7 +254,7 @@ pub fn start_agent(
         env.retain(|(key, _)| key != k);
         env.push((k, v.clone()));
     }
-    AgentProcess::start(&env)
+    env
 }
 
 /// A device-local echo service: each connection gets back what it sent,

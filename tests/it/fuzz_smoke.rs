@@ -165,3 +165,31 @@ fn tunnel_frames_and_mapping_forms_never_panic() {
         }
     }
 }
+
+/// EST bodies, CSRs and Basic credentials, as `fuzz/fuzz_targets/est.rs`.
+#[test]
+fn est_bodies_csrs_and_credentials_never_panic() {
+    use iot_agent::est;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["d".into()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "device-1");
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    let cert = params.self_signed(&key).unwrap().der().to_vec();
+    let p7 = est::certs_only(&[cert]).unwrap();
+    let samples: Vec<Vec<u8>> = vec![
+        csr.clone(),
+        est::encode_base64(&csr).into_bytes(),
+        p7.clone(),
+        est::encode_base64(&p7).into_bytes(),
+        est::basic("device-1", "otp:x").into_bytes(),
+        b"120".to_vec(),
+        b"Wed, 02 Dec 2026 14:30:31 GMT".to_vec(),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xe5_7000);
+    for round in 0..6_000 {
+        let input = mutate(&mut rng, &samples[round % samples.len()]);
+        est::fuzz_all(&input);
+    }
+}

@@ -20,6 +20,7 @@ mod identity;
 mod mirror;
 mod nats_bundled;
 mod per_serial;
+mod provisioning;
 mod readme;
 mod remote_mqtt;
 mod run_script;

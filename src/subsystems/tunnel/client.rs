@@ -22,6 +22,15 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_BASE: Duration = Duration::from_millis(500);
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
+/// What the client needs, read once from `tunnel.*`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: TunnelConfig,
+    /// The provisioned `device.pem` (certificate and key) used when
+    /// `tunnel.cert` is not set, if provisioning is on.
+    pub provisioned: Option<std::path::PathBuf>,
+}
+
 /// The TLS side of dialing: built from the files at each run, so a
 /// certificate replaced on disk is picked up by the next restart.
 struct Dialer {
@@ -31,7 +40,7 @@ struct Dialer {
 }
 
 impl Dialer {
-    fn new(c: &TunnelConfig) -> anyhow::Result<Dialer> {
+    fn new(c: &TunnelConfig, provisioned: Option<&std::path::Path>) -> anyhow::Result<Dialer> {
         let (host, _) = c
             .relay
             .rsplit_once(':')
@@ -39,11 +48,25 @@ impl Dialer {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| anyhow!("tunnel.relay host {host:?}: {e}"))?;
-        let (Some(cert), Some(key)) = (c.cert.path(), c.key.path()) else {
-            bail!("tunnel.cert and tunnel.key must name the device certificate and key files");
+        let (cert_pem, key_pem) = match (c.cert.path(), c.key.path(), provisioned) {
+            (Some(cert), Some(key), _) => (
+                crate::tls::read_pem(cert, "tunnel.cert")?,
+                crate::tls::read_pem(key, "tunnel.key")?,
+            ),
+            (None, None, Some(device)) if !device.exists() => bail!(
+                "no device certificate yet: provisioning has not enrolled \
+                 (iot-agent provisioning status)"
+            ),
+            (None, None, Some(device)) => {
+                // One file holds both, replaced atomically on renewal.
+                let pem = crate::tls::read_pem(device, "the provisioned certificate")?;
+                (pem.clone(), pem)
+            }
+            _ => bail!(
+                "tunnel.cert and tunnel.key must name the device certificate and key files \
+                 (or leave both empty and set provisioning.url)"
+            ),
         };
-        let cert_pem = crate::tls::read_pem(cert, "tunnel.cert")?;
-        let key_pem = crate::tls::read_pem(key, "tunnel.key")?;
         let chain = crate::tls::certs_from_pem(&cert_pem, "tunnel.cert")?;
         let device = crate::tls::common_name(&chain[0])
             .ok_or_else(|| anyhow!("tunnel.cert has no subject CN (the device id)"))?;
@@ -72,14 +95,23 @@ impl Dialer {
 /// Runs the client until shutdown: connect, serve, and after a loss wait
 /// (jittered back-off) and connect again. One log line per state change:
 /// connected, lost, and each new reason a connection attempt fails for.
-pub async fn run(c: &TunnelConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let dialer = Dialer::new(c)?;
+pub async fn run(settings: &Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let c = &settings.config;
+    // Without provisioning a bad file is a configuration error; with it the
+    // certificate may not be there yet, and is read again at each attempt
+    // (a renewed one is picked up at the next connection).
+    if settings.provisioned.is_none() {
+        Dialer::new(c, None)?;
+    }
     let allow: Arc<[String]> = c.allow.items().into();
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     let mut last_failure = String::new();
     while !shutdown.is_cancelled() {
         let mut connected = false;
-        let outcome = session(c, &dialer, &allow, &shutdown, &mut connected).await;
+        let outcome = match Dialer::new(c, settings.provisioned.as_deref()) {
+            Ok(dialer) => session(c, &dialer, &allow, &shutdown, &mut connected).await,
+            Err(e) => Err(e),
+        };
         if shutdown.is_cancelled() {
             break;
         }

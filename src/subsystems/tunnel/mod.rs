@@ -8,20 +8,29 @@ pub mod client;
 pub mod mux;
 pub mod protocol;
 
-use crate::config::{Config, TunnelConfig};
+use crate::config::Config;
 use crate::supervisor::{RunResult, Shutdown, Subsystem};
 use std::sync::Arc;
 
-/// The subsystem: a handle on its settings (`tunnel.*`).
+/// The subsystem: a handle on its settings (`tunnel.*`, and where the
+/// provisioned identity is when provisioning is on).
 #[derive(Clone)]
 pub struct Tunnel {
-    config: Arc<TunnelConfig>,
+    settings: Arc<client::Settings>,
 }
 
 impl Tunnel {
     pub fn from_config(config: &Config) -> Tunnel {
         Tunnel {
-            config: Arc::new(config.tunnel.clone()),
+            settings: Arc::new(client::Settings {
+                config: config.tunnel.clone(),
+                provisioned: crate::subsystems::provisioning::enabled(config).then(|| {
+                    crate::subsystems::provisioning::store::Store::new(
+                        config.provisioning.dir.path(),
+                    )
+                    .identity_path()
+                }),
+            }),
         }
     }
 }
@@ -31,6 +40,6 @@ impl Subsystem for Tunnel {
     const SECTION: &'static str = "tunnel";
 
     async fn run(self, shutdown: Shutdown) -> RunResult {
-        client::run(&self.config, shutdown).await
+        client::run(&self.settings, shutdown).await
     }
 }
