@@ -37,8 +37,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the relay's agents (asks the running relay's admin API).
+    Agents {
+        /// Print the JSON list instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Print the relay's version.
     Version,
+}
+
+/// How to reach the admin API; by default from the configuration.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The admin API's base URL. Default: from api.listen and dev.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// CA certificate (PEM file) that signs the API's certificate.
+    /// Default: agents.ca, and the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +82,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Version => unreachable!("handled above"),
         Command::Config { json } => {
             iot_agent::commands::config::print_values(loaded.effective(), json)
+        }
+        Command::Agents { json, api } => {
+            relay::cli::agents(&loaded.config, api.url.as_deref(), api.ca.as_deref(), json)
         }
         Command::Run => {
             iot_agent::logging::init(&loaded.config.log.level);

@@ -22,6 +22,8 @@ const MAX_BODY: usize = 64 * 1024;
 struct Api {
     pipes: Arc<Pipes>,
     token: String,
+    /// The connection-management endpoints ([`super::admin`]).
+    admin: Arc<super::admin::Admin>,
 }
 
 /// Serves the API until shutdown.
@@ -30,9 +32,14 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     pipes: Arc<Pipes>,
     token: String,
+    admin: Arc<super::admin::Admin>,
     shutdown: Shutdown,
 ) {
-    let api = Arc::new(Api { pipes, token });
+    let api = Arc::new(Api {
+        pipes,
+        token,
+        admin,
+    });
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -67,7 +74,21 @@ where
 {
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&api, req).await) }
+        async move {
+            if !authorized(&api, &req) {
+                return Ok::<_, std::convert::Infallible>(
+                    error(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong bearer token (Authorization: Bearer <api.token>)",
+                    )
+                    .map(BodyExt::boxed),
+                );
+            }
+            Ok(match super::admin::handle(&api.admin, req).await {
+                Ok(r) => r,
+                Err(req) => handle(&api, req).await.map(BodyExt::boxed),
+            })
+        }
     });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
@@ -77,7 +98,7 @@ where
     }
 }
 
-fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+pub(super) fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -85,7 +106,7 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> 
         .expect("static response parts")
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+pub(super) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
     answer(
         status,
         json!({"status": "error", "message": message.to_string()}),
@@ -103,13 +124,8 @@ fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
     !api.token.is_empty() && bool::from(given.as_bytes().ct_eq(api.token.as_bytes()))
 }
 
+/// The mapping endpoints (the caller checked the token).
 async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(api, &req) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <api.token>)",
-        );
-    }
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     match (method, path.trim_end_matches('/')) {
         (Method::GET, "/api/v2/mapping") => answer(

@@ -4,11 +4,18 @@
 //! ([`mapping_api`]) adds and removes pipes. The wire protocol is the
 //! agent's (`crate::subsystems::tunnel::protocol`).
 
+pub mod accept;
+pub mod admin;
 pub mod agents;
+pub mod cli;
 pub mod config;
+pub mod dialer;
 pub mod mapping_api;
 pub mod pipes;
 pub mod private;
+pub mod registry;
+pub mod status;
+pub mod status_nats;
 
 use crate::supervisor::Shutdown;
 use anyhow::{anyhow, bail, Context};
@@ -56,7 +63,14 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let agents_addr = agents_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
 
-    let agents = Arc::new(agents::Agents::default());
+    let registry = Arc::new(registry::Registry::load(
+        config.registry.path().to_path_buf(),
+    )?);
+    let board = Arc::new(status::Board::default());
+    if !config.nats.url.is_empty() {
+        status_nats::start(&config.nats, &board, &shutdown);
+    }
+    let agents = Arc::new(agents::Agents::new(registry, board));
     let pipes = Arc::new(pipes::Pipes::new(
         pool,
         config.pipes.bind.clone(),
@@ -66,9 +80,22 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         shutdown.clone(),
     ));
     pipes.restore()?;
+    let agents_tls = tokio_rustls::TlsAcceptor::from(agents_tls);
+    let dialer = Arc::new(dialer::Dialer::new(
+        agents.clone(),
+        config.agents.clone(),
+        agents_tls.clone(),
+        shutdown.clone(),
+    ));
+    dialer.start_registered();
+    let admin = Arc::new(admin::Admin {
+        agents: agents.clone(),
+        pipes: pipes.clone(),
+        dialer,
+    });
     shutdown.spawn(agents::serve(
         agents_listener,
-        tokio_rustls::TlsAcceptor::from(agents_tls),
+        agents_tls,
         agents,
         config.agents.clone(),
         shutdown.clone(),
@@ -78,6 +105,7 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         api_tls,
         pipes,
         config.api.token.clone(),
+        admin,
         shutdown.clone(),
     ));
     tracing::info!(

@@ -38,10 +38,47 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// [`Relay::start_closed`], then its accept filter set to take
+    /// [`DEVICE`] (a relay takes no agent by default).
+    pub fn start(pki: &TestPki, dir: &std::path::Path, pipes: usize) -> Relay {
+        let relay = Relay::start_closed(pki, dir, pipes, &[]);
+        relay.accept(&serde_json::json!({ "deviceIds": [DEVICE] }));
+        relay
+    }
+
+    /// `PUT /api/v2/accept-filter`, which must succeed.
+    pub fn accept(&self, filter: &serde_json::Value) {
+        let (status, answer) = self.admin("PUT", "/api/v2/accept-filter", Some(filter));
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    /// A request to the admin API with a JSON body: (status, answer).
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        api_raw(
+            self.api_port,
+            method,
+            path,
+            Some(TOKEN),
+            "application/json",
+            &body.map(|b| b.to_string()).unwrap_or_default(),
+        )
+    }
+
     /// Starts a relay with the PKI's server certificate, trusting its CA
     /// for device certificates, the API in plain HTTP (`dev=true`), and
-    /// `pipes` free pipe ports; state in `dir`.
-    pub fn start(pki: &TestPki, dir: &std::path::Path, pipes: usize) -> Relay {
+    /// `pipes` free pipe ports; state in `dir`; the accept filter as the
+    /// relay has it (none: it takes no agent). `extra` adds settings.
+    pub fn start_closed(
+        pki: &TestPki,
+        dir: &std::path::Path,
+        pipes: usize,
+        extra: &[(&'static str, String)],
+    ) -> Relay {
         let agents_port = free_port();
         let api_port = free_port();
         let ports: Vec<u16> = (0..pipes).map(|_| free_port()).collect();
@@ -75,8 +112,17 @@ impl Relay {
                 "IOT_RELAY_STATE",
                 dir.join("mappings.json").display().to_string(),
             ),
+            (
+                "IOT_RELAY_REGISTRY",
+                dir.join("registry.json").display().to_string(),
+            ),
             ("IOT_RELAY_LOG__LEVEL", "info,iot_agent=debug".into()),
         ];
+        let mut env = env;
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.clone()));
+        }
         let mut relay = Relay {
             proc: AgentProcess::spawn(relay_command(&["run"], &env)),
             agents_port,
@@ -137,6 +183,25 @@ pub fn api(
     token: Option<&str>,
     form: &str,
 ) -> (u16, serde_json::Value) {
+    api_raw(
+        port,
+        method,
+        path,
+        token,
+        "application/x-www-form-urlencoded",
+        form,
+    )
+}
+
+/// One request to the admin API over plain HTTP with a body of `kind`.
+pub fn api_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    kind: &str,
+    form: &str,
+) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the API");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token
@@ -145,7 +210,7 @@ pub fn api(
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n{auth}\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+         Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n{form}",
         form.len()
     )
     .unwrap();

@@ -20,6 +20,7 @@ mod mirror;
 mod nats_bundled;
 mod per_serial;
 mod readme;
+mod relay_connections;
 mod run_script;
 mod snap_hook;
 mod snap_pack;

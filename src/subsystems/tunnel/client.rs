@@ -159,7 +159,10 @@ async fn session(
     match timeout(CONNECT_TIMEOUT, ctrl.recv()).await {
         Err(_) => bail!("no welcome from the relay within {CONNECT_TIMEOUT:?}"),
         Ok(Ok(Some(Control::Welcome { .. }))) => {}
-        Ok(Ok(Some(Control::Refused { reason }))) => bail!("the relay refused: {reason}"),
+        Ok(Ok(Some(Control::Refused { reason, code }))) => match code {
+            Some(code) => bail!("the relay refused ({code}): {reason}"),
+            None => bail!("the relay refused: {reason}"),
+        },
         Ok(Ok(other)) => bail!("unexpected answer to hello: {other:?}"),
         Ok(Err(e)) => bail!("answer to hello: {e}"),
     }
