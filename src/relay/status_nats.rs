@@ -14,6 +14,14 @@ use std::time::Duration;
 const RECONNECT_BASE: Duration = Duration::from_millis(250);
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
 
+/// The subjects this module publishes, as the AsyncAPI document names them.
+pub fn documented_addresses() -> Vec<String> {
+    topics::relay_status("PLACEHOLDER")
+        .map(|t| t.nats().replace("PLACEHOLDER", "{deviceId}"))
+        .into_iter()
+        .collect()
+}
+
 /// Starts the publisher; events from now on are queued for it.
 pub fn start(cfg: &RelayNats, board: &Board, shutdown: &Shutdown) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(NATS_BACKLOG);

@@ -262,3 +262,153 @@ fn iot_relay_agents_prints_a_table_and_json() {
     assert!(err.contains("401") && err.contains("bearer token"), "{err}");
     assert!(!err.contains("4711"), "the token is not echoed: {err}");
 }
+
+/// A client of `GET /api/v2/status`: each event as (event, data), read by
+/// a thread; returns once the stream is open (its first comment line).
+fn status_stream(port: u16, query: &str) -> std::sync::mpsc::Receiver<(String, serde_json::Value)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /api/v2/status{query} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut event = String::new();
+        // Chunk-size lines of the chunked body carry neither prefix.
+        for line in BufReader::new(s).lines().map_while(Result::ok) {
+            let line = line.trim_end();
+            if line.starts_with(": relay status events") {
+                let _ = open_tx.send(());
+            } else if let Some(e) = line.strip_prefix("event: ") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let data = serde_json::from_str(d).unwrap();
+                if tx.send((std::mem::take(&mut event), data)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    open_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the status stream did not open");
+    rx
+}
+
+fn next_event(
+    rx: &std::sync::mpsc::Receiver<(String, serde_json::Value)>,
+) -> (String, serde_json::Value) {
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("no status event within 60 s")
+}
+
+#[test]
+fn status_events_reach_the_stream_and_nats_once_each_in_order() {
+    use crate::common::servers::{NatsConfig, NatsServer};
+    use futures::StreamExt;
+    let nats = NatsServer::start(NatsConfig::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut sub = rt.block_on(async {
+        let c = async_nats::connect(nats.url()).await.unwrap();
+        let sub = c.subscribe("relay.status.>").await.unwrap();
+        c.flush().await.unwrap();
+        // The client lives as long as the subscription.
+        std::mem::forget(c);
+        sub
+    });
+
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_closed(&pki, dir.path(), 1, &[("IOT_RELAY_NATS__URL", nats.url())]);
+    relay.accept(&json!({ "deviceIds": [DEVICE] }));
+    let all = status_stream(relay.api_port, "");
+    let only_2 = status_stream(relay.api_port, "?deviceId=device-2");
+
+    // device-1: taken, then killed; device-2 (same CA, not allowed): refused.
+    let echo = echo_service();
+    let mut agent = start_agent(&pki, dir.path(), relay.agents_port, &[&echo], &[]);
+    agent.wait_for("tunnel connected");
+    agent.signal("KILL");
+    agent.wait_exit();
+    let (cert, key) = pki.issue_client("device-2");
+    let other = tempfile::tempdir().unwrap();
+    let mut second = start_agent(
+        &pki,
+        other.path(),
+        relay.agents_port,
+        &[],
+        &[
+            (
+                "IOT_AGENT_TUNNEL__CERT",
+                pki.write_file("d2.crt", &cert).display().to_string(),
+            ),
+            (
+                "IOT_AGENT_TUNNEL__KEY",
+                pki.write_file("d2.key", &key).display().to_string(),
+            ),
+        ],
+    );
+    second.wait_for("not-accepted");
+
+    let mut seen = Vec::new();
+    let (event, e) = next_event(&all);
+    assert_eq!(
+        (event.as_str(), &e["deviceId"]),
+        ("tls-connected", &json!(DEVICE)),
+        "{e}"
+    );
+    assert_eq!(e["mode"], "device-dials");
+    assert_eq!(e["tls"], true);
+    assert!(
+        e["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{e}"
+    );
+    seen.push(e);
+    let (event, e) = next_event(&all);
+    assert_eq!(
+        (event.as_str(), &e["deviceId"]),
+        ("disconnected", &json!(DEVICE)),
+        "{e}"
+    );
+    assert!(!e["reason"].as_str().unwrap().is_empty(), "{e}");
+    seen.push(e);
+    let (event, e) = next_event(&all);
+    assert_eq!(
+        (event.as_str(), &e["deviceId"]),
+        ("refused", &json!("device-2")),
+        "{e}"
+    );
+    assert!(
+        e["reason"].as_str().unwrap().contains("accept filter"),
+        "{e}"
+    );
+    seen.push(e);
+    let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // The filtered stream: only device-2's events.
+    let (event, e) = next_event(&only_2);
+    assert_eq!(
+        (event.as_str(), &e["deviceId"]),
+        ("refused", &json!("device-2")),
+        "{e}"
+    );
+
+    // NATS: the same events, each once, in the same order, per device
+    // subject.
+    for want in &seen {
+        let msg = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), sub.next()).await })
+            .expect("no NATS status event within 60 s")
+            .unwrap();
+        let got: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(&got, want);
+        assert_eq!(
+            msg.subject.as_str(),
+            format!("relay.status.{}", want["deviceId"].as_str().unwrap())
+        );
+    }
+}
