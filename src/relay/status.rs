@@ -200,6 +200,10 @@ impl Board {
             address: r.address.clone(),
             tls: r.tls,
         };
+        // A relay-dials agent whose registration was removed goes.
+        if r.mode == Mode::RelayDials && !r.registered {
+            inner.records.remove(device);
+        }
         self.emit(&mut inner, device, "disconnected", Some(reason.into()), &c);
     }
 

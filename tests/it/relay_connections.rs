@@ -412,3 +412,139 @@ fn status_events_reach_the_stream_and_nats_once_each_in_order() {
         );
     }
 }
+
+/// An agent that waits for the relay on a free port; returns it and the
+/// port.
+fn listening_agent(
+    pki: &TestPki,
+    dir: &std::path::Path,
+    relay: &Relay,
+    port: Option<u16>,
+    allow: &[&str],
+    extra: &[(&'static str, String)],
+) -> (crate::common::agent_proc::AgentProcess, u16) {
+    let port = port.unwrap_or_else(crate::common::servers::free_port);
+    let mut env = vec![("IOT_AGENT_TUNNEL__LISTEN", format!("127.0.0.1:{port}"))];
+    env.extend(extra.iter().cloned());
+    let mut agent = start_agent(pki, dir, relay.agents_port, allow, &env);
+    agent.wait_for("tunnel waiting for the relay to dial");
+    (agent, port)
+}
+
+#[test]
+fn a_relay_dials_a_registered_agent_keeps_it_connected_and_lets_it_go_when_deleted() {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    // No accept filter: a registration is the operator's accept.
+    let mut relay = Relay::start_closed(&pki, dir.path(), 1, &[]);
+    let events = status_stream(relay.api_port, "");
+    let echo = echo_service();
+    let (mut agent, port) = listening_agent(&pki, dir.path(), &relay, None, &[&echo], &[]);
+
+    let (status, answer) = relay.admin(
+        "POST",
+        "/api/v2/agents",
+        Some(&json!({"deviceId": DEVICE, "address": format!("127.0.0.1:{port}")})),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tls"], true, "TLS unless told otherwise: {answer}");
+    agent.wait_for("tunnel connected");
+    let (event, e) = next_event(&events);
+    assert_eq!(event, "tls-connected", "{e}");
+    assert_eq!(e["mode"], "relay-dials", "{e}");
+    assert_eq!(e["address"], format!("127.0.0.1:{port}"), "{e}");
+    let pipe = relay.add_public(&echo, 5);
+    assert_eq!(round_trip(pipe, b"dialed").unwrap(), b"dialed");
+    let a = agent_where(&relay, DEVICE, |a| a["status"] == "connected");
+    assert_eq!(a["mode"], "relay-dials", "{a}");
+    assert_eq!(a["autoReconnect"], true, "{a}");
+    assert_eq!(a["tls"], true, "{a}");
+
+    // The agent killed: disconnected, and dialed again once it is back.
+    agent.signal("KILL");
+    agent.wait_exit();
+    let (event, e) = next_event(&events);
+    assert_eq!(event, "disconnected", "{e}");
+    agent_where(&relay, DEVICE, |a| {
+        a["status"] == "disconnected" && a["lastReason"].is_string()
+    });
+    let (mut agent, _) = listening_agent(&pki, dir.path(), &relay, Some(port), &[&echo], &[]);
+    agent.wait_for("tunnel connected");
+    assert_eq!(next_event(&events).0, "tls-connected");
+    assert_eq!(round_trip(pipe, b"again").unwrap(), b"again");
+
+    // The registration is kept: a restarted relay dials it again.
+    relay.kill();
+    agent.wait_for("tunnel lost");
+    relay.restart();
+    agent.wait_for("tunnel connected");
+    let events = status_stream(relay.api_port, "");
+
+    // Deleted: its connection is closed and it is no longer listed.
+    let (status, answer) = relay.admin("DELETE", &format!("/api/v2/agents/{DEVICE}"), None);
+    assert_eq!(status, 200, "{answer}");
+    let (event, e) = next_event(&events);
+    assert_eq!(event, "disconnected", "{e}");
+    assert_eq!(e["reason"], "the registration was removed", "{e}");
+    agent.wait_for("tunnel lost");
+    let (_, agents) = relay.admin("GET", "/api/v2/agents", None);
+    assert_eq!(agents["agents"], json!([]), "{agents}");
+    let (status, _) = relay.admin("DELETE", &format!("/api/v2/agents/{DEVICE}"), None);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn plain_tcp_is_used_only_when_the_registration_and_the_agent_both_say_so() {
+    let pki = TestPki::new(DEVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_closed(&pki, dir.path(), 1, &[]);
+    let echo = echo_service();
+    let (mut agent, port) = listening_agent(
+        &pki,
+        dir.path(),
+        &relay,
+        None,
+        &[&echo],
+        &[
+            ("IOT_AGENT_TUNNEL__TLS", "false".into()),
+            ("IOT_AGENT_TUNNEL__DEVICE", DEVICE.into()),
+        ],
+    );
+    let address = format!("127.0.0.1:{port}");
+    // Registered with TLS (the default): a plain agent is not taken.
+    let (status, _) = relay.admin(
+        "POST",
+        "/api/v2/agents",
+        Some(&json!({"deviceId": DEVICE, "address": address})),
+    );
+    assert_eq!(status, 200);
+    let a = agent_where(&relay, DEVICE, |a| a["lastReason"].is_string());
+    assert_eq!(a["status"], "disconnected", "{a}");
+    assert!(a["lastReason"].as_str().unwrap().contains("TLS"), "{a}");
+
+    // Both plain: taken, reported `connected` (not tls-connected).
+    let events = status_stream(relay.api_port, "");
+    let (status, _) = relay.admin(
+        "POST",
+        "/api/v2/agents",
+        Some(&json!({"deviceId": DEVICE, "address": address, "tls": false})),
+    );
+    assert_eq!(status, 200);
+    agent.wait_for("tunnel connected");
+    let (event, e) = next_event(&events);
+    assert_eq!(event, "connected", "{e}");
+    assert_eq!(e["tls"], false, "{e}");
+    let pipe = relay.add_public(&echo, 5);
+    assert_eq!(round_trip(pipe, b"plain").unwrap(), b"plain");
+
+    // Plain TCP to the relay's own port is never possible: an agent that
+    // dials with tunnel.tls=false does not start.
+    let mut dialing = start_agent(
+        &pki,
+        dir.path(),
+        relay.agents_port,
+        &[],
+        &[("IOT_AGENT_TUNNEL__TLS", "false".into())],
+    );
+    dialing.wait_for("tunnel.tls=false is only for tunnel.listen");
+}

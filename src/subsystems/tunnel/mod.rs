@@ -5,6 +5,7 @@
 //! the multiplexer ([`mux`]) are shared with the relay (`crate::relay`).
 
 pub mod client;
+pub mod listen;
 pub mod mux;
 pub mod protocol;
 
