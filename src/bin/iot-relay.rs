@@ -45,6 +45,16 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List the agents on the local network that answer a DNS-SD (mDNS)
+    /// search: device id, address, port, TLS.
+    Discover {
+        /// How long to wait for answers.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the relay's version.
     Version,
 }
@@ -77,9 +87,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         println!("iot-relay {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if let Command::Discover { wait, json } = cli.command {
+        return relay::discover::command(wait, json);
+    }
     let loaded = relay::config::load(cli.config)?;
     match cli.command {
-        Command::Version => unreachable!("handled above"),
+        Command::Version | Command::Discover { .. } => unreachable!("handled above"),
         Command::Config { json } => {
             iot_agent::commands::config::print_values(loaded.effective(), json)
         }

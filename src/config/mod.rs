@@ -560,6 +560,9 @@ section! {
         /// The device id said over plain TCP; empty: the CN of
         /// `tunnel.cert`. With TLS it is always the certificate's CN.
         pub device: String,
+        /// Announce the agent on the local network by DNS-SD over mDNS
+        /// (`_iot-agent._tcp`), for `iot-relay discover`.
+        pub announce: bool,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod agents;
 pub mod cli;
 pub mod config;
 pub mod dialer;
+pub mod discover;
 pub mod mapping_api;
 pub mod pipes;
 pub mod private;

@@ -230,7 +230,18 @@ pub fn start_agent(
     allow: &[&str],
     extra: &[(&'static str, String)],
 ) -> AgentProcess {
-    let mut env: Vec<(&str, String)> = vec![
+    AgentProcess::start(&agent_env(pki, dir, relay_port, allow, extra))
+}
+
+/// The environment [`start_agent`] runs the agent with.
+pub fn agent_env(
+    pki: &TestPki,
+    dir: &std::path::Path,
+    relay_port: u16,
+    allow: &[&str],
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&'static str, String)> = vec![
         (
             "IOT_AGENT_DIRS__DATA",
             dir.join("data").display().to_string(),
@@ -274,7 +285,7 @@ pub fn start_agent(
         env.retain(|(key, _)| key != k);
         env.push((k, v.clone()));
     }
-    AgentProcess::start(&env)
+    env
 }
 
 /// A device-local echo service: each connection gets back what it sent,

@@ -9,6 +9,7 @@ mod asyncapi;
 mod bus;
 mod changes;
 mod config_cli;
+mod discovery;
 mod dms;
 mod dms_faults;
 mod export;

@@ -130,6 +130,14 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> anyhow::Result<()> 
     let c = &settings.config;
     let dialer = Dialer::new(c)?;
     let allow: Arc<[String]> = c.allow.items().into();
+    // Not being found is no reason not to connect: a failure is logged.
+    let _announcer = c
+        .announce
+        .then(|| super::announce::Announcer::start(c, &dialer.device))
+        .and_then(|r| {
+            r.inspect_err(|e| tracing::error!(error = %format!("{e:#}"), "tunnel.announce: cannot announce on the local network"))
+                .ok()
+        });
     if !c.listen.is_empty() {
         return super::listen::run(c, Arc::new(dialer), allow, shutdown).await;
     }
