@@ -42,8 +42,38 @@ enum Command {
     /// configuration). Prints the signed envelope to publish in place of the
     /// action; the same as `iot-agent sign`.
     Sign(iot_agent::commands::sign::SignArgs),
+    /// List the relay's agents (asks the running relay's admin API).
+    Agents {
+        /// Print the JSON list instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the agents on the local network that answer a DNS-SD (mDNS)
+    /// search: device id, address, port, TLS.
+    Discover {
+        /// How long to wait for answers.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the relay's version.
     Version,
+}
+
+/// How to reach the admin API; by default from the configuration.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The admin API's base URL. Default: from api.listen and dev.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// CA certificate (PEM file) that signs the API's certificate.
+    /// Default: agents.ca, and the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -66,11 +96,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         iot_agent::commands::sign::run(args)?;
         return Ok(());
     }
+    if let Command::Discover { wait, json } = cli.command {
+        return relay::discover::command(wait, json);
+    }
     let loaded = relay::config::load(cli.config)?;
     match cli.command {
-        Command::Version | Command::Sign(_) => unreachable!("handled above"),
+        Command::Version | Command::Sign(_) | Command::Discover { .. } => {
+            unreachable!("handled above")
+        }
         Command::Config { json } => {
             iot_agent::commands::config::print_values(loaded.effective(), json)
+        }
+        Command::Agents { json, api } => {
+            relay::cli::agents(&loaded.config, api.url.as_deref(), api.ca.as_deref(), json)
         }
         Command::Run => {
             iot_agent::logging::init(&loaded.config.log.level);

@@ -130,6 +130,11 @@ pub fn dms_metrics(org_id: &str) -> Result<Topic, BadSegment> {
     Topic::fixed("metrics").join(&[org_id])
 }
 
+/// Relay -> NATS: a tunnel agent's connection status events.
+pub fn relay_status(device_id: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("relay/status").join(&[device_id])
+}
+
 /// Root of the per-serial action trees.
 pub const SERIAL_ACTIONS: &str = "devices/actions";
 

@@ -622,6 +622,19 @@ section! {
         pub heartbeat: Duration = Duration::from_secs(10),
         /// A relay silent this long is dropped and the agent reconnects.
         pub threshold: Duration = Duration::from_secs(30),
+        /// `host:port` to wait on for the relay to dial (relay-dials, for a
+        /// device the relay can reach); empty: the agent dials
+        /// `tunnel.relay`, whose host still names the relay's certificate.
+        pub listen: String,
+        /// `false`: plain TCP, only with `tunnel.listen` and a relay
+        /// registration that says `"tls":false` too (a lab setting).
+        pub tls: bool = true,
+        /// The device id said over plain TCP; empty: the CN of
+        /// `tunnel.cert`. With TLS it is always the certificate's CN.
+        pub device: String,
+        /// Announce the agent on the local network by DNS-SD over mDNS
+        /// (`_iot-agent._tcp`), for `iot-relay discover`.
+        pub announce: bool,
     }
 }
 

@@ -2,8 +2,12 @@
 //! certificate verified), its hello, its heartbeats, and the registry of
 //! connected agents that pipes open streams through.
 
+use super::accept::Pending;
 use super::config::AgentsConfig;
+use super::registry::Registry;
+use super::status::{Board, ConnInfo, Counted, Counters, Mode};
 use crate::subsystems::tunnel::mux::{self, Opener, Side};
+use crate::subsystems::tunnel::protocol::refusal;
 use crate::subsystems::tunnel::protocol::{Control, ControlStream, VERSION};
 use crate::supervisor::Shutdown;
 use anyhow::{anyhow, bail, Context};
@@ -11,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -29,13 +34,46 @@ pub struct Link {
 
 /// The connected agents by device id. A device that connects again
 /// replaces its previous connection (which may not have noticed it died).
-#[derive(Default)]
 pub struct Agents {
     links: Mutex<HashMap<String, Link>>,
     sessions: AtomicU64,
+    /// The accept filter (and the relay-dials registrations).
+    pub registry: Arc<Registry>,
+    /// Devices the filter refused.
+    pub pending: Pending,
+    /// Records and status events.
+    pub board: Arc<Board>,
 }
 
+/// How a connection came about, for the checks and the records.
+pub struct Conn {
+    pub mode: Mode,
+    pub peer: std::net::SocketAddr,
+    /// TLS (the device certificate names the device), or plain TCP (only
+    /// for a relay-dials registration that says so).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The device this connection must be (relay-dials: the registration's).
+    pub expect: Option<String>,
+    /// Cancelled to close this connection (a registration removed);
+    /// `None`: only the relay's shutdown closes it.
+    pub parent: Option<CancellationToken>,
+}
+
+/// Anything a connection may run over: TLS or, where allowed, plain TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 impl Agents {
+    pub fn new(registry: Arc<Registry>, board: Arc<Board>) -> Agents {
+        Agents {
+            links: Mutex::default(),
+            sessions: AtomicU64::new(0),
+            registry,
+            pending: Pending::default(),
+            board,
+        }
+    }
+
     /// The device's live connection, if any.
     pub fn get(&self, device: &str) -> Option<Link> {
         let links = self.links.lock().expect("agents lock");
@@ -103,7 +141,14 @@ pub async fn serve(
             shutdown.clone(),
         );
         shutdown.spawn(async move {
-            if let Err(e) = session(tcp, tls, &agents, &config, &sd).await {
+            let conn = Conn {
+                mode: Mode::DeviceDials,
+                peer,
+                tls: Some(tls),
+                expect: None,
+                parent: None,
+            };
+            if let Err(e) = session(tcp, conn, &agents, &config, &sd).await {
                 tracing::info!(%peer, reason = %format!("{e:#}"), "agent refused");
             }
         });
@@ -111,28 +156,44 @@ pub async fn serve(
 }
 
 /// One agent connection: handshake, hello, then heartbeats until it ends.
-/// An error is a refusal before the agent was taken.
-async fn session(
+/// An error is a refusal before the agent was taken; `Ok` once it was.
+pub async fn session(
     tcp: TcpStream,
-    tls: tokio_rustls::TlsAcceptor,
+    conn: Conn,
     agents: &Agents,
     config: &AgentsConfig,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     tcp.set_nodelay(true)?;
-    let tls = timeout(HELLO_TIMEOUT, tls.accept(tcp))
-        .await
-        .map_err(|_| anyhow!("no TLS handshake within {HELLO_TIMEOUT:?}"))?
-        .context("TLS")?;
-    let cn = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(crate::tls::common_name)
-        .ok_or_else(|| anyhow!("the device certificate has no subject CN"))?;
-    let (opener, mut inbound, driver) = mux::start(tls, Side::Relay);
-    let ended = shutdown.token().child_token();
+    let (io, cn): (Box<dyn Io>, Option<String>) = match &conn.tls {
+        Some(acceptor) => {
+            let tls = timeout(HELLO_TIMEOUT, acceptor.accept(tcp))
+                .await
+                .map_err(|_| anyhow!("no TLS handshake within {HELLO_TIMEOUT:?}"))?
+                .context("TLS")?;
+            let cn = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(crate::tls::common_name)
+                .ok_or_else(|| anyhow!("the device certificate has no subject CN"))?;
+            (Box::new(tls), Some(cn))
+        }
+        None => (Box::new(tcp), None),
+    };
+    let info = ConnInfo {
+        mode: conn.mode,
+        address: conn.peer.to_string(),
+        tls: conn.tls.is_some(),
+    };
+    let counters = Arc::new(Counters::default());
+    let io = Counted::new(io, counters.clone());
+    let (opener, mut inbound, driver) = mux::start(io, Side::Relay);
+    let ended = match &conn.parent {
+        Some(p) => p.child_token(),
+        None => shutdown.token().child_token(),
+    };
     let stop = ended.clone();
     let driver = shutdown.spawn(async move {
         let why = tokio::select! {
@@ -155,28 +216,65 @@ async fn session(
     let hello = timeout(HELLO_TIMEOUT, ctrl.recv())
         .await
         .map_err(|_| anyhow!("no hello within {HELLO_TIMEOUT:?}"))?;
-    let refusal = match hello {
-        Ok(Some(Control::Hello { version, device })) if version != VERSION => Some(format!(
-            "protocol version {version} (device {device}); this relay speaks {VERSION}"
-        )),
-        Ok(Some(Control::Hello { device, .. })) if device != cn => Some(format!(
-            "hello names device {device:?} but its certificate is {cn:?}"
-        )),
-        Ok(Some(Control::Hello { .. })) => None,
+    let (version, device) = match hello {
+        Ok(Some(Control::Hello { version, device })) => (version, device),
         Ok(other) => bail!("expected a hello, got {other:?}"),
         Err(e) => bail!("hello: {e}"),
     };
-    if let Some(reason) = refusal {
-        let _ = ctrl
-            .send(&Control::Refused {
+    // Who it is: the certificate's CN, or for plain TCP the registration's
+    // device (the hello alone proves nothing).
+    let known = cn.clone().or_else(|| conn.expect.clone());
+    let refusal = if version != VERSION {
+        Some((
+            refusal::VERSION,
+            format!("protocol version {version} (device {device}); this relay speaks {VERSION}"),
+        ))
+    } else if cn.as_ref().is_some_and(|cn| *cn != device) {
+        Some((
+            refusal::DEVICE_MISMATCH,
+            format!("hello names device {device:?} but its certificate is {cn:?}"),
+        ))
+    } else if conn.expect.as_ref().is_some_and(|e| *e != device) {
+        Some((
+            refusal::DEVICE_MISMATCH,
+            format!(
+                "this relay dialed {} for device {:?}, not {device:?}",
+                conn.peer,
+                conn.expect.as_deref().unwrap_or_default()
+            ),
+        ))
+    } else if conn.mode == Mode::DeviceDials && !agents.registry.allows(&device) {
+        agents.pending.record(&device, &info.address);
+        Some((
+            refusal::NOT_ACCEPTED,
+            format!(
+                "device {device} is not in this relay's accept filter; it is in the pending \
+                 list until an operator allows it"
+            ),
+        ))
+    } else {
+        None
+    };
+    if let Some((code, reason)) = refusal {
+        if let Some(device) = &known {
+            agents.board.refused(device, &info, &reason);
+        }
+        ctrl.send_last(
+            &Control::Refused {
                 reason: reason.clone(),
-            })
-            .await;
+                code: Some(code.into()),
+            },
+            HELLO_TIMEOUT,
+        )
+        .await;
         bail!(reason);
     }
+    let cn = device;
     ctrl.send(&Control::Welcome { version: VERSION }).await?;
     let session = agents.insert(&cn, opener, ended.clone());
-    tracing::info!(device = %cn, "agent connected");
+    agents.pending.forget(&cn);
+    agents.board.connected(&cn, session, &info, counters);
+    tracing::info!(device = %cn, mode = ?conn.mode, tls = info.tls, "agent connected");
 
     // Agents open no streams but the control stream: others are reset.
     let stop = ended.clone();
@@ -199,10 +297,14 @@ async fn session(
     ended.cancel();
     let reason = match outcome {
         Ok(()) if shutdown.is_cancelled() => "the relay is stopping".to_string(),
+        Ok(()) if conn.parent.as_ref().is_some_and(|p| p.is_cancelled()) => {
+            "the registration was removed".to_string()
+        }
         Ok(()) if driver.is_finished() => driver.await.unwrap_or_default(),
         Ok(()) => "replaced by a newer connection".to_string(),
         Err(e) => e.to_string(),
     };
+    agents.board.disconnected(&cn, session, &reason);
     tracing::info!(device = %cn, %reason, "agent disconnected");
     Ok(())
 }

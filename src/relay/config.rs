@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub const ENV_PREFIX: &str = "IOT_RELAY_";
 const DEFAULTS_NAME: &str = "built-in default";
 /// Keys never printed or logged.
-pub const SECRET_KEYS: &[&str] = &["api.token"];
+pub const SECRET_KEYS: &[&str] = &["api.token", "nats.password"];
 
 section! {
     /// Every setting of the relay.
@@ -26,6 +26,10 @@ section! {
         /// The mappings (pipes, ports, passcodes), kept across restarts so
         /// agents and visitors find their pipes on the same ports (0600).
         pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/mappings.json"),
+        /// The accept filter and the agents the relay dials, kept across
+        /// restarts (0600).
+        pub registry: ExpandPath = ExpandPath::new("$SNAP_DATA/registry.json"),
+        pub nats: RelayNats,
         pub log: RelayLog,
         pub ca: CaConfig,
         pub est: EstConfig,
@@ -116,6 +120,17 @@ section! {
         /// Ranges (`30000-39999`) and single ports.
         pub ports: StringList = StringList::new(&["30000-39999"]),
         pub exclude: StringList = StringList::new(&[]),
+    }
+}
+
+section! {
+    /// Where status events go besides the admin API's stream.
+    pub struct RelayNats {
+        /// A NATS server (`nats://host:port`); empty: no NATS. Each status
+        /// event is published on `relay.status.{deviceId}`.
+        pub url: String,
+        pub user: String,
+        pub password: String,
     }
 }
 

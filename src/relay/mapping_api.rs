@@ -24,6 +24,8 @@ struct Api {
     pipes: Arc<Pipes>,
     token: String,
     otp: Arc<super::otp::OtpApi>,
+    /// The connection-management endpoints ([`super::admin`]).
+    admin: Arc<super::admin::Admin>,
 }
 
 /// Serves the API until shutdown.
@@ -33,9 +35,15 @@ pub async fn serve(
     pipes: Arc<Pipes>,
     token: String,
     otp: Arc<super::otp::OtpApi>,
+    admin: Arc<super::admin::Admin>,
     shutdown: Shutdown,
 ) {
-    let api = Arc::new(Api { pipes, token, otp });
+    let api = Arc::new(Api {
+        pipes,
+        token,
+        otp,
+        admin,
+    });
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -70,7 +78,21 @@ where
 {
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&api, req).await) }
+        async move {
+            if !authorized(&api, &req) {
+                return Ok::<_, std::convert::Infallible>(
+                    error(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong bearer token (Authorization: Bearer <api.token>)",
+                    )
+                    .map(BodyExt::boxed),
+                );
+            }
+            Ok(match super::admin::handle(&api.admin, req).await {
+                Ok(r) => r,
+                Err(req) => handle(&api, req).await.map(BodyExt::boxed),
+            })
+        }
     });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
@@ -80,7 +102,7 @@ where
     }
 }
 
-fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+pub(super) fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -88,7 +110,7 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> 
         .expect("static response parts")
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+pub(super) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
     answer(
         status,
         json!({"status": "error", "message": message.to_string()}),
@@ -106,13 +128,8 @@ fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
     !api.token.is_empty() && bool::from(given.as_bytes().ct_eq(api.token.as_bytes()))
 }
 
+/// The mapping endpoints (the caller checked the token).
 async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(api, &req) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <api.token>)",
-        );
-    }
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     match (method, path.trim_end_matches('/')) {
         (Method::GET, "/api/v2/mapping") => answer(

@@ -4,14 +4,22 @@
 //! ([`mapping_api`]) adds and removes pipes. The wire protocol is the
 //! agent's (`crate::subsystems::tunnel::protocol`).
 
+pub mod accept;
+pub mod admin;
 pub mod agents;
 pub mod ca;
+pub mod cli;
 pub mod config;
+pub mod dialer;
+pub mod discover;
 pub mod est;
 pub mod mapping_api;
 pub mod otp;
 pub mod pipes;
 pub mod private;
+pub mod registry;
+pub mod status;
+pub mod status_nats;
 
 use crate::supervisor::Shutdown;
 use anyhow::{anyhow, bail, Context};
@@ -100,7 +108,14 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         "off".to_string()
     };
 
-    let agents = Arc::new(agents::Agents::default());
+    let registry = Arc::new(registry::Registry::load(
+        config.registry.path().to_path_buf(),
+    )?);
+    let board = Arc::new(status::Board::default());
+    if !config.nats.url.is_empty() {
+        status_nats::start(&config.nats, &board, &shutdown);
+    }
+    let agents = Arc::new(agents::Agents::new(registry, board));
     let pipes = Arc::new(pipes::Pipes::new(
         pool,
         config.pipes.bind.clone(),
@@ -110,9 +125,22 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         shutdown.clone(),
     ));
     pipes.restore()?;
+    let agents_tls = tokio_rustls::TlsAcceptor::from(agents_tls);
+    let dialer = Arc::new(dialer::Dialer::new(
+        agents.clone(),
+        config.agents.clone(),
+        agents_tls.clone(),
+        shutdown.clone(),
+    ));
+    dialer.start_registered();
+    let admin = Arc::new(admin::Admin {
+        agents: agents.clone(),
+        pipes: pipes.clone(),
+        dialer,
+    });
     shutdown.spawn(agents::serve(
         agents_listener,
-        tokio_rustls::TlsAcceptor::from(agents_tls),
+        agents_tls,
         agents,
         config.agents.clone(),
         shutdown.clone(),
@@ -127,6 +155,7 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
             expiry: config.otp.expiry.get(),
             max: config.otp.max.get(),
         }),
+        admin,
         shutdown.clone(),
     ));
     tracing::info!(

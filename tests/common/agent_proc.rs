@@ -115,6 +115,13 @@ impl AgentProcess {
         );
     }
 
+    /// Takes every line logged so far into `seen` (without waiting).
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     /// How many lines seen so far contain `text`.
     pub fn count(&self, text: &str) -> usize {
         self.seen.iter().filter(|l| l.contains(text)).count()

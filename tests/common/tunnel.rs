@@ -40,15 +40,53 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts a relay with the PKI's server certificate, trusting its CA
-    /// for device certificates, the API in plain HTTP (`dev=true`), and
-    /// `pipes` free pipe ports; state in `dir`.
+    /// [`Relay::start_with`] with no extra settings.
     pub fn start(pki: &TestPki, dir: &std::path::Path, pipes: usize) -> Relay {
-        Self::start_with(pki, dir, pipes, &[])
+        Relay::start_with(pki, dir, pipes, &[])
     }
 
-    /// [`Relay::start`] with settings added or overridden (`est.defer`...).
+    /// [`Relay::start_closed`] with settings added or overridden
+    /// (`est.defer`...), then its accept filter set to take [`DEVICE`] (a
+    /// relay takes no agent by default).
     pub fn start_with(
+        pki: &TestPki,
+        dir: &std::path::Path,
+        pipes: usize,
+        extra: &[(&'static str, String)],
+    ) -> Relay {
+        let relay = Relay::start_closed(pki, dir, pipes, extra);
+        relay.accept(&serde_json::json!({ "deviceIds": [DEVICE] }));
+        relay
+    }
+
+    /// `PUT /api/v2/accept-filter`, which must succeed.
+    pub fn accept(&self, filter: &serde_json::Value) {
+        let (status, answer) = self.admin("PUT", "/api/v2/accept-filter", Some(filter));
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    /// A request to the admin API with a JSON body: (status, answer).
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        api_raw(
+            self.api_port,
+            method,
+            path,
+            Some(TOKEN),
+            "application/json",
+            &body.map(|b| b.to_string()).unwrap_or_default(),
+        )
+    }
+
+    /// Starts a relay with the PKI's server certificate, trusting its CA
+    /// for device certificates, the API in plain HTTP (`dev=true`), and
+    /// `pipes` free pipe ports; state in `dir`; the accept filter as the
+    /// relay has it (none: it takes no agent). `extra` adds settings.
+    pub fn start_closed(
         pki: &TestPki,
         dir: &std::path::Path,
         pipes: usize,
@@ -87,6 +125,10 @@ impl Relay {
             (
                 "IOT_RELAY_STATE",
                 dir.join("mappings.json").display().to_string(),
+            ),
+            (
+                "IOT_RELAY_REGISTRY",
+                dir.join("registry.json").display().to_string(),
             ),
             ("IOT_RELAY_LOG__LEVEL", "info,iot_agent=debug".into()),
             // The relay's own CA, OTP store and EST port, in the test's dir.
@@ -170,6 +212,25 @@ pub fn api(
     token: Option<&str>,
     form: &str,
 ) -> (u16, serde_json::Value) {
+    api_raw(
+        port,
+        method,
+        path,
+        token,
+        "application/x-www-form-urlencoded",
+        form,
+    )
+}
+
+/// One request to the admin API over plain HTTP with a body of `kind`.
+pub fn api_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    kind: &str,
+    form: &str,
+) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the API");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token
@@ -178,7 +239,7 @@ pub fn api(
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n{auth}\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+         Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n{form}",
         form.len()
     )
     .unwrap();

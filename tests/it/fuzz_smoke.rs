@@ -193,3 +193,35 @@ fn est_bodies_csrs_and_credentials_never_panic() {
         est::fuzz_all(&input);
     }
 }
+
+/// The relay's admin bodies, as `fuzz/fuzz_targets/relay_admin.rs`.
+#[test]
+fn relay_admin_bodies_never_panic() {
+    use iot_agent::relay::accept::check_device_id;
+    use iot_agent::relay::admin::check_address;
+    use iot_agent::relay::mapping_api::parse_form;
+    use iot_agent::relay::registry::{Filter, Registration};
+    let samples: Vec<Vec<u8>> = vec![
+        br#"{"allowAll":true}"#.to_vec(),
+        br#"{"deviceIds":["device-1","a.b",""]}"#.to_vec(),
+        br#"{"deviceId":"d","address":"[::1]:7100","tls":false}"#.to_vec(),
+        b"deviceId=device-1&x=%7B".to_vec(),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xad_31);
+    for round in 0..20_000 {
+        let input = mutate(&mut rng, &samples[round % samples.len()]);
+        if let Ok(f) = serde_json::from_slice::<Filter>(&input) {
+            for d in &f.device_ids {
+                let _ = check_device_id(d);
+            }
+        }
+        if let Ok(r) = serde_json::from_slice::<Registration>(&input) {
+            let _ = check_device_id(&r.device_id);
+            let _ = check_address(&r.address);
+        }
+        let text = String::from_utf8_lossy(&input);
+        let _ = check_address(&text);
+        let _ = check_device_id(&text);
+        let _ = parse_form(&text);
+    }
+}

@@ -31,16 +31,51 @@ pub struct Settings {
     pub provisioned: Option<std::path::PathBuf>,
 }
 
-/// The TLS side of dialing: built from the files at each run, so a
+/// How the agent speaks to the relay over a TCP connection (dialed or,
+/// with `tunnel.listen`, accepted): TLS with the device certificate, or
+/// plain TCP where explicitly set. Built from the files at each run, so a
 /// certificate replaced on disk is picked up by the next restart.
-struct Dialer {
-    connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
-    device: String,
+pub(super) struct Dialer {
+    wire: Wire,
+    pub(super) device: String,
 }
 
+enum Wire {
+    Tls {
+        connector: tokio_rustls::TlsConnector,
+        name: ServerName<'static>,
+    },
+    Plain,
+}
+
+/// What the multiplexer runs over.
+pub(super) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 impl Dialer {
-    fn new(c: &TunnelConfig, provisioned: Option<&std::path::Path>) -> anyhow::Result<Dialer> {
+    pub(super) fn new(
+        c: &TunnelConfig,
+        provisioned: Option<&std::path::Path>,
+    ) -> anyhow::Result<Dialer> {
+        if !c.tls {
+            if c.listen.is_empty() {
+                bail!("tunnel.tls=false is only for tunnel.listen (a relay that dials the agent)");
+            }
+            let device = if !c.device.is_empty() {
+                c.device.clone()
+            } else if let Some(cert) = c.cert.path() {
+                let pem = crate::tls::read_pem(cert, "tunnel.cert")?;
+                let chain = crate::tls::certs_from_pem(&pem, "tunnel.cert")?;
+                crate::tls::common_name(&chain[0])
+                    .ok_or_else(|| anyhow!("tunnel.cert has no subject CN (the device id)"))?
+            } else {
+                bail!("tunnel.tls=false needs tunnel.device (or tunnel.cert) to name the device");
+            };
+            return Ok(Dialer {
+                wire: Wire::Plain,
+                device,
+            });
+        }
         let (host, _) = c
             .relay
             .rsplit_once(':')
@@ -85,10 +120,26 @@ impl Dialer {
             },
         )?;
         Ok(Dialer {
-            connector: tokio_rustls::TlsConnector::from(config),
-            name,
+            wire: Wire::Tls {
+                connector: tokio_rustls::TlsConnector::from(config),
+                name,
+            },
             device,
         })
+    }
+
+    /// TLS as the client over `tcp` (whoever dialed), or `tcp` itself.
+    async fn wrap(&self, tcp: TcpStream) -> anyhow::Result<Box<dyn Io>> {
+        match &self.wire {
+            Wire::Plain => Ok(Box::new(tcp)),
+            Wire::Tls { connector, name } => {
+                let tls = timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))?
+                    .context("TLS")?;
+                Ok(Box::new(tls))
+            }
+        }
     }
 }
 
@@ -97,18 +148,36 @@ impl Dialer {
 /// connected, lost, and each new reason a connection attempt fails for.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let c = &settings.config;
+    let provisioned = settings.provisioned.as_deref();
     // Without provisioning a bad file is a configuration error; with it the
     // certificate may not be there yet, and is read again at each attempt
     // (a renewed one is picked up at the next connection).
-    if settings.provisioned.is_none() {
-        Dialer::new(c, None)?;
-    }
+    let mut first = match Dialer::new(c, provisioned) {
+        Ok(d) => Some(d),
+        Err(e) if provisioned.is_none() => return Err(e),
+        Err(_) => None,
+    };
     let allow: Arc<[String]> = c.allow.items().into();
+    // Announcing and being dialed need the identity at once: until
+    // provisioning has one, this fails and the supervisor retries.
+    if (c.announce || !c.listen.is_empty()) && first.is_none() {
+        first = Some(Dialer::new(c, provisioned)?);
+    }
+    // Not being found is no reason not to connect: a failure is logged.
+    let _announcer = match (&first, c.announce) {
+        (Some(d), true) => super::announce::Announcer::start(c, &d.device)
+            .inspect_err(|e| tracing::error!(error = %format!("{e:#}"), "tunnel.announce: cannot announce on the local network"))
+            .ok(),
+        _ => None,
+    };
+    if let (false, Some(dialer)) = (c.listen.is_empty(), first.take()) {
+        return super::listen::run(c, Arc::new(dialer), allow, shutdown).await;
+    }
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     let mut last_failure = String::new();
     while !shutdown.is_cancelled() {
         let mut connected = false;
-        let outcome = match Dialer::new(c, settings.provisioned.as_deref()) {
+        let outcome = match first.take().map_or_else(|| Dialer::new(c, provisioned), Ok) {
             Ok(dialer) => session(c, &dialer, &allow, &shutdown, &mut connected).await,
             Err(e) => Err(e),
         };
@@ -149,18 +218,41 @@ async fn session(
     let tcp = timeout(CONNECT_TIMEOUT, TcpStream::connect(&c.relay))
         .await
         .map_err(|_| anyhow!("no TCP connection within {CONNECT_TIMEOUT:?}"))??;
-    tcp.set_nodelay(true)?;
-    let tls = timeout(
-        CONNECT_TIMEOUT,
-        dialer.connector.connect(dialer.name.clone(), tcp),
+    let on_welcome =
+        || tracing::info!(relay = %c.relay, device = %dialer.device, "tunnel connected");
+    session_over(
+        tcp,
+        c,
+        dialer,
+        allow,
+        shutdown,
+        shutdown.token().clone(),
+        connected,
+        on_welcome,
     )
     .await
-    .map_err(|_| anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}"))?
-    .context("TLS")?;
-    let (opener, mut inbound, driver) = mux::start(tls, Side::Agent);
+}
+
+/// The protocol over a TCP connection to the relay, however it came
+/// about: hello, welcome (then `on_welcome`), heartbeats and the relay's
+/// streams until it ends or `parent` is cancelled.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn session_over(
+    tcp: TcpStream,
+    c: &TunnelConfig,
+    dialer: &Dialer,
+    allow: &Arc<[String]>,
+    shutdown: &Shutdown,
+    parent: CancellationToken,
+    connected: &mut bool,
+    on_welcome: impl FnOnce(),
+) -> anyhow::Result<()> {
+    tcp.set_nodelay(true)?;
+    let io = dialer.wrap(tcp).await?;
+    let (opener, mut inbound, driver) = mux::start(io, Side::Agent);
     // Everything of this connection stops with it: the driver, the
     // acceptor, every local connection (reset).
-    let ended = shutdown.token().child_token();
+    let ended = parent.child_token();
     let stop = ended.clone();
     let driver = shutdown.spawn(async move {
         let why = tokio::select! {
@@ -184,12 +276,15 @@ async fn session(
     match timeout(CONNECT_TIMEOUT, ctrl.recv()).await {
         Err(_) => bail!("no welcome from the relay within {CONNECT_TIMEOUT:?}"),
         Ok(Ok(Some(Control::Welcome { .. }))) => {}
-        Ok(Ok(Some(Control::Refused { reason }))) => bail!("the relay refused: {reason}"),
+        Ok(Ok(Some(Control::Refused { reason, code }))) => match code {
+            Some(code) => bail!("the relay refused ({code}): {reason}"),
+            None => bail!("the relay refused: {reason}"),
+        },
         Ok(Ok(other)) => bail!("unexpected answer to hello: {other:?}"),
         Ok(Err(e)) => bail!("answer to hello: {e}"),
     }
     *connected = true;
-    tracing::info!(relay = %c.relay, device = %dialer.device, "tunnel connected");
+    on_welcome();
 
     let (allow, tasks, stop) = (allow.clone(), shutdown.clone(), ended.clone());
     shutdown.spawn(async move {

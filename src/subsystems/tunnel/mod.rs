@@ -4,7 +4,9 @@
 //! inbound port is open on the device. The wire protocol ([`protocol`]) and
 //! the multiplexer ([`mux`]) are shared with the relay (`crate::relay`).
 
+pub mod announce;
 pub mod client;
+pub mod listen;
 pub mod mux;
 pub mod protocol;
 

@@ -37,10 +37,28 @@ pub enum Control {
     /// The relay's answer when it takes the agent.
     Welcome { version: u32 },
     /// The relay's answer when it does not; the connection is closed.
-    Refused { reason: String },
+    /// `code` says which refusal it is, for the agent to act on (see
+    /// [`refusal`]); absent from relays that predate it.
+    Refused {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+    },
     /// Sent by both sides every heartbeat interval; a side that hears
     /// nothing for its threshold drops the connection.
     Heartbeat,
+}
+
+/// The codes of [`Control::Refused`].
+pub mod refusal {
+    /// The relay's accept filter does not list the device: it is in the
+    /// relay's pending list until an operator allows it.
+    pub const NOT_ACCEPTED: &str = "not-accepted";
+    /// The hello's protocol version is not the relay's.
+    pub const VERSION: &str = "version";
+    /// The hello's device is not the certificate's (or not the one the
+    /// relay dialed this address for).
+    pub const DEVICE_MISMATCH: &str = "device-mismatch";
 }
 
 /// The first frame on a data stream (relay to agent): which pipe the
@@ -157,6 +175,19 @@ impl<S: AsyncRead + AsyncWrite> ControlStream<S> {
 
     pub async fn send(&mut self, msg: &Control) -> std::io::Result<()> {
         write_frame(&mut self.wr, msg).await
+    }
+
+    /// Sends a last message and waits, within `bound`, for the other side
+    /// to hang up: a connection dropped at once can lose the message still
+    /// queued in the multiplexer (a refusal the agent must read).
+    pub async fn send_last(&mut self, msg: &Control, bound: Duration) {
+        let _ = tokio::time::timeout(bound, async {
+            self.send(msg).await?;
+            self.wr.shutdown().await?;
+            while let Ok(Some(_)) = self.recv().await {}
+            std::io::Result::Ok(())
+        })
+        .await;
     }
 
     /// Heartbeats both ways until the other side is silent for `threshold`,
