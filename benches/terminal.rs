@@ -184,7 +184,10 @@ fn main() {
         }
         let mib = bytes as f64 / (1024.0 * 1024.0);
         println!("terminal output, {mib:.0} MiB per run, best of {rounds}");
-        println!("{:<12} {:>10} {:>10} {:>12}", "scenario", "seconds", "MiB/s", "vs nats raw");
+        println!(
+            "{:<12} {:>10} {:>10} {:>12}",
+            "scenario", "seconds", "MiB/s", "vs nats raw"
+        );
         for (name, d) in ["pty local", "nats raw", "terminal"].iter().zip(best) {
             println!(
                 "{:<12} {:>10.3} {:>10.1} {:>12.2}",
