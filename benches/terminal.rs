@@ -92,7 +92,7 @@ async fn nats_raw(url: &str, bytes: usize) -> Duration {
     while seq < frames {
         data.next().await.unwrap();
         seq += 1;
-        if seq % (protocol::WINDOW / 4) == 0 {
+        if seq.is_multiple_of(protocol::WINDOW / 4) {
             rx.publish("bench.ack", seq.to_string().into())
                 .await
                 .unwrap();
