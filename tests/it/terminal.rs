@@ -713,9 +713,16 @@ async fn input_the_shell_does_not_read_is_refused_and_close_still_works() {
     let rig = rig(settings(Duration::from_secs(60), 4)).await;
     let link = link(&rig.nats, "snapd", PASSWORD).await;
     let Link::Nats(c) = &link else { unreachable!() };
-    let mut s = Session::open(&link, &root(), open("sleep 1000 & echo PID=$!; wait"))
-        .await
-        .unwrap();
+    // Raw mode without echo: the kernel takes what fits in the PTY's
+    // buffers and then makes the writer wait (in canonical mode it would
+    // drop what exceeds a line, and echo would make it depend on output).
+    let mut s = Session::open(
+        &link,
+        &root(),
+        open("stty raw -echo; sleep 1000 & echo PID=$!; wait"),
+    )
+    .await
+    .unwrap();
     let (out, _) = read_until(&mut s, has_pid_line).await;
     let pid = pid_in(&out);
     let inbox = c.new_inbox();

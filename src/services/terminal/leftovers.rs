@@ -72,17 +72,17 @@ pub async fn reap(dir: &Path) -> usize {
             let _ = crate::fsutil::remove_if_exists(&path);
             continue;
         };
-        if pid > 1 && start_time(pid) == Some(start) {
+        // The shell itself (its start time tells a reused pid apart), or
+        // processes of its session that outlived it (a session id is the
+        // leader's pid, and is not reused while a member runs).
+        let leader = pid > 1 && start_time(pid) == Some(start);
+        if leader || (pid > 1 && !super::session::session_members(pid).is_empty()) {
             super::session::kill_session(pid as u32).await;
             tracing::warn!(
                 session = %e.file_name().to_string_lossy(),
                 pid,
                 "killed a terminal session left running by an agent that stopped without closing it"
             );
-            killed += 1;
-        } else if pid > 1 && !super::session::session_members(pid).is_empty() {
-            // The shell is gone but processes of its session run on.
-            super::session::kill_session(pid as u32).await;
             killed += 1;
         }
         let _ = crate::fsutil::remove_if_exists(&path);
