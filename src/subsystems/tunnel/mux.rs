@@ -19,11 +19,17 @@ pub type Stream = Compat<yamux::Stream>;
 /// it yamux refuses the stream (the relay resets the visitor).
 pub const MAX_STREAMS: usize = 1024;
 
-/// Receive credit per stream starts at yamux's 256 KiB and is tuned up to
-/// the bandwidth-delay product; all streams of a connection together are
-/// capped here, which bounds what one peer can make the other buffer.
-/// yamux requires at least 256 KiB per allowed stream.
-pub const CONNECTION_WINDOW: usize = MAX_STREAMS * 256 * 1024;
+/// Receive credit per stream starts at yamux's 256 KiB, guaranteed to each
+/// of the [`MAX_STREAMS`], and is tuned up toward the bandwidth-delay
+/// product out of a shared growth budget ([`WINDOW_GROWTH`]); all streams
+/// of a connection together are capped here, which bounds what one peer
+/// can make the other buffer (the per-connection memory cap).
+pub const CONNECTION_WINDOW: usize = MAX_STREAMS * 256 * 1024 + WINDOW_GROWTH;
+
+/// What streams may grow their windows by, together, beyond the 256 KiB
+/// each is guaranteed. Without it a stream is held to 256 KiB in flight,
+/// which caps a single stream well below what the link carries.
+pub const WINDOW_GROWTH: usize = 32 * 1024 * 1024;
 
 /// Data frames are cut at this size, so a bulk stream takes turns with the
 /// others: a small write of another stream waits at most one such frame
