@@ -6,7 +6,7 @@
 
 use super::agents::Agents;
 use crate::subsystems::tunnel::mux;
-use crate::subsystems::tunnel::protocol::{self, Open, Opened};
+use crate::subsystems::tunnel::protocol::{self, Open};
 use crate::supervisor::Shutdown;
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
@@ -412,6 +412,8 @@ async fn visit(mut tcp: TcpStream, pipe: Arc<Public>) {
         return refuse(&tcp, "maxconnections reached");
     };
     let _ = tcp.set_nodelay(true);
+    // The open frame, and the visitor's bytes right behind it: the
+    // agent's answer is read before any of its bytes reach the visitor.
     let open = async {
         let mut s = link.opener.open().await.map_err(|e| e.to_string())?;
         let open = Open {
@@ -421,16 +423,12 @@ async fn visit(mut tcp: TcpStream, pipe: Arc<Public>) {
         protocol::write_frame(&mut s, &open)
             .await
             .map_err(|e| e.to_string())?;
-        match protocol::read_frame::<_, Opened>(&mut s).await {
-            Ok(Opened::Ok) => Ok(s),
-            Ok(Opened::Refused { reason }) => Err(reason),
-            Err(e) => Err(e.to_string()),
-        }
+        Ok::<_, String>(mux::Answered::new(s, OPEN_TIMEOUT))
     };
     let mut stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
         Ok(Ok(s)) => s,
         Ok(Err(why)) => return refuse(&tcp, &why),
-        Err(_) => return refuse(&tcp, "the device did not answer"),
+        Err(_) => return refuse(&tcp, "the device did not take the stream"),
     };
     let stop = async {
         tokio::select! {

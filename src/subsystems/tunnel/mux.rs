@@ -19,11 +19,17 @@ pub type Stream = Compat<yamux::Stream>;
 /// it yamux refuses the stream (the relay resets the visitor).
 pub const MAX_STREAMS: usize = 1024;
 
-/// Receive credit per stream starts at yamux's 256 KiB and is tuned up to
-/// the bandwidth-delay product; all streams of a connection together are
-/// capped here, which bounds what one peer can make the other buffer.
-/// yamux requires at least 256 KiB per allowed stream.
-pub const CONNECTION_WINDOW: usize = MAX_STREAMS * 256 * 1024;
+/// Receive credit per stream starts at yamux's 256 KiB, guaranteed to each
+/// of the [`MAX_STREAMS`], and is tuned up toward the bandwidth-delay
+/// product out of a shared growth budget ([`WINDOW_GROWTH`]); all streams
+/// of a connection together are capped here, which bounds what one peer
+/// can make the other buffer (the per-connection memory cap).
+pub const CONNECTION_WINDOW: usize = MAX_STREAMS * 256 * 1024 + WINDOW_GROWTH;
+
+/// What streams may grow their windows by, together, beyond the 256 KiB
+/// each is guaranteed. Without it a stream is held to 256 KiB in flight,
+/// which caps a single stream well below what the link carries.
+pub const WINDOW_GROWTH: usize = 32 * 1024 * 1024;
 
 /// Data frames are cut at this size, so a bulk stream takes turns with the
 /// others: a small write of another stream waits at most one such frame
@@ -136,14 +142,14 @@ where
 /// pipe ended). In the last cases the TCP connection is reset, never just
 /// closed, so its peer knows the exchange did not complete; the stream is
 /// dropped unclosed, which resets it.
-pub async fn splice(
-    stream: &mut Stream,
+pub async fn splice<S: Yamux>(
+    stream: &mut S,
     tcp: &mut tokio::net::TcpStream,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     // yamux reads a reset stream (or one of a lost connection) as an end
     // of data; its state tells: closed both ways while we still write.
-    let reset = |s: &Stream, writing: bool| writing && s.get_ref().is_closed();
+    let reset = |s: &S, writing: bool| writing && s.is_closed();
     let outcome = tokio::select! {
         r = copy::both_ways(tcp, stream, reset) => r.map_err(|e| e.to_string()),
         _ = stop => Err("the tunnel connection or the pipe ended".into()),
@@ -152,6 +158,122 @@ pub async fn splice(
         reset_tcp(tcp);
     }
     outcome
+}
+
+/// A yamux stream, as [`splice`] needs it: bytes, and whether it is closed
+/// both ways (how a reset reads).
+pub trait Yamux: AsyncRead + AsyncWrite + Unpin {
+    fn is_closed(&self) -> bool;
+}
+
+impl Yamux for Stream {
+    fn is_closed(&self) -> bool {
+        self.get_ref().is_closed()
+    }
+}
+
+/// A data stream opened by the relay, whose first bytes from the agent are
+/// its [`Opened`](super::protocol::Opened) answer. Reading yields what follows an
+/// `ok`, or fails with the refusal (or after `OPEN_TIMEOUT` without an
+/// answer); writing goes straight through. So the relay can send the
+/// visitor's first bytes right behind the open frame, without waiting a
+/// round trip for the answer: the visitor's first byte reaches the device
+/// with its stream's open.
+pub struct Answered {
+    inner: Stream,
+    head: Vec<u8>,
+    /// Until the answer is read.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Answered {
+    pub fn new(inner: Stream, within: std::time::Duration) -> Answered {
+        Answered {
+            inner,
+            head: Vec::new(),
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl Yamux for Answered {
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+}
+
+impl AsyncRead for Answered {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use super::protocol::{decode, split_frame, Opened};
+        use std::io::{Error, ErrorKind};
+        let this = self.get_mut();
+        while let Some(deadline) = &mut this.deadline {
+            match split_frame(&this.head) {
+                Err(e) => return Poll::Ready(Err(Error::new(ErrorKind::InvalidData, e))),
+                Ok(Some((payload, used))) => match decode::<Opened>(payload) {
+                    Ok(Opened::Ok) => {
+                        this.head.drain(..used);
+                        this.deadline = None;
+                    }
+                    Ok(Opened::Refused { reason }) => {
+                        return Poll::Ready(Err(Error::new(ErrorKind::ConnectionRefused, reason)))
+                    }
+                    Err(e) => return Poll::Ready(Err(Error::new(ErrorKind::InvalidData, e))),
+                },
+                Ok(None) => {
+                    if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::TimedOut,
+                            "the device did not answer the open",
+                        )));
+                    }
+                    let mut tmp = [0u8; 512];
+                    let mut rb = tokio::io::ReadBuf::new(&mut tmp);
+                    std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+                    if rb.filled().is_empty() {
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::ConnectionReset,
+                            "the stream ended before the device answered",
+                        )));
+                    }
+                    this.head.extend_from_slice(rb.filled());
+                }
+            }
+        }
+        if !this.head.is_empty() {
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head[..n]);
+            this.head.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Answered {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Makes the next close of `tcp` a reset (RST) instead of a FIN.
