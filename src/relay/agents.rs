@@ -295,9 +295,11 @@ pub async fn session(
         .await;
     agents.remove(&cn, session);
     ended.cancel();
+    // The relay's own reasons first: ending the connection also makes the
+    // heartbeat loop see it closed, whichever it noticed first.
     let reason = match outcome {
-        Ok(()) if shutdown.is_cancelled() => "the relay is stopping".to_string(),
-        Ok(()) if conn.parent.as_ref().is_some_and(|p| p.is_cancelled()) => {
+        _ if shutdown.is_cancelled() => "the relay is stopping".to_string(),
+        _ if conn.parent.as_ref().is_some_and(|p| p.is_cancelled()) => {
             "the registration was removed".to_string()
         }
         Ok(()) if driver.is_finished() => driver.await.unwrap_or_default(),

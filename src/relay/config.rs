@@ -29,6 +29,9 @@ section! {
         /// The accept filter and the agents the relay dials, kept across
         /// restarts (0600).
         pub registry: ExpandPath = ExpandPath::new("$SNAP_DATA/registry.json"),
+        /// This relay's name among relays sharing a registry (`nats.url`):
+        /// letters, digits, `-`, `_`; empty: the host name's first label.
+        pub id: String,
         pub nats: RelayNats,
         pub log: RelayLog,
     }
