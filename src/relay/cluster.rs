@@ -59,7 +59,14 @@ pub struct Cluster {
     mappings: Mutex<BTreeMap<String, Value>>,
     /// This relay's mappings changed (the registry is brought up to date).
     changed: tokio::sync::Notify,
+    /// How often held agents are re-written (`nats.refresh`); an entry not
+    /// re-written for [`STALE_AFTER`] times this is its relay's gone.
+    refresh: Duration,
 }
+
+/// Refresh intervals after which an entry is taken as left by a relay that
+/// is gone.
+pub const STALE_AFTER: u32 = 3;
 
 impl Cluster {
     /// Starts joining the registry in the background.
@@ -76,13 +83,14 @@ impl Cluster {
             agents: Mutex::default(),
             mappings: Mutex::default(),
             changed: tokio::sync::Notify::new(),
+            refresh: cfg.refresh.get(),
         });
         let (c, cfg, sd) = (cluster.clone(), cfg.clone(), shutdown.clone());
         // Subscribed now, so no transition between start and join is missed.
         let events = board.subscribe();
         shutdown.spawn(async move {
             tokio::select! {
-                r = c.clone().join(cfg, events, pipes, sd.clone()) => if let Err(e) = r {
+                r = c.clone().join(cfg, events, board, pipes, sd.clone()) => if let Err(e) = r {
                     tracing::error!(error = %format!("{e:#}"), "nats.url: cannot join the relays' shared registry (JetStream key-value); this relay serves alone");
                 },
                 _ = sd.cancelled() => {}
@@ -95,6 +103,7 @@ impl Cluster {
         self: Arc<Self>,
         cfg: RelayNats,
         mut events: tokio::sync::broadcast::Receiver<Arc<super::status::Event>>,
+        board: Arc<Board>,
         pipes: Arc<Pipes>,
         sd: Shutdown,
     ) -> anyhow::Result<()> {
@@ -119,8 +128,11 @@ impl Cluster {
         });
         self.sync_mappings(&pipes).await;
         tracing::info!(relay = %self.id, "joined the relays' shared registry");
+        let mut tick = tokio::time::interval(self.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.refresh_held(&agents, &board).await,
                 e = events.recv() => match e {
                     Ok(e) => self.record(&agents, &e).await,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -178,6 +190,7 @@ impl Cluster {
                 "relay": self.id, "status": status, "mode": e.mode, "address": e.address,
                 "tls": e.tls, "connectedSince": (status == "connected").then_some(e.timestamp),
                 "lastReason": e.reason, "timestamp": e.timestamp,
+                "refreshed": crate::clock::now_ms(),
             })
             .to_string()
         };
@@ -209,6 +222,58 @@ impl Cluster {
         if let Err(err) = r {
             tracing::warn!(device = %e.device_id, error = %err, "cannot write the shared registry");
         }
+    }
+
+    /// Re-writes the entries of the agents this relay holds, so others
+    /// see it is alive; never over another relay's entry.
+    async fn refresh_held(&self, store: &kv::Store, board: &Board) {
+        for a in board.list() {
+            let Some(device) = a["deviceId"].as_str() else {
+                continue;
+            };
+            if a["status"] != "connected" {
+                continue;
+            }
+            let value = json!({
+                "relay": self.id, "status": "connected", "mode": a["mode"],
+                "address": a["address"], "tls": a["tls"], "connectedSince": a["connectedSince"],
+                "lastReason": null, "timestamp": a["connectedSince"],
+                "refreshed": crate::clock::now_ms(),
+            })
+            .to_string();
+            let r = match store.entry(device).await {
+                Ok(Some(entry)) => {
+                    let ours = serde_json::from_slice::<Value>(&entry.value)
+                        .is_ok_and(|v| v["relay"] == self.id.as_str());
+                    if !ours {
+                        continue;
+                    }
+                    store
+                        .update(device, value.into(), entry.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                Ok(None) => store
+                    .create(device, value.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::debug!(device, error = %e, "shared registry refresh skipped");
+            }
+        }
+    }
+
+    /// Whether an agent entry was re-written recently enough for its
+    /// relay to be taken as alive.
+    fn fresh(&self, v: &Value) -> bool {
+        let bound = (self.refresh * STALE_AFTER).as_millis() as i64;
+        v["refreshed"]
+            .as_i64()
+            .is_some_and(|t| crate::clock::now_ms() - t <= bound)
     }
 
     /// Puts this relay's mappings (no passcodes) and deletes those it no
@@ -245,7 +310,7 @@ impl Cluster {
         let agents = self.agents.lock().expect("cluster lock");
         let v = agents.get(device)?;
         let relay = v["relay"].as_str()?;
-        (v["status"] == "connected" && relay != self.id).then(|| relay.to_string())
+        (v["status"] == "connected" && relay != self.id && self.fresh(v)).then(|| relay.to_string())
     }
 
     /// The relay that serves mapping `id`, if another one does.
@@ -320,6 +385,16 @@ impl Cluster {
                 let mut a = v.clone();
                 a["deviceId"] = d.clone().into();
                 a["pipes"] = pipes.into();
+                if a["status"] == "connected" && !self.fresh(v) {
+                    a["status"] = "disconnected".into();
+                    a["connectedSince"] = Value::Null;
+                    a["lastReason"] = format!(
+                        "relay {} has not refreshed its entry for {} (it may be gone)",
+                        v["relay"].as_str().unwrap_or("?"),
+                        humantime::format_duration(self.refresh * STALE_AFTER)
+                    )
+                    .into();
+                }
                 a
             })
             .collect()

@@ -85,6 +85,10 @@ section! {
         pub url: String,
         pub user: String,
         pub password: String,
+        /// How often a relay re-writes the agents it holds in the shared
+        /// registry; an entry not re-written for 3 times this is taken as
+        /// left by a relay that is gone.
+        pub refresh: Duration = Duration::from_secs(10),
     }
 }
 
