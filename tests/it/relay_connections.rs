@@ -598,6 +598,7 @@ fn relays_sharing_a_registry_list_every_agent_and_forward_a_mapping_to_the_holde
         vec![
             ("IOT_RELAY_NATS__URL", nats.url()),
             ("IOT_RELAY_ID", id.to_string()),
+            ("IOT_RELAY_NATS__REFRESH", "1s".to_string()),
         ]
     };
     let mut a = Relay::start_closed(&pki, dir_a.path(), 1, &shared("relay-a"));
@@ -660,4 +661,16 @@ fn relays_sharing_a_registry_list_every_agent_and_forward_a_mapping_to_the_holde
         round_trip(port, b"gone").is_err().then_some(())
     })
     .expect("B still serves the removed mapping's port");
+
+    // B killed without a goodbye: its entry goes stale and A says so.
+    b.kill();
+    let gone = agent_where(&a, DEVICE, |x| x["status"] == "disconnected");
+    assert_eq!(gone["relay"], "relay-b", "{gone}");
+    assert!(
+        gone["lastReason"]
+            .as_str()
+            .unwrap()
+            .contains("has not refreshed"),
+        "{gone}"
+    );
 }
