@@ -135,6 +135,12 @@ pub fn relay_status(device_id: &str) -> Result<Topic, BadSegment> {
     Topic::fixed("relay/status").join(&[device_id])
 }
 
+/// Relay -> relay: a mapping request (`op` is `add` or `remove`)
+/// forwarded to the relay that holds the device or serves the pipe.
+pub fn relay_cluster_mapping(relay_id: &str, op: &str) -> Result<Topic, BadSegment> {
+    Topic::fixed("relay/cluster").join(&[relay_id, "mapping", op])
+}
+
 /// Root of the per-serial action trees.
 pub const SERIAL_ACTIONS: &str = "devices/actions";
 

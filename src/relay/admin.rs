@@ -35,6 +35,8 @@ pub struct Admin {
     pub agents: Arc<Agents>,
     pub pipes: Arc<Pipes>,
     pub dialer: Arc<Dialer>,
+    /// The shared registry, with `nats.url` set.
+    pub cluster: Option<Arc<super::cluster::Cluster>>,
 }
 
 fn full(r: Response<Full<Bytes>>) -> Response<Body> {
@@ -155,7 +157,7 @@ fn list_agents(admin: &Admin) -> Response<Body> {
             e.1 += m["connections"].as_u64().unwrap_or(0);
         }
     }
-    let agents: Vec<serde_json::Value> = admin
+    let mut agents: Vec<serde_json::Value> = admin
         .agents
         .board
         .list()
@@ -170,6 +172,15 @@ fn list_agents(admin: &Admin) -> Response<Body> {
             a
         })
         .collect();
+    if let Some(cluster) = &admin.cluster {
+        for a in &mut agents {
+            a["relay"] = cluster.id.clone().into();
+        }
+        let remote = cluster.remote_agents(&agents);
+        agents.retain(|a| !remote.iter().any(|r| r["deviceId"] == a["deviceId"]));
+        agents.extend(remote);
+        agents.sort_by(|a, b| a["deviceId"].as_str().cmp(&b["deviceId"].as_str()));
+    }
     answer(StatusCode::OK, json!({"status": "ok", "agents": agents}))
 }
 

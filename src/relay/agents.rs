@@ -295,8 +295,8 @@ pub async fn session(
         .await;
     agents.remove(&cn, session);
     ended.cancel();
-    // A stop or a removal is the cause, whatever the control stream saw
-    // first as the connection went down with it.
+    // The relay's own reasons first: ending the connection also makes the
+    // heartbeat loop see it closed, whichever it noticed first.
     let reason = match outcome {
         _ if shutdown.is_cancelled() => "the relay is stopping".to_string(),
         _ if conn.parent.as_ref().is_some_and(|p| p.is_cancelled()) => {

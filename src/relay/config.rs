@@ -29,6 +29,9 @@ section! {
         /// The accept filter and the agents the relay dials, kept across
         /// restarts (0600).
         pub registry: ExpandPath = ExpandPath::new("$SNAP_DATA/registry.json"),
+        /// This relay's name among relays sharing a registry (`nats.url`):
+        /// letters, digits, `-`, `_`; empty: the host name's first label.
+        pub id: String,
         pub nats: RelayNats,
         pub log: RelayLog,
         pub ca: CaConfig,
@@ -131,6 +134,10 @@ section! {
         pub url: String,
         pub user: String,
         pub password: String,
+        /// How often a relay re-writes the agents it holds in the shared
+        /// registry; an entry not re-written for 3 times this is taken as
+        /// left by a relay that is gone.
+        pub refresh: Duration = Duration::from_secs(10),
     }
 }
 

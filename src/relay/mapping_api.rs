@@ -132,10 +132,19 @@ fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
 async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     match (method, path.trim_end_matches('/')) {
-        (Method::GET, "/api/v2/mapping") => answer(
-            StatusCode::OK,
-            json!({"status": "ok", "mappings": api.pipes.list()}),
-        ),
+        (Method::GET, "/api/v2/mapping") => {
+            let mut mappings = api.pipes.list();
+            if let Some(cluster) = &api.admin.cluster {
+                for m in &mut mappings {
+                    m["relay"] = cluster.id.clone().into();
+                }
+                mappings.extend(cluster.remote_mappings());
+            }
+            answer(
+                StatusCode::OK,
+                json!({"status": "ok", "mappings": mappings}),
+            )
+        }
         (Method::POST, "/api/v2/mapping/add") => {
             let form = match form(req).await {
                 Ok(f) => f,
@@ -151,19 +160,22 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad mapping: {e}")),
             };
-            match api.pipes.add(spec) {
-                Ok(m) => answer(
-                    StatusCode::OK,
-                    json!({
-                        "status": "ok", "id": m.id, "port1": m.port1, "port2": m.port2,
-                        "passcode1": m.passcode1, "passcode2": m.passcode2, "timestamp": m.timestamp,
-                    }),
-                ),
-                Err(e @ AddError::Bad(_)) => error(StatusCode::BAD_REQUEST, e),
-                Err(e @ AddError::NoPort) => error(StatusCode::INSUFFICIENT_STORAGE, e),
-                Err(e @ AddError::Duplicate(_)) => error(StatusCode::CONFLICT, e),
-                Err(e @ AddError::Internal(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            // A device another relay holds: that relay serves the pipe.
+            if let (Some(cluster), Spec::Public { device, .. }) = (&api.admin.cluster, &spec) {
+                if !api.admin.agents.is_connected(device) {
+                    if let Some(holder) = cluster.holder(device) {
+                        let (code, body) = cluster
+                            .forward(&holder, "add", json!({ "mapping": spec }))
+                            .await;
+                        return answer(code, body);
+                    }
+                }
             }
+            let (code, body) = add_local(&api.pipes, spec);
+            if let Some(cluster) = &api.admin.cluster {
+                cluster.mappings_changed();
+            }
+            answer(code, body)
         }
         (Method::POST, "/api/v2/mapping/remove") => {
             let form = match form(req).await {
@@ -176,14 +188,19 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     "send the form field mappingid=<id>",
                 );
             };
-            match api.pipes.remove(id) {
-                Ok(true) => answer(
-                    StatusCode::OK,
-                    json!({"status": "ok", "id": id, "timestamp": crate::clock::now_ms()}),
-                ),
-                Ok(false) => error(StatusCode::NOT_FOUND, format!("no mapping {id:?}")),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            if let Some(cluster) = &api.admin.cluster {
+                if let Some(server) = cluster.server_of(id) {
+                    let (code, body) = cluster
+                        .forward(&server, "remove", json!({ "mappingid": id }))
+                        .await;
+                    return answer(code, body);
+                }
             }
+            let (code, body) = remove_local(&api.pipes, id);
+            if let Some(cluster) = &api.admin.cluster {
+                cluster.mappings_changed();
+            }
+            answer(code, body)
         }
         (Method::POST, "/api/v2/otp") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -204,6 +221,44 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "/api/v2/mapping" | "/api/v2/mapping/add" | "/api/v2/mapping/remove" | "/api/v2/otp",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    }
+}
+
+/// Adds a mapping on this relay: the answer's status and body.
+pub(super) fn add_local(pipes: &Pipes, spec: Spec) -> (StatusCode, serde_json::Value) {
+    let failed = |code: StatusCode, e: AddError| {
+        (code, json!({"status": "error", "message": e.to_string()}))
+    };
+    match pipes.add(spec) {
+        Ok(m) => (
+            StatusCode::OK,
+            json!({
+                "status": "ok", "id": m.id, "port1": m.port1, "port2": m.port2,
+                "passcode1": m.passcode1, "passcode2": m.passcode2, "timestamp": m.timestamp,
+            }),
+        ),
+        Err(e @ AddError::Bad(_)) => failed(StatusCode::BAD_REQUEST, e),
+        Err(e @ AddError::NoPort) => failed(StatusCode::INSUFFICIENT_STORAGE, e),
+        Err(e @ AddError::Duplicate(_)) => failed(StatusCode::CONFLICT, e),
+        Err(e @ AddError::Internal(_)) => failed(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Removes a mapping of this relay: the answer's status and body.
+pub(super) fn remove_local(pipes: &Pipes, id: &str) -> (StatusCode, serde_json::Value) {
+    match pipes.remove(id) {
+        Ok(true) => (
+            StatusCode::OK,
+            json!({"status": "ok", "id": id, "timestamp": crate::clock::now_ms()}),
+        ),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            json!({"status": "error", "message": format!("no mapping {id:?}")}),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"status": "error", "message": e}),
+        ),
     }
 }
 

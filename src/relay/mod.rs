@@ -9,6 +9,7 @@ pub mod admin;
 pub mod agents;
 pub mod ca;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dialer;
 pub mod discover;
@@ -108,6 +109,12 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         "off".to_string()
     };
 
+    let relay_id = match config.id.as_str() {
+        "" => host_label(),
+        id => id.to_string(),
+    };
+    crate::bus::topics::segment(&relay_id)
+        .map_err(|e| anyhow!("id (the relay's name among relays): {e}"))?;
     let registry = Arc::new(registry::Registry::load(
         config.registry.path().to_path_buf(),
     )?);
@@ -133,10 +140,20 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         shutdown.clone(),
     ));
     dialer.start_registered();
+    let cluster = (!config.nats.url.is_empty()).then(|| {
+        cluster::Cluster::start(
+            relay_id.clone(),
+            &config.nats,
+            agents.board.clone(),
+            pipes.clone(),
+            &shutdown,
+        )
+    });
     let admin = Arc::new(admin::Admin {
         agents: agents.clone(),
         pipes: pipes.clone(),
         dialer,
+        cluster,
     });
     shutdown.spawn(agents::serve(
         agents_listener,
@@ -159,6 +176,7 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         shutdown.clone(),
     ));
     tracing::info!(
+        id = %relay_id,
         version = env!("CARGO_PKG_VERSION"),
         agents = %agents_addr,
         api = %api_addr,
@@ -169,4 +187,15 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     shutdown.cancelled().await;
     tracing::info!("iot-relay stopped");
     Ok(())
+}
+
+/// The host name's first label, made a subject token (the default `id`).
+fn host_label() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label = crate::bus::topics::sanitize_serial(name.trim().split('.').next().unwrap_or(""));
+    if label.is_empty() {
+        "relay".into()
+    } else {
+        label
+    }
 }

@@ -22,6 +22,36 @@ pub fn documented_addresses() -> Vec<String> {
         .collect()
 }
 
+/// The relay's NATS client options (`nats.*`): retried with back-off for
+/// ever, the first attempt included, each state change logged.
+pub fn connect_options(cfg: &RelayNats) -> async_nats::ConnectOptions {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("iot-relay")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(|attempts| {
+            let failed = attempts.saturating_sub(1);
+            if failed == 0 {
+                return Duration::ZERO;
+            }
+            crate::backoff::delay(RECONNECT_BASE, RECONNECT_CAP, failed as u32 - 1)
+        })
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("relay connected to NATS"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("relay disconnected from NATS; reconnecting")
+                }
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    if !cfg.user.is_empty() {
+        opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
+    }
+    opts
+}
+
 /// Starts the publisher; events from now on are queued for it.
 pub fn start(cfg: &RelayNats, board: &Board, shutdown: &Shutdown) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(NATS_BACKLOG);
@@ -30,32 +60,7 @@ pub fn start(cfg: &RelayNats, board: &Board, shutdown: &Shutdown) {
     let sd = shutdown.clone();
     shutdown.spawn(async move {
         let url = cfg.url.clone();
-        let mut opts = async_nats::ConnectOptions::new()
-            .name("iot-relay")
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(5))
-            .reconnect_delay_callback(|attempts| {
-                let failed = attempts.saturating_sub(1);
-                if failed == 0 {
-                    return Duration::ZERO;
-                }
-                crate::backoff::delay(RECONNECT_BASE, RECONNECT_CAP, failed as u32 - 1)
-            })
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!("relay connected to NATS (status events)")
-                    }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("relay disconnected from NATS; reconnecting")
-                    }
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
-            });
-        if !cfg.user.is_empty() {
-            opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
-        }
+        let opts = connect_options(&cfg);
         let client = tokio::select! {
             c = opts.connect(url.as_str()) => match c {
                 Ok(c) => c,

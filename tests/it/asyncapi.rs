@@ -53,6 +53,7 @@ fn the_document_lists_exactly_the_subjects_the_code_uses() {
         .chain(iot_agent::services::terminal::documented_addresses())
         .chain(iot_agent::services::browser::documented_addresses())
         .chain(iot_agent::relay::status_nats::documented_addresses())
+        .chain(iot_agent::relay::cluster::documented_addresses())
         .collect();
     let missing: Vec<_> = code.difference(&documented).collect();
     let extra: Vec<_> = documented.difference(&code).collect();

@@ -10,6 +10,12 @@ use crate::common::tunnel::{
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// The relay's agent threshold for tests that count transitions: one no
+/// loaded machine misses (a killed peer is noticed by its FIN at once).
+fn calm() -> (&'static str, String) {
+    ("IOT_RELAY_AGENTS__THRESHOLD", "10s".into())
+}
+
 fn within(secs: u64) -> Instant {
     Instant::now() + Duration::from_secs(secs)
 }
@@ -322,14 +328,20 @@ fn status_events_reach_the_stream_and_nats_once_each_in_order() {
 
     let pki = TestPki::new(DEVICE);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_closed(&pki, dir.path(), 1, &[("IOT_RELAY_NATS__URL", nats.url())]);
+    let relay = Relay::start_closed(
+        &pki,
+        dir.path(),
+        1,
+        &[("IOT_RELAY_NATS__URL", nats.url()), calm()],
+    );
     relay.accept(&json!({ "deviceIds": [DEVICE] }));
     let all = status_stream(relay.api_port, "");
     let only_2 = status_stream(relay.api_port, "?deviceId=device-2");
 
     // device-1: taken, then killed; device-2 (same CA, not allowed): refused.
     let echo = echo_service();
-    let mut agent = start_agent(&pki, dir.path(), relay.agents_port, &[&echo], &[]);
+    let agent_calm = [("IOT_AGENT_TUNNEL__THRESHOLD", "10s".to_string())];
+    let mut agent = start_agent(&pki, dir.path(), relay.agents_port, &[&echo], &agent_calm);
     agent.wait_for("tunnel connected");
     agent.signal("KILL");
     agent.wait_exit();
@@ -424,7 +436,11 @@ fn listening_agent(
     extra: &[(&'static str, String)],
 ) -> (crate::common::agent_proc::AgentProcess, u16) {
     let port = port.unwrap_or_else(crate::common::servers::free_port);
-    let mut env = vec![("IOT_AGENT_TUNNEL__LISTEN", format!("127.0.0.1:{port}"))];
+    // A threshold no loaded machine misses: these tests count transitions.
+    let mut env = vec![
+        ("IOT_AGENT_TUNNEL__LISTEN", format!("127.0.0.1:{port}")),
+        ("IOT_AGENT_TUNNEL__THRESHOLD", "10s".into()),
+    ];
     env.extend(extra.iter().cloned());
     let mut agent = start_agent(pki, dir, relay.agents_port, allow, &env);
     agent.wait_for("tunnel waiting for the relay to dial");
@@ -436,7 +452,7 @@ fn a_relay_dials_a_registered_agent_keeps_it_connected_and_lets_it_go_when_delet
     let pki = TestPki::new(DEVICE);
     let dir = tempfile::tempdir().unwrap();
     // No accept filter: a registration is the operator's accept.
-    let mut relay = Relay::start_closed(&pki, dir.path(), 1, &[]);
+    let mut relay = Relay::start_closed(&pki, dir.path(), 1, &[calm()]);
     let events = status_stream(relay.api_port, "");
     let echo = echo_service();
     let (mut agent, port) = listening_agent(&pki, dir.path(), &relay, None, &[&echo], &[]);
@@ -483,9 +499,21 @@ fn a_relay_dials_a_registered_agent_keeps_it_connected_and_lets_it_go_when_delet
     // Deleted: its connection is closed and it is no longer listed.
     let (status, answer) = relay.admin("DELETE", &format!("/api/v2/agents/{DEVICE}"), None);
     assert_eq!(status, 200, "{answer}");
-    let (event, e) = next_event(&events);
-    assert_eq!(event, "disconnected", "{e}");
-    assert_eq!(e["reason"], "the registration was removed", "{e}");
+    loop {
+        // (A reconnection of the restart may come first.)
+        let Ok((event, e)) = events.recv_timeout(Duration::from_secs(60)) else {
+            relay.proc.drain();
+            agent.drain();
+            panic!(
+                "no disconnected event; relay:\n{}\nagent:\n{}",
+                relay.proc.seen.join("\n"),
+                agent.seen.join("\n")
+            );
+        };
+        if event == "disconnected" && e["reason"] == "the registration was removed" {
+            break;
+        }
+    }
     agent.wait_for("tunnel lost");
     let (_, agents) = relay.admin("GET", "/api/v2/agents", None);
     assert_eq!(agents["agents"], json!([]), "{agents}");
@@ -497,7 +525,7 @@ fn a_relay_dials_a_registered_agent_keeps_it_connected_and_lets_it_go_when_delet
 fn plain_tcp_is_used_only_when_the_registration_and_the_agent_both_say_so() {
     let pki = TestPki::new(DEVICE);
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_closed(&pki, dir.path(), 1, &[]);
+    let relay = Relay::start_closed(&pki, dir.path(), 1, &[calm()]);
     let echo = echo_service();
     let (mut agent, port) = listening_agent(
         &pki,
@@ -547,4 +575,102 @@ fn plain_tcp_is_used_only_when_the_registration_and_the_agent_both_say_so() {
         &[("IOT_AGENT_TUNNEL__TLS", "false".into())],
     );
     dialing.wait_for("tunnel.tls=false is only for tunnel.listen");
+}
+
+/// Waits until the relay has joined the shared registry.
+fn joined(relay: &mut Relay) {
+    let line = "joined the relays' shared registry";
+    if !relay.proc.seen.iter().any(|l| l.contains(line)) {
+        relay.proc.wait_for(line);
+    }
+}
+
+#[test]
+fn relays_sharing_a_registry_list_every_agent_and_forward_a_mapping_to_the_holder() {
+    use crate::common::servers::{NatsConfig, NatsServer};
+    let nats = NatsServer::start(NatsConfig {
+        jetstream: true,
+        ..Default::default()
+    });
+    let pki = TestPki::new(DEVICE);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shared = |id: &str| {
+        vec![
+            ("IOT_RELAY_NATS__URL", nats.url()),
+            ("IOT_RELAY_ID", id.to_string()),
+            ("IOT_RELAY_NATS__REFRESH", "1s".to_string()),
+        ]
+    };
+    let mut a = Relay::start_closed(&pki, dir_a.path(), 1, &shared("relay-a"));
+    let mut b = Relay::start_closed(&pki, dir_b.path(), 1, &shared("relay-b"));
+    b.accept(&json!({ "deviceIds": [DEVICE] }));
+    joined(&mut a);
+    joined(&mut b);
+    let echo = echo_service();
+    let mut agent = start_agent(&pki, dir_b.path(), b.agents_port, &[&echo], &[]);
+    agent.wait_for("tunnel connected");
+
+    // Relay A lists the agent relay B holds; B lists it as its own.
+    let seen_on_a = agent_where(&a, DEVICE, |x| {
+        x["relay"] == "relay-b" && x["status"] == "connected"
+    });
+    assert_eq!(seen_on_a["mode"], "device-dials", "{seen_on_a}");
+    let on_b = agent_where(&b, DEVICE, |x| x["status"] == "connected");
+    assert_eq!(on_b["relay"], "relay-b", "{on_b}");
+
+    // A mapping added on A for it is served by B, on one of B's ports.
+    let (status, answer) = a.add(&json!({
+        "type": "public", "maxconnections": 5, "device": DEVICE, "target": echo,
+    }));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["relay"], "relay-b", "{answer}");
+    let port = answer["port2"].as_u64().unwrap() as u16;
+    assert!(
+        b.ports.contains(&port),
+        "{answer} not on B's ports {:?}",
+        b.ports
+    );
+    assert_eq!(round_trip(port, b"through B").unwrap(), b"through B");
+    let id = answer["id"].as_str().unwrap().to_string();
+
+    // Every relay lists it; removed on A, B stops serving it.
+    poll_until(within(60), || {
+        let (_, list) =
+            crate::common::tunnel::api(a.api_port, "GET", "/api/v2/mapping", Some(TOKEN), "");
+        list["mappings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == id.as_str() && m["relay"] == "relay-b")
+            .then_some(())
+    })
+    .expect("relay A never listed B's mapping");
+    let (status, answer) = crate::common::tunnel::api(
+        a.api_port,
+        "POST",
+        "/api/v2/mapping/remove",
+        Some(TOKEN),
+        &format!("mappingid={id}"),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["relay"], "relay-b", "{answer}");
+    let (_, list) =
+        crate::common::tunnel::api(b.api_port, "GET", "/api/v2/mapping", Some(TOKEN), "");
+    assert_eq!(list["mappings"], json!([]), "{list}");
+    poll_until(within(30), || {
+        round_trip(port, b"gone").is_err().then_some(())
+    })
+    .expect("B still serves the removed mapping's port");
+
+    // B killed without a goodbye: its entry goes stale and A says so.
+    b.kill();
+    let gone = agent_where(&a, DEVICE, |x| x["status"] == "disconnected");
+    assert_eq!(gone["relay"], "relay-b", "{gone}");
+    assert!(
+        gone["lastReason"]
+            .as_str()
+            .unwrap()
+            .contains("has not refreshed"),
+        "{gone}"
+    );
 }
