@@ -18,6 +18,7 @@ mod harness;
 mod identity;
 mod mirror;
 mod nats_bundled;
+mod nats_cluster;
 mod per_serial;
 mod readme;
 mod run_script;
