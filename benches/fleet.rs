@@ -390,6 +390,7 @@ struct Round {
     max: Duration,
     all: Duration,
     broker_cpu: f64,
+    sim_cpu: f64,
 }
 
 fn pct(sorted: &[Duration], p: usize) -> Duration {
@@ -412,6 +413,7 @@ async fn fan_out(
     let n = devices.len();
     let tag = format!("{name}-{}", rand::random::<u32>());
     let cpu0 = proc_usage(broker_pid).1;
+    let sim0 = proc_usage(std::process::id()).1;
     let mut sent: Vec<Option<Instant>> = vec![None; n];
     let start = Instant::now();
     for (i, d) in devices.iter().enumerate() {
@@ -467,6 +469,7 @@ async fn fan_out(
         max: lat.last().copied().unwrap_or_default(),
         all: last - start,
         broker_cpu: proc_usage(broker_pid).1 - cpu0,
+        sim_cpu: proc_usage(std::process::id()).1 - sim0,
     }
 }
 
@@ -478,7 +481,6 @@ fn raise_fd_limit() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: plain libc calls on a stack value.
-    #[allow(unsafe_code)]
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
             lim.rlim_cur = lim.rlim_max;
@@ -660,6 +662,7 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         let cpu0 = proc_usage(broker_pid).1;
+        let sim0 = proc_usage(me).1;
         let start = Instant::now();
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
@@ -688,6 +691,7 @@ fn main() {
         }
         let ramp_time = start.elapsed();
         let ramp_cpu = proc_usage(broker_pid).1 - cpu0;
+        let ramp_sim_cpu = proc_usage(me).1 - sim0;
         let mut connect: Vec<u64> = sim.connect_us.lock().unwrap().clone();
         connect.sort();
         let connected = connect.len();
@@ -699,13 +703,14 @@ fn main() {
         let (broker_rss1, _) = proc_usage(broker_pid);
         let (my_rss1, _) = proc_usage(me);
         println!(
-            "connect: {connected}/{n} in {:.1} s ({:.0}/s), per agent p50 {} p99 {} max {}; broker CPU {:.1} s",
+            "connect: {connected}/{n} in {:.1} s ({:.0}/s), per agent p50 {} p99 {} max {}; CPU: broker {:.1} s, simulator {:.1} s",
             ramp_time.as_secs_f64(),
             connected as f64 / ramp_time.as_secs_f64(),
             ms(c_pct(50)),
             ms(c_pct(99)),
             ms(c_pct(100)),
-            ramp_cpu
+            ramp_cpu,
+            ramp_sim_cpu
         );
         println!(
             "broker RSS: {:.1} MiB idle, {:.1} MiB with {connected} agents ({:.1} KiB per agent); simulator RSS {:.1} -> {:.1} MiB",
@@ -721,11 +726,11 @@ fn main() {
             rounds.push(r);
         }
         let (broker_rss2, _) = proc_usage(broker_pid);
-        println!("| action | answered | failed | all answered in | p50 | p99 | max | broker CPU |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| action | answered | failed | all answered in | p50 | p99 | max | broker CPU | simulator CPU |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rounds {
             println!(
-                "| {} | {}/{n} | {} | {:.2} s | {} | {} | {} | {:.1} s |",
+                "| {} | {}/{n} | {} | {:.2} s | {} | {} | {} | {:.2} s | {:.2} s |",
                 r.name,
                 r.answered,
                 r.failed,
@@ -733,7 +738,8 @@ fn main() {
                 ms(r.p50),
                 ms(r.p99),
                 ms(r.max),
-                r.broker_cpu
+                r.broker_cpu,
+                r.sim_cpu
             );
         }
         println!(
