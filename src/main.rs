@@ -153,6 +153,10 @@ enum ExportCommand {
     },
 }
 
+/// glibc malloc arenas of the daemon: one, shared by all its threads (see
+/// `iot_agent::sys::limit_malloc_arenas`; `MALLOC_ARENA_MAX` overrides it).
+const MALLOC_ARENAS: i32 = 1;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
@@ -254,6 +258,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Run => {
+            // Before any thread exists (docs/benchmarks.md, "Footprint").
+            iot_agent::sys::limit_malloc_arenas(MALLOC_ARENAS);
             iot_agent::logging::init(&loaded.config.log.level);
             for w in &loaded.warnings() {
                 tracing::warn!("{w}");

@@ -1,5 +1,5 @@
 //! The agent's only calls into libc without a safe std equivalent: an
-//! advisory file lock and signals to another process. Every `unsafe` block
+//! advisory file lock, signals to another process, and malloc's arena cap. Every `unsafe` block
 //! of the crate is here (the crate denies `unsafe_code` elsewhere), each a
 //! plain system call on values owned by the caller.
 #![warn(missing_docs)]
@@ -27,4 +27,26 @@ pub fn kill(pid: i32, signal: libc::c_int) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Caps glibc malloc at `arenas` arenas, unless `MALLOC_ARENA_MAX` is set
+/// (the operator's choice wins). glibc gives threads that allocate at the
+/// same time arenas of their own, up to eight per core, and an arena keeps
+/// what was freed into it: on the agent, whose tokio blocking threads come
+/// and go with every SQLite write, that is resident memory nobody uses
+/// (docs/benchmarks.md, "Footprint"). The agent's allocations are few and
+/// small, so the lock they then share costs nothing measurable. Call it
+/// before any thread starts.
+pub fn limit_malloc_arenas(arenas: i32) {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt(3) takes two integers; called before other threads
+    // exist, as glibc asks of arena settings.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = arenas;
 }

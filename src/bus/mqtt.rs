@@ -35,6 +35,29 @@ pub enum MqttError {
     },
 }
 
+/// The DMS connection's options for device `client_id` (the fleet
+/// simulator, `benches/fleet.rs`, connects its simulated devices with them).
+pub fn options(
+    client_id: &str,
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    keep_alive: Duration,
+) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
+        .set_keep_alive(keep_alive)
+        // A persistent session: the broker keeps QoS 1 actions sent while the
+        // device was offline.
+        .set_clean_session(false)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    opts
+}
+
+/// Largest MQTT packet either way (a `list` reply of many snaps); a limit,
+/// not a buffer: buffers grow to the packets that come.
+pub const MAX_PACKET: usize = 1024 * 1024;
+
 /// Connects with the credentials and drives the connection (see
 /// [`super::driver`]) until `shutdown`. `subscriptions` are (re)subscribed
 /// at QoS 1 on every new connection. `status` follows the connection for
@@ -47,13 +70,7 @@ pub fn connect(
     status: watch::Sender<ConnectionStatus>,
     shutdown: CancellationToken,
 ) -> Result<MqttLink, MqttError> {
-    let mut opts = MqttOptions::new(c.device_id.clone(), c.mqtt_host.clone(), c.mqtt_port);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
-        .set_keep_alive(keep_alive)
-        // A persistent session: the broker keeps QoS 1 actions sent while the
-        // device was offline.
-        .set_clean_session(false)
-        .set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let opts = options(&c.device_id, &c.mqtt_host, c.mqtt_port, tls, keep_alive);
     let settings = DriverSettings {
         label: "DMS broker",
         broker: format!("{}:{}", c.mqtt_host, c.mqtt_port),

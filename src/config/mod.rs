@@ -190,8 +190,12 @@ section! {
     /// even one thread keeps answering while a disk is slow.
     pub struct RuntimeConfig {
         /// Worker threads: `0` one per core (tokio's default), `1` a single
-        /// thread (the smallest footprint on a small board), `N` N threads.
-        pub workers: u16,
+        /// thread, `N` N threads. One by default: the smallest footprint (a
+        /// thread and its malloc arena fewer per core), and no slower for a
+        /// device's load, whose requests come one or a few at a time
+        /// (docs/benchmarks.md, "Footprint"); more serve a heavy local
+        /// mirror load on more cores.
+        pub workers: u16 = 1,
     }
 }
 

@@ -219,6 +219,20 @@ pub struct NatsConfig {
     /// harness then overrides `server_name`, `listen`, the JetStream store
     /// and the MQTT port, keeping its users and permissions.
     pub include: Option<PathBuf>,
+    /// Be one node of a cluster (a `cluster` block with routes to the others).
+    pub cluster: Option<NatsCluster>,
+    /// Serve the monitoring endpoints (`/connz`...) on a free loopback port.
+    pub monitor: bool,
+}
+
+/// One node's part of a NATS cluster: its route port (chosen by the
+/// caller with [`free_port`], so every node can name every other's) and
+/// the route ports of the others.
+#[derive(Debug, Clone)]
+pub struct NatsCluster {
+    pub name: String,
+    pub port: u16,
+    pub routes: Vec<u16>,
 }
 
 /// A `nats-server` child process with its own config, ports and JetStream
@@ -228,6 +242,7 @@ pub struct NatsServer {
     name: String,
     port: u16,
     mqtt_port: Option<u16>,
+    http_port: Option<u16>,
     jetstream: bool,
     conf: PathBuf,
     log: PathBuf,
@@ -251,6 +266,7 @@ impl NatsServer {
             name: format!("test-{}-{n}", std::process::id()),
             port: 0,
             mqtt_port: None,
+            http_port: None,
             // An included file may enable them with its own ports and paths:
             // always override those.
             jetstream: cfg.jetstream || cfg.mqtt || cfg.include.is_some(),
@@ -262,6 +278,7 @@ impl NatsServer {
         for attempt in 1..=PORT_ATTEMPTS {
             server.port = free_port();
             server.mqtt_port = (cfg.mqtt || cfg.include.is_some()).then(free_port);
+            server.http_port = cfg.monitor.then(free_port);
             let text = server.render_config(&cfg);
             fs::write(&server.conf, text).expect("cannot write nats.conf");
             match server.spawn_and_wait(attempt) {
@@ -339,6 +356,22 @@ impl NatsServer {
                 quote(&format!("127.0.0.1:{mqtt}"))
             );
         }
+        if let Some(http) = self.http_port {
+            c += &format!("http: {}\n", quote(&format!("127.0.0.1:{http}")));
+        }
+        if let Some(cl) = &cfg.cluster {
+            let routes: Vec<String> = cl
+                .routes
+                .iter()
+                .map(|p| quote(&format!("nats-route://127.0.0.1:{p}")))
+                .collect();
+            c += &format!(
+                "cluster {{\n  name: {}\n  listen: {}\n  routes: [{}]\n}}\n",
+                quote(&cl.name),
+                quote(&format!("127.0.0.1:{}", cl.port)),
+                routes.join(", ")
+            );
+        }
         c
     }
 
@@ -370,6 +403,28 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `/connz` of the monitoring endpoint (needs `monitor`): the clients
+    /// connected to this node, as nats-server reports them.
+    pub fn connz(&self) -> serde_json::Value {
+        let port = self.http_port.expect("started without monitor: true");
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .unwrap_or_else(|e| panic!("monitoring port {port}: {e}"));
+        stream
+            .write_all(b"GET /connz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).unwrap();
+        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/connz is not JSON ({e}): {raw}"))
+    }
+
+    /// Whether a client named `name` is connected to this node now.
+    pub fn has_client(&self, name: &str) -> bool {
+        self.connz()["connections"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == name))
     }
 
     pub fn mqtt_port(&self) -> Option<u16> {
@@ -520,6 +575,12 @@ impl Mosquitto {
     /// should be the agent's, not mosquitto's Nagle wait for a delayed ACK.
     pub fn start_tls_persistent_nodelay(pki: &TestPki) -> Mosquitto {
         Mosquitto::start(Some(Self::tls_files(pki)), true, "set_tcp_nodelay true\n")
+    }
+
+    /// [`Mosquitto::start_tls`] with more configuration lines (the fleet
+    /// simulator's queue and in-flight limits).
+    pub fn start_tls_with(pki: &TestPki, extra: &str) -> Mosquitto {
+        Mosquitto::start(Some(Self::tls_files(pki)), false, extra)
     }
 
     fn tls_files(pki: &TestPki) -> TlsFiles {

@@ -20,6 +20,7 @@ mod harness;
 mod identity;
 mod mirror;
 mod nats_bundled;
+mod nats_cluster;
 mod per_serial;
 mod provisioning;
 mod readme;
