@@ -225,26 +225,12 @@ impl Loaded {
     /// Every key with its effective value and source, sorted by key.
     /// Secrets are replaced by a marker.
     pub fn effective(&self) -> Vec<Effective> {
-        let value = serde_json::to_value(&self.config).unwrap_or_default();
-        let mut out = Vec::new();
-        flatten_json("", &value, &mut |key, v| {
-            let value = if SECRET_KEYS.contains(&key) {
-                serde_json::Value::String("(secret, not shown)".into())
-            } else {
-                v.clone()
-            };
-            let source = self
-                .figment
+        effective_values(&self.config, SECRET_KEYS, |key| {
+            self.figment
                 .find_metadata(key)
                 .map(|m| source_of(m, key))
-                .unwrap_or(Source::Default);
-            out.push(Effective {
-                key: key.to_string(),
-                value,
-                source,
-            });
-        });
-        out
+                .unwrap_or(Source::Default)
+        })
     }
 
     /// The source of one key's value.
@@ -265,6 +251,31 @@ fn source_of(meta: &Metadata, key: &str) -> Source {
         snapctl::NAME => Source::Snap,
         _ => Source::Env(env_var(key)),
     }
+}
+
+/// Every key of `config` (flattened to dotted keys) with its value, the
+/// values of `secrets` replaced by a marker, and its source as `source`
+/// tells it. The agent and the relay each name their own sources.
+pub(crate) fn effective_values<T: Serialize>(
+    config: &T,
+    secrets: &[&str],
+    source: impl Fn(&str) -> Source,
+) -> Vec<Effective> {
+    let value = serde_json::to_value(config).unwrap_or_default();
+    let mut out = Vec::new();
+    flatten_json("", &value, &mut |key, v| {
+        let value = if secrets.contains(&key) {
+            serde_json::Value::String("(secret, not shown)".into())
+        } else {
+            v.clone()
+        };
+        out.push(Effective {
+            key: key.to_string(),
+            value,
+            source: source(key),
+        });
+    });
+    out
 }
 
 /// The environment variable of a key: `a.b_c` -> `IOT_AGENT_A__B_C`.

@@ -3,7 +3,7 @@
 //! `/etc/iot-relay/config.toml` outside) < environment (`IOT_RELAY_A__B`).
 //! `iot-relay config` prints every key with its value and source.
 
-use crate::config::layers::{flatten_json, ConfigError, Effective, Source};
+use crate::config::layers::{effective_values, flatten_json, ConfigError, Effective, Source};
 use crate::config::{section, Duration, ExpandPath, LogLevel, OptPath, PemSource, StringList};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -213,24 +213,11 @@ fn invalid(figment: &Figment, e: figment::Error) -> ConfigError {
 impl LoadedRelay {
     /// Every key, its value (secrets hidden) and source, sorted by key.
     pub fn effective(&self) -> Vec<Effective> {
-        let value = serde_json::to_value(&self.config).unwrap_or_default();
-        let mut out = Vec::new();
-        flatten_json("", &value, &mut |key, v| {
-            let value = if SECRET_KEYS.contains(&key) {
-                serde_json::Value::String("(secret, not shown)".into())
-            } else {
-                v.clone()
-            };
-            let source = self
-                .figment
+        let mut out = effective_values(&self.config, SECRET_KEYS, |key| {
+            self.figment
                 .find_metadata(key)
                 .map(|m| source_of(m, key))
-                .unwrap_or(Source::Default);
-            out.push(Effective {
-                key: key.to_string(),
-                value,
-                source,
-            });
+                .unwrap_or(Source::Default)
         });
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
