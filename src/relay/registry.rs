@@ -11,13 +11,16 @@ use std::sync::Mutex;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
+    /// Accept every device whose certificate the agents' port trusts.
     #[serde(default)]
     pub allow_all: bool,
+    /// The devices accepted.
     #[serde(default)]
     pub device_ids: BTreeSet<String>,
 }
 
 impl Filter {
+    /// Whether `device` may connect.
     pub fn allows(&self, device: &str) -> bool {
         self.allow_all || self.device_ids.contains(device)
     }
@@ -27,6 +30,7 @@ impl Filter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Registration {
+    /// The device that listens.
     pub device_id: String,
     /// `host:port` of the agent's `tunnel.listen`.
     pub address: String,
@@ -69,6 +73,7 @@ impl Registry {
         })
     }
 
+    /// The accept filter now.
     pub fn filter(&self) -> Filter {
         self.saved
             .lock()
@@ -77,6 +82,7 @@ impl Registry {
             .clone()
     }
 
+    /// Whether `device` may connect.
     pub fn allows(&self, device: &str) -> bool {
         self.saved
             .lock()
@@ -91,6 +97,7 @@ impl Registry {
         self.update(|s| s.accept_filter = filter)
     }
 
+    /// The relay-dials registrations.
     pub fn agents(&self) -> Vec<Registration> {
         self.saved.lock().expect("registry lock").agents.clone()
     }
