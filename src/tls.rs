@@ -483,6 +483,13 @@ pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
     cn.as_str().ok().map(str::to_string)
 }
 
+/// When a DER certificate stops being valid (`notAfter`, Unix seconds).
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// webpki's verifier, with the host-name mismatch accepted in chain mode
 /// and refusals explained.
 #[derive(Debug)]

@@ -74,9 +74,10 @@ pub struct Mapping {
     pub id: String,
     /// What was asked for.
     pub spec: Spec,
-    /// The relay port visitors use (port 1 of a private pipe).
+    /// A private pipe's first port; for a public one, the agents' port (as
+    /// ioFog answers it).
     pub port1: u16,
-    /// Port 2 of a private pipe; 0 for a public one.
+    /// A private pipe's second port; for a public one, the port visitors use.
     pub port2: u16,
     /// Port 1's passcode (private pipes).
     pub passcode1: String,
