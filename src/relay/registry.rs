@@ -2,10 +2,10 @@
 //! forget on a restart: the accept filter and the agents it dials, kept
 //! in the relay's database ([`super::store`]), read at start.
 
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use super::store::{not_saved, Store};
 use crate::db::DbError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 /// Which devices that dial in the relay takes. Nothing by default.

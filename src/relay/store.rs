@@ -55,8 +55,10 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-/// A write that did not happen: the message a 500 answer carries.
+/// A write that did not happen: logged, and the message a 500 answer
+/// carries (the caller keeps its old state).
 pub fn not_saved(e: DbError) -> String {
+    tracing::warn!(error = %e, "a write to the relay's database failed; nothing changed");
     format!("not saved, nothing changed: {e}")
 }
 
@@ -163,9 +165,8 @@ impl Store {
     /// The relay-dials registrations, by device id.
     pub fn registrations(&self) -> Result<Vec<Registration>, DbError> {
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT device_id, address, tls FROM registrations ORDER BY device_id",
-            )?;
+            let mut st =
+                c.prepare("SELECT device_id, address, tls FROM registrations ORDER BY device_id")?;
             let rows = st.query_map([], |r| {
                 Ok(Registration {
                     device_id: r.get(0)?,
@@ -319,9 +320,7 @@ fn put_registration(c: &Connection, r: &Registration) -> rusqlite::Result<()> {
 
 fn insert_otp(c: &Connection, e: &Entry, verb: &str) -> rusqlite::Result<()> {
     c.execute(
-        &format!(
-            "{verb} INTO otps (device, sha256, expires_ms, used_ms) VALUES (?1, ?2, ?3, ?4)"
-        ),
+        &format!("{verb} INTO otps (device, sha256, expires_ms, used_ms) VALUES (?1, ?2, ?3, ?4)"),
         params![e.device, e.sha256, e.expires, e.used],
     )
     .map(drop)
@@ -357,9 +356,11 @@ fn import(conn: &mut Connection, path: &Path, legacy: &Legacy) -> Result<(), Ope
     let mut counts = Vec::new();
     for &(key, file) in &present {
         let done: bool = tx
-            .query_row("SELECT count(*) > 0 FROM imports WHERE source = ?1", [key], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT count(*) > 0 FROM imports WHERE source = ?1",
+                [key],
+                |r| r.get(0),
+            )
             .map_err(db_err)?;
         if done {
             tracing::warn!(key, file = %file.display(), "imported before; moving it aside again");
@@ -516,7 +517,10 @@ mod tests {
         assert_eq!(m[0].spec, public("a", "d1", 30000).spec);
         assert_eq!((m[0].port2, m[0].timestamp), (30000, 1));
         assert_eq!(m[1].spec, private("b").spec);
-        assert_eq!((m[1].passcode1.as_str(), m[1].passcode2.as_str()), ("p1", "p2"));
+        assert_eq!(
+            (m[1].passcode1.as_str(), m[1].passcode2.as_str()),
+            ("p1", "p2")
+        );
         assert_eq!(s.filter().unwrap().device_ids.len(), 2);
         assert_eq!(s.registrations().unwrap(), vec![reg]);
         let otps = s.otps().unwrap();
@@ -578,7 +582,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = |n: &str| dir.path().join(n);
         let mappings = vec![public("a", "d1", 30000), private("b")];
-        std::fs::write(file("mappings.json"), serde_json::to_vec(&mappings).unwrap()).unwrap();
+        std::fs::write(
+            file("mappings.json"),
+            serde_json::to_vec(&mappings).unwrap(),
+        )
+        .unwrap();
         std::fs::write(
             file("registry.json"),
             r#"{"acceptFilter":{"deviceIds":["d1"]},"agents":[{"deviceId":"d9","address":"h:7100"}]}"#,
@@ -617,7 +625,11 @@ mod tests {
     fn a_broken_json_file_stops_the_open_and_imports_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let file = |n: &str| dir.path().join(n);
-        std::fs::write(file("registry.json"), r#"{"acceptFilter":{"allowAll":true}}"#).unwrap();
+        std::fs::write(
+            file("registry.json"),
+            r#"{"acceptFilter":{"allowAll":true}}"#,
+        )
+        .unwrap();
         std::fs::write(file("mappings.json"), "[{").unwrap();
         let legacy = Legacy {
             state: Some(file("mappings.json")),
@@ -626,7 +638,10 @@ mod tests {
         };
         let err = Store::open(&file("relay.db"), &legacy).err().unwrap();
         let text = err.to_string();
-        assert!(text.contains("state") && text.contains("mappings.json"), "{text}");
+        assert!(
+            text.contains("state") && text.contains("mappings.json"),
+            "{text}"
+        );
         assert!(text.contains("move it aside"), "{text}");
         assert!(file("registry.json").exists() && file("mappings.json").exists());
         std::fs::remove_file(file("mappings.json")).unwrap();
