@@ -28,12 +28,16 @@ pub const FILTER_MAX: usize = 10_000;
 /// clients see it is alive.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
+/// The body of every admin answer.
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// What the admin endpoints work on.
 pub struct Admin {
+    /// The connected agents and the accept filter.
     pub agents: Arc<Agents>,
+    /// The mappings.
     pub pipes: Arc<Pipes>,
+    /// The relay-dials connections.
     pub dialer: Arc<Dialer>,
     /// The shared registry, with `nats.url` set.
     pub cluster: Option<Arc<super::cluster::Cluster>>,

@@ -26,6 +26,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connected agent, as pipes use it.
 #[derive(Clone)]
 pub struct Link {
+    /// Opens a stream to the device.
     pub opener: Opener,
     /// Cancelled when this connection ends: its visitors are reset.
     pub ended: CancellationToken,
@@ -47,7 +48,9 @@ pub struct Agents {
 
 /// How a connection came about, for the checks and the records.
 pub struct Conn {
+    /// Who dialed whom.
     pub mode: Mode,
+    /// The other end's address.
     pub peer: std::net::SocketAddr,
     /// TLS (the device certificate names the device), or plain TCP (only
     /// for a relay-dials registration that says so).
@@ -64,6 +67,7 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Agents {
+    /// No agent connected yet.
     pub fn new(registry: Arc<Registry>, board: Arc<Board>) -> Agents {
         Agents {
             links: Mutex::default(),
@@ -83,6 +87,7 @@ impl Agents {
             .cloned()
     }
 
+    /// Whether `device` is connected now.
     pub fn is_connected(&self, device: &str) -> bool {
         self.get(device).is_some()
     }

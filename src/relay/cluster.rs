@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+/// The JetStream key-value bucket: which relay holds which agent.
 pub const AGENTS_BUCKET: &str = "iot-relay-agents";
+/// The JetStream key-value bucket: the mappings (without passcodes).
 pub const MAPPINGS_BUCKET: &str = "iot-relay-mappings";
 /// Bound on a request forwarded to another relay.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +54,7 @@ struct Live {
 
 /// This relay's part in the shared registry.
 pub struct Cluster {
+    /// The relay that holds the agent.
     pub id: String,
     live: OnceLock<Live>,
     /// Every key of both buckets, as last seen by the watchers.

@@ -21,7 +21,9 @@ use tokio::net::TcpListener;
 
 /// What the EST handlers share.
 pub struct Est {
+    /// The CA that signs.
     pub ca: Arc<Ca>,
+    /// The OTPs that authorize a first enrollment.
     pub otps: Arc<Otps>,
     /// Lifetime of issued certificates (`est.lifetime`).
     pub lifetime: Duration,
@@ -34,6 +36,7 @@ pub struct Est {
 }
 
 impl Est {
+    /// The EST service with its CA, OTPs and settings.
     pub fn new(
         ca: Arc<Ca>,
         otps: Arc<Otps>,

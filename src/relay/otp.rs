@@ -16,10 +16,13 @@ use subtle::ConstantTimeEq;
 /// Why an OTP was refused (the EST answer's message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// No such OTP was issued.
     #[error("no such one-time password for this device (issue one: POST /api/v2/otp)")]
     Unknown,
+    /// Already used once.
     #[error("this one-time password was already used (issue a new one: POST /api/v2/otp)")]
     Used,
+    /// Past its expiry.
     #[error("this one-time password has expired (issue a new one: POST /api/v2/otp)")]
     Expired,
 }
@@ -134,9 +137,11 @@ impl Otps {
 
 /// What the admin API needs to issue OTPs.
 pub struct OtpApi {
+    /// The OTP store.
     pub otps: std::sync::Arc<Otps>,
     /// `otp.expiry` and `otp.max`.
     pub expiry: Duration,
+    /// The longest expiry a request may ask for (`otp.max`).
     pub max: Duration,
 }
 

@@ -27,25 +27,32 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Spec {
+    /// Visitors on one relay port reach `target` on `device`.
     Public {
+        /// Most visitors at once.
         #[serde(default = "default_max")]
         maxconnections: u32,
         /// Milliseconds; the relay enforces its own `agents.threshold` on
         /// the agent's connection, this is kept and listed.
         #[serde(default = "default_threshold")]
         heartbeatabsencethreshold: u64,
+        /// The device to reach.
         device: String,
+        /// `host:port` as seen from the device.
         target: String,
     },
     /// Two ports joined through the relay, each side with its passcode.
     Private {
+        /// Most connections on port 1 at once.
         #[serde(default = "one")]
         maxconnectionsport1: u32,
+        /// Most connections on port 2 at once.
         #[serde(default = "one")]
         maxconnectionsport2: u32,
         /// Milliseconds a waiting side may leave a `BEAT` unanswered.
         #[serde(default = "default_threshold")]
         heartbeatabsencethresholdport1: u64,
+        /// Milliseconds port 2's waiting side may leave a `BEAT` unanswered.
         #[serde(default = "default_threshold")]
         heartbeatabsencethresholdport2: u64,
     },
@@ -65,24 +72,35 @@ fn default_threshold() -> u64 {
 /// earlier relays wrote, which [`super::store`] imports).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mapping {
+    /// The mapping's id (answered at creation, used to delete it).
     pub id: String,
+    /// What was asked for.
     pub spec: Spec,
+    /// The relay port visitors use (port 1 of a private pipe).
     pub port1: u16,
+    /// Port 2 of a private pipe; 0 for a public one.
     pub port2: u16,
+    /// Port 1's passcode (private pipes).
     pub passcode1: String,
+    /// Port 2's passcode (private pipes).
     pub passcode2: String,
+    /// When it was added, ms since the epoch.
     pub timestamp: i64,
 }
 
 /// Why a mapping was not added (each an HTTP status of ioFog's API).
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
+    /// The request is not a valid mapping (400).
     #[error("{0}")]
     Bad(String),
+    /// `pipes.ports` has no free port (503).
     #[error("no free port in pipes.ports")]
     NoPort,
+    /// The same public mapping exists (409).
     #[error("a public mapping for this device and target exists: {0}")]
     Duplicate(String),
+    /// The relay could not keep it (500).
     #[error("{0}")]
     Internal(String),
 }
@@ -110,6 +128,7 @@ pub struct Pipes {
 }
 
 impl Pipes {
+    /// The mappings of ports in `pool`, kept in `state`.
     pub fn new(
         pool: Vec<u16>,
         bind: String,

@@ -12,13 +12,16 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
+    /// Accept every device whose certificate the agents' port trusts.
     #[serde(default)]
     pub allow_all: bool,
+    /// The devices accepted.
     #[serde(default)]
     pub device_ids: BTreeSet<String>,
 }
 
 impl Filter {
+    /// Whether `device` may connect.
     pub fn allows(&self, device: &str) -> bool {
         self.allow_all || self.device_ids.contains(device)
     }
@@ -28,6 +31,7 @@ impl Filter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Registration {
+    /// The device that listens.
     pub device_id: String,
     /// `host:port` of the agent's `tunnel.listen`.
     pub address: String,
@@ -71,6 +75,7 @@ impl Registry {
         })
     }
 
+    /// The accept filter now.
     pub fn filter(&self) -> Filter {
         self.saved
             .lock()
@@ -79,6 +84,7 @@ impl Registry {
             .clone()
     }
 
+    /// Whether `device` may connect.
     pub fn allows(&self, device: &str) -> bool {
         self.saved
             .lock()
@@ -96,6 +102,7 @@ impl Registry {
         Ok(())
     }
 
+    /// The relay-dials registrations.
     pub fn agents(&self) -> Vec<Registration> {
         self.saved.lock().expect("registry lock").agents.clone()
     }
