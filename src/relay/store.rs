@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// The schema steps of the relay's database (`migrations/relay/`).
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "relay/0001_relay.sql",
@@ -31,8 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// `registry`, `otp.state`), read once to import them.
 #[derive(Debug, Clone, Default)]
 pub struct Legacy {
+    /// `state`: the mappings.
     pub state: Option<PathBuf>,
+    /// `registry`: the accept filter and the relay-dials agents.
     pub registry: Option<PathBuf>,
+    /// `otp.state`: the OTP hashes.
     pub otp: Option<PathBuf>,
 }
 
@@ -40,11 +44,17 @@ pub struct Legacy {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
+    /// The database itself (its advice in [`DbError`]).
     Db(#[from] DbError),
     #[error("{key} {path} cannot be imported into the relay's database: {message}; fix the file, or move it aside to start without what it holds")]
+    /// An earlier relay's file that cannot be read or parsed: nothing
+    /// was imported.
     Import {
+        /// Its config key.
         key: &'static str,
+        /// The file.
         path: PathBuf,
+        /// What is wrong with it.
         message: String,
     },
 }
@@ -128,14 +138,18 @@ impl Store {
         })
     }
 
+    /// Keeps a new pipe (its id and, for a public one, its device and
+    /// target unused so far).
     pub fn insert_mapping(&self, m: &Mapping) -> Result<(), DbError> {
         self.with(|c| insert_mapping(c, m, "INSERT"))
     }
 
+    /// Forgets a pipe.
     pub fn delete_mapping(&self, id: &str) -> Result<(), DbError> {
         self.with(|c| c.execute("DELETE FROM pipes WHERE id = ?1", [id]).map(drop))
     }
 
+    /// The accept filter (none kept: the default, nothing accepted).
     pub fn filter(&self) -> Result<Filter, DbError> {
         self.with(|c| {
             let allow_all = c
@@ -183,6 +197,7 @@ impl Store {
         self.with(|c| put_registration(c, r))
     }
 
+    /// Forgets a device's registration.
     pub fn delete_registration(&self, device: &str) -> Result<(), DbError> {
         self.with(|c| {
             c.execute("DELETE FROM registrations WHERE device_id = ?1", [device])
