@@ -150,7 +150,7 @@ impl Cluster {
                         .ok()
                         .and_then(|v| serde_json::from_value::<Spec>(v["mapping"].clone()).ok())
                     {
-                        Some(spec) => super::mapping_api::add_local(&pipes, spec),
+                        Some(spec) => super::mapping_api::add_local(&pipes, spec).await,
                         None => (StatusCode::BAD_REQUEST, json!({"status": "error", "message": "bad forwarded mapping"})),
                     };
                     self.reply(&msg, answer).await;
@@ -161,7 +161,7 @@ impl Cluster {
                         .ok()
                         .and_then(|v| v["mappingid"].as_str().map(String::from))
                         .unwrap_or_default();
-                    let answer = super::mapping_api::remove_local(&pipes, &id);
+                    let answer = super::mapping_api::remove_local(&pipes, &id).await;
                     self.reply(&msg, answer).await;
                     self.sync_mappings(&pipes).await;
                 }

@@ -27,11 +27,16 @@ section! {
         pub pipes: PipesConfig,
         /// ioFog's `dev`: the mapping API over plain HTTP instead of HTTPS.
         pub dev: bool,
-        /// The mappings (pipes, ports, passcodes), kept across restarts so
-        /// agents and visitors find their pipes on the same ports (0600).
+        /// The relay's database (SQLite, 0600): the mappings (pipes, ports,
+        /// passcodes), the accept filter, the agents the relay dials and
+        /// the OTP hashes, kept across restarts so agents and visitors find
+        /// their pipes on the same ports.
+        pub db: ExpandPath = ExpandPath::new("$SNAP_DATA/relay.db"),
+        /// Only an import source: the mappings file of earlier relays,
+        /// imported into `db` once and renamed to `<file>.imported`.
         pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/mappings.json"),
-        /// The accept filter and the agents the relay dials, kept across
-        /// restarts (0600).
+        /// Only an import source: the accept filter and relay-dials file of
+        /// earlier relays, imported into `db` once.
         pub registry: ExpandPath = ExpandPath::new("$SNAP_DATA/registry.json"),
         /// This relay's name among relays sharing a registry (`nats.url`):
         /// letters, digits, `-`, `_`; empty: the host name's first label.
@@ -93,7 +98,8 @@ section! {
         pub expiry: Duration = Duration::from_secs(24 * 3600),
         /// The longest `expiry` a request may ask for.
         pub max: Duration = Duration::from_secs(30 * 24 * 3600),
-        /// The OTP store (only hashes; 0600).
+        /// Only an import source: the OTP file of earlier relays (only
+        /// hashes), imported into `db` once; OTPs are kept in `db`.
         pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/otps.json"),
     }
 }

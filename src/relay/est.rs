@@ -314,7 +314,11 @@ async fn enroll(est: &Est, req: Request<Incoming>, session: &Session) -> Answer 
         }
         deferred.remove(&device);
     }
-    match est.otps.consume(&device, &otp) {
+    let (otps, d) = (est.otps.clone(), device.clone());
+    let consumed = super::store::blocking(move || otps.consume(&d, &otp))
+        .await
+        .unwrap_or_else(|e| Err(Err(e)));
+    match consumed {
         Ok(()) => sign(est, &csr, &device, "simpleenroll"),
         Err(Ok(r)) => refused(&device, r),
         Err(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, e),
