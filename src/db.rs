@@ -255,6 +255,42 @@ pub fn migrate(conn: &Connection, path: &Path, migrations: &[Migration]) -> Resu
     Ok(())
 }
 
+/// One connection shared by the threads of a store, each use's error
+/// classified against its file. The stores (the DMS ledger, the per-serial
+/// queue, the relay's database) keep one connection each and serialise on
+/// it: SQLite writes one at a time anyway, and callers run it off the async
+/// runtime (`spawn_blocking`).
+pub struct Shared {
+    path: PathBuf,
+    conn: std::sync::Mutex<Connection>,
+}
+
+impl Shared {
+    /// Shares `conn`, opened at `path` (`:memory:` for none).
+    pub fn new(path: &Path, conn: Connection) -> Shared {
+        Shared {
+            path: path.to_path_buf(),
+            conn: std::sync::Mutex::new(conn),
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the connection; a panic in an earlier use does not make
+    /// the store unusable (the connection itself is still consistent:
+    /// SQLite rolls back an unfinished transaction when it is next used).
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn).map_err(|e| DbError::classify(&self.path, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

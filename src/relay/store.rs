@@ -19,7 +19,6 @@ use super::registry::{Filter, Registration, Saved};
 use crate::db::{self, DbError, Migration};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// The schema steps of the relay's database (`migrations/relay/`).
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -61,8 +60,7 @@ pub enum OpenError {
 
 /// The relay's database.
 pub struct Store {
-    path: PathBuf,
-    conn: Mutex<Connection>,
+    db: db::Shared,
 }
 
 /// A write that did not happen: logged, and the message a 500 answer
@@ -88,22 +86,13 @@ impl Store {
         let mut conn = db::open(path, MIGRATIONS)?;
         import(&mut conn, path, legacy)?;
         Ok(Store {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            db: db::Shared::new(path, conn),
         })
-    }
-
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, DbError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut conn).map_err(|e| DbError::classify(&self.path, e))
     }
 
     /// Every pipe, oldest first.
     pub fn mappings(&self) -> Result<Vec<Mapping>, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let mut st = c.prepare(
                 "SELECT id, type, device, target, max1, max2, threshold1, threshold2, \
                  port1, port2, passcode1, passcode2, created_ms FROM pipes ORDER BY created_ms, id",
@@ -141,17 +130,18 @@ impl Store {
     /// Keeps a new pipe (its id and, for a public one, its device and
     /// target unused so far).
     pub fn insert_mapping(&self, m: &Mapping) -> Result<(), DbError> {
-        self.with(|c| insert_mapping(c, m, "INSERT"))
+        self.db.with(|c| insert_mapping(c, m, "INSERT"))
     }
 
     /// Forgets a pipe.
     pub fn delete_mapping(&self, id: &str) -> Result<(), DbError> {
-        self.with(|c| c.execute("DELETE FROM pipes WHERE id = ?1", [id]).map(drop))
+        self.db
+            .with(|c| c.execute("DELETE FROM pipes WHERE id = ?1", [id]).map(drop))
     }
 
     /// The accept filter (none kept: the default, nothing accepted).
     pub fn filter(&self) -> Result<Filter, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let allow_all = c
                 .query_row("SELECT allow_all FROM accept_filter", [], |r| r.get(0))
                 .or_else(|e| match e {
@@ -169,7 +159,7 @@ impl Store {
 
     /// Replaces the accept filter.
     pub fn set_filter(&self, f: &Filter) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             set_filter(&tx, f)?;
             tx.commit()
@@ -178,7 +168,7 @@ impl Store {
 
     /// The relay-dials registrations, by device id.
     pub fn registrations(&self) -> Result<Vec<Registration>, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let mut st =
                 c.prepare("SELECT device_id, address, tls FROM registrations ORDER BY device_id")?;
             let rows = st.query_map([], |r| {
@@ -194,12 +184,12 @@ impl Store {
 
     /// Adds or replaces the registration of its device.
     pub fn put_registration(&self, r: &Registration) -> Result<(), DbError> {
-        self.with(|c| put_registration(c, r))
+        self.db.with(|c| put_registration(c, r))
     }
 
     /// Forgets a device's registration.
     pub fn delete_registration(&self, device: &str) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute("DELETE FROM registrations WHERE device_id = ?1", [device])
                 .map(drop)
         })
@@ -207,7 +197,7 @@ impl Store {
 
     /// Every OTP kept (used ones until they expire).
     pub(super) fn otps(&self) -> Result<Vec<Entry>, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let mut st = c.prepare(
                 "SELECT device, sha256, expires_ms, used_ms FROM otps ORDER BY expires_ms",
             )?;
@@ -226,7 +216,7 @@ impl Store {
     /// Keeps a new OTP in the transaction that forgets the expired ones
     /// (at `now`) and the unused one of its device (the newest counts).
     pub(super) fn issue_otp(&self, e: &Entry, now: i64) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "DELETE FROM otps WHERE expires_ms <= ?1 OR (device = ?2 AND used_ms IS NULL)",
@@ -239,7 +229,7 @@ impl Store {
 
     /// Records an OTP as used at `at` (unix ms).
     pub fn use_otp(&self, device: &str, sha256: &str, at: i64) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE otps SET used_ms = ?3 WHERE device = ?1 AND sha256 = ?2",
                 params![device, sha256, at],
@@ -576,7 +566,7 @@ mod tests {
         let s = Store::open(&dir.path().join("r.db"), &Legacy::default()).unwrap();
         s.insert_mapping(&public("a", "d1", 30000)).unwrap();
         // No page more: what a full disk does to SQLite.
-        s.with(|c| {
+        s.db.with(|c| {
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
             c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
         })

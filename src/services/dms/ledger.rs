@@ -20,7 +20,6 @@ use crate::db::{self, DbError, Migration};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// The ledger's schema, in order.
@@ -148,8 +147,7 @@ pub struct LinkRow {
 
 /// The durable action ledger (SQLite): what was acknowledged, started and answered.
 pub struct Ledger {
-    path: PathBuf,
-    conn: Mutex<Connection>,
+    db: db::Shared,
 }
 
 pub use crate::clock::now_ms;
@@ -167,8 +165,7 @@ impl Ledger {
         conn.pragma_update(None, "synchronous", "full")
             .map_err(|e| DbError::classify(path, e))?;
         Ok(Ledger {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            db: db::Shared::new(path, conn),
         })
     }
 
@@ -179,17 +176,8 @@ impl Ledger {
         let conn = Connection::open_in_memory().map_err(|e| DbError::classify(&path, e))?;
         db::migrate(&conn, &path, MIGRATIONS)?;
         Ok(Ledger {
-            path,
-            conn: Mutex::new(conn),
+            db: db::Shared::new(&path, conn),
         })
-    }
-
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, DbError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut conn).map_err(|e| DbError::classify(&self.path, e))
     }
 
     /// Records a batch of unsigned requests in one transaction (one fsync
@@ -211,7 +199,7 @@ impl Ledger {
     /// moment the action is acknowledged, across restarts.
     pub fn accept_entries(&self, batch: &[Entry]) -> Result<Vec<Admission>, DbError> {
         let now = now_ms();
-        self.with(|c| {
+        self.db.with(|c| {
             // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
             // deferred one reads first and, finding another writer when it
             // upgrades, fails at once with "database is locked".
@@ -281,7 +269,7 @@ impl Ledger {
     }
 
     fn set_state(&self, id: &str, state: State) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE actions SET state = ?2, updated_ms = ?3 WHERE id = ?1",
                 params![id, state.as_str(), now_ms()],
@@ -292,7 +280,7 @@ impl Ledger {
 
     /// Stores the reply (and the change it started) before it is sent.
     pub fn answer(&self, id: &str, response: &[u8], change: Option<&str>) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE actions SET state = 'done', response = ?2, change = ?3, updated_ms = ?4 WHERE id = ?1",
                 params![id, response, change, now_ms()],
@@ -303,7 +291,7 @@ impl Ledger {
 
     /// Stores the completion report before it is sent.
     pub fn complete(&self, id: &str, completion: &[u8]) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE actions SET completion = ?2, updated_ms = ?3 WHERE id = ?1",
                 params![id, completion, now_ms()],
@@ -320,12 +308,12 @@ impl Ledger {
         } else {
             "UPDATE actions SET response_acked = 1 WHERE id = ?1"
         };
-        self.with(|c| c.execute(sql, [id]).map(drop))
+        self.db.with(|c| c.execute(sql, [id]).map(drop))
     }
 
     /// Every row a restart must finish, oldest first.
     pub fn unfinished(&self) -> Result<Vec<Unfinished>, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let mut q = c.prepare(
                 "SELECT id, action, snap, data, state, response, response_acked, change, completion, completion_acked, received_ms, updated_ms \
                  FROM actions WHERE state != 'done' OR response_acked = 0 \
@@ -366,7 +354,7 @@ impl Ledger {
         let cutoff = now_ms() - max_age.as_millis() as i64;
         const FINISHED: &str = "state = 'done' AND response_acked = 1 \
              AND (change IS NULL OR completion_acked = 1)";
-        self.with(|c| {
+        self.db.with(|c| {
             let by_age = c.execute(
                 &format!("DELETE FROM actions WHERE {FINISHED} AND updated_ms <= ?1"),
                 [cutoff],
@@ -391,7 +379,8 @@ impl Ledger {
 
     /// How many rows the ledger holds.
     pub fn rows(&self) -> Result<u64, DbError> {
-        self.with(|c| c.query_row("SELECT COUNT(*) FROM actions", [], |r| r.get::<_, i64>(0)))
+        self.db
+            .with(|c| c.query_row("SELECT COUNT(*) FROM actions", [], |r| r.get::<_, i64>(0)))
             .map(|n| n as u64)
     }
 
@@ -402,7 +391,7 @@ impl Ledger {
         detail: Option<&str>,
         restart: bool,
     ) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "INSERT INTO link (one, connected, detail, since_ms, restarts) VALUES (1, ?1, ?2, ?3, ?4) \
                  ON CONFLICT (one) DO UPDATE SET connected = ?1, detail = ?2, since_ms = ?3, restarts = restarts + ?4",

@@ -4,9 +4,8 @@
 
 use super::request::RequiredInstall;
 use crate::db::{self, DbError, Migration};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use std::path::Path;
 
 /// The queue's schema, in order.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -17,8 +16,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The durable queue of per-serial requests (SQLite).
 pub struct Store {
-    path: PathBuf,
-    conn: Mutex<Connection>,
+    db: db::Shared,
 }
 
 /// What storing a request found.
@@ -69,26 +67,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "full")
             .map_err(|e| DbError::classify(path, e))?;
         Ok(Store {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            db: db::Shared::new(path, conn),
         })
-    }
-
-    fn err(&self, e: rusqlite::Error) -> DbError {
-        DbError::classify(&self.path, e)
-    }
-
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, DbError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut conn).map_err(|e| self.err(e))
     }
 
     /// Queues a request, or says it is already known.
     pub fn add(&self, req: &RequiredInstall, topic: &str, now: &str) -> Result<Added, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
             // deferred one reads first and, finding another writer when it
             // upgrades, fails at once with "database is locked".
@@ -123,7 +108,7 @@ impl Store {
 
     /// Pending requests whose next attempt is due at `now` (unix seconds).
     pub fn due(&self, now: i64) -> Result<Vec<Pending>, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             let mut q = c.prepare(
                 "SELECT id, topic, attempts FROM requirements WHERE state = 'pending' AND next_attempt <= ?1 ORDER BY received, id",
             )?;
@@ -159,7 +144,7 @@ impl Store {
 
     /// The earliest next attempt of any pending request.
     pub fn next_due(&self) -> Result<Option<i64>, DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.query_row(
                 "SELECT MIN(next_attempt) FROM requirements WHERE state = 'pending'",
                 [],
@@ -170,7 +155,7 @@ impl Store {
 
     /// Records a snap's progress.
     pub fn set_snap(&self, req: &str, s: &SnapRow) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE required_snaps SET status = ?3, change = ?4, error = ?5 WHERE requirement = ?1 AND name = ?2",
                 params![req, s.name, s.status, s.change, s.error],
@@ -181,7 +166,7 @@ impl Store {
 
     /// Puts a request back to try again at `at` (unix seconds).
     pub fn retry_later(&self, req: &str, attempts: u32, at: i64) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE requirements SET attempts = ?2, next_attempt = ?3 WHERE id = ?1",
                 params![req, attempts, at],
@@ -192,7 +177,7 @@ impl Store {
 
     /// Records a request's final result.
     pub fn finish(&self, req: &str, result: &str) -> Result<(), DbError> {
-        self.with(|c| {
+        self.db.with(|c| {
             c.execute(
                 "UPDATE requirements SET state = 'done', result = ?2 WHERE id = ?1",
                 params![req, result],
