@@ -5,8 +5,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// The running agent's pid file, in the data directory.
 pub const PID_FILE: &str = "agent.pid";
 
+/// Where the running agent's pid file is.
 pub fn pid_path(data_dir: &Path) -> PathBuf {
     data_dir.join(PID_FILE)
 }

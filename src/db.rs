@@ -27,59 +27,93 @@ pub struct Migration {
     pub version: u32,
     /// The file name, for messages.
     pub name: &'static str,
+    /// The migration's SQL, run in one transaction.
     pub sql: &'static str,
 }
 
 /// What went wrong with a database, with the advice the log line carries.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// The file is not an SQLite database, or is damaged.
     #[error("database {path} is corrupt or not an SQLite file ({source}); move it aside (the agent then starts a new one) or restore a backup")]
     Corrupt {
+        /// The database file.
         path: PathBuf,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// Another process holds the lock longer than [`BUSY_TIMEOUT`].
     #[error("database {path} is locked by another process ({source}); the agent retries; if it persists, find the process holding it (fuser {path})")]
     Locked {
+        /// The database file.
         path: PathBuf,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// The file or its directory cannot be written.
     #[error("database {path} cannot be written ({source}): the file, its directory or the disk is read-only or not ours; fix the permissions or set the location to a writable place")]
     ReadOnly {
+        /// The database file.
         path: PathBuf,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// The disk is full.
     #[error("database {path}: the disk is full ({source}); free space on it (the agent retries)")]
     Full {
+        /// The database file.
         path: PathBuf,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// A read-only open of a file that does not exist yet.
     #[error("database {path} does not exist yet; the agent creates it when it runs")]
-    Missing { path: PathBuf },
+    Missing {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The schema was written by a newer agent.
     #[error("database {path} has schema version {found}, newer than this agent knows ({known}); it was written by a newer iot-agent: upgrade the agent or move the file aside")]
     TooNew {
+        /// The database file.
         path: PathBuf,
+        /// The file's schema version.
         found: u32,
+        /// The newest version this build knows.
         known: u32,
     },
+    /// The database's directory cannot be created.
     #[error("database {path}: cannot create its directory: {source}")]
     Dir {
+        /// The database file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The file cannot be created at mode 0600.
     #[error("database {path}: cannot create it or make it private (0600): {source}")]
     Private {
+        /// The database file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// A migration's SQL failed (its transaction is rolled back).
     #[error("database {path}: migration {name} failed: {source}")]
     Migration {
+        /// The database file.
         path: PathBuf,
+        /// The migration's file name.
         name: &'static str,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// Any other SQLite error.
     #[error("database {path}: {source}")]
     Other {
+        /// The database file.
         path: PathBuf,
+        /// SQLite's error.
         source: rusqlite::Error,
     },
 }

@@ -36,6 +36,7 @@ pub enum Verify {
 }
 
 impl Verify {
+    /// The name `snap set` takes.
     pub fn as_str(self) -> &'static str {
         match self {
             Verify::Full => "full",
@@ -44,24 +45,48 @@ impl Verify {
     }
 }
 
+/// Why a TLS configuration cannot be built; each names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TlsError {
+    /// The text is not PEM certificates.
     #[error("{what} is not PEM certificate text: {detail}")]
-    NotPem { what: String, detail: String },
-    #[error("{what} holds no certificate")]
-    Empty { what: String },
-    #[error("cannot read {what} {path}: {detail}")]
-    Read {
+    NotPem {
+        /// The key or file.
         what: String,
-        path: String,
+        /// Why.
         detail: String,
     },
+    /// No certificate in it.
+    #[error("{what} holds no certificate")]
+    Empty {
+        /// The key or file.
+        what: String,
+    },
+    /// The file cannot be read.
+    #[error("cannot read {what} {path}: {detail}")]
+    Read {
+        /// The key.
+        what: String,
+        /// The file.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// A certificate rustls does not accept as a root.
     #[error("{what} cannot be a trust root: {detail}")]
-    BadRoot { what: String, detail: String },
+    BadRoot {
+        /// The key or file.
+        what: String,
+        /// Why.
+        detail: String,
+    },
+    /// The client certificate does not match its key, or is unusable.
     #[error("the client certificate and key cannot be used: {0}")]
     ClientCert(String),
+    /// No root to verify against.
     #[error("no trusted root certificate for {0}")]
     NoRoots(String),
+    /// rustls refused the configuration.
     #[error("cannot build the TLS configuration: {0}")]
     Build(String),
 }
@@ -106,6 +131,7 @@ impl Default for Roots {
 }
 
 impl Roots {
+    /// No roots yet.
     pub fn new() -> Self {
         Roots {
             store: rustls::RootCertStore::empty(),
@@ -152,6 +178,7 @@ impl Roots {
         self
     }
 
+    /// Whether no root was added.
     pub fn is_empty(&self) -> bool {
         self.store.is_empty()
     }
@@ -171,7 +198,9 @@ pub struct Advice {
 
 /// A client certificate chain and its key, as PEM text.
 pub struct ClientCert<'a> {
+    /// The certificate chain.
     pub cert_pem: &'a str,
+    /// Its key.
     pub key_pem: &'a str,
 }
 
@@ -452,6 +481,13 @@ pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
+}
+
+/// When a DER certificate stops being valid (`notAfter`, Unix seconds).
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// webpki's verifier, with the host-name mismatch accepted in chain mode

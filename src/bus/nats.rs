@@ -9,18 +9,47 @@ use bytes::Bytes;
 use futures::StreamExt;
 use std::time::Duration;
 
+/// What can go wrong on the local NATS connection; each names the subject.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
+    /// The server at `url` could not be reached or refused us.
     #[error("cannot connect to NATS at {url}: {detail}")]
-    Connect { url: String, detail: String },
+    Connect {
+        /// The server(s) tried.
+        url: String,
+        /// The client's error.
+        detail: String,
+    },
+    /// The server refused the subscription (commonly: not authorized).
     #[error("cannot subscribe to {topic}: {detail}")]
-    Subscribe { topic: String, detail: String },
+    Subscribe {
+        /// The subject.
+        topic: String,
+        /// The client's error.
+        detail: String,
+    },
+    /// The message could not be handed to the connection.
     #[error("cannot publish on {topic}: {detail}")]
-    Publish { topic: String, detail: String },
+    Publish {
+        /// The subject.
+        topic: String,
+        /// The client's error.
+        detail: String,
+    },
+    /// No answer came, or the server refused the request.
     #[error("request on {topic} failed: {detail}")]
-    Request { topic: String, detail: String },
+    Request {
+        /// The subject.
+        topic: String,
+        /// The client's error.
+        detail: String,
+    },
+    /// A request came without a reply subject, so it cannot be answered.
     #[error("the message on {topic} has no reply subject")]
-    NoReplyTo { topic: String },
+    NoReplyTo {
+        /// The subject it came on.
+        topic: String,
+    },
 }
 
 /// First and longest delay between reconnection attempts.
@@ -49,10 +78,12 @@ struct Guard {
 /// A message received on a subscription.
 #[derive(Debug, Clone)]
 pub struct Incoming {
+    /// The subject in the vocabulary's `/` form.
     pub topic: Topic,
     /// The subject as received (NATS form). `topic` maps `.` to `/`, so a
     /// NATS token holding a `/` is only told apart here.
     pub subject: String,
+    /// The message body.
     pub payload: Bytes,
     reply: Option<async_nats::Subject>,
 }
@@ -76,6 +107,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The next message, or `None` once the subscription is closed.
     pub async fn next(&mut self) -> Option<Incoming> {
         let m = self.inner.next().await?;
         Some(Incoming {
@@ -186,10 +218,12 @@ impl Nats {
         &self.nats
     }
 
+    /// Whether the client is connected to a server right now.
     pub fn is_connected(&self) -> bool {
         self.nats.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Publishes `payload` on `topic` (fire and forget, as NATS core does).
     pub async fn publish(&self, topic: &Topic, payload: Bytes) -> Result<(), NatsError> {
         self.nats
             .publish(topic.nats(), payload)
@@ -200,6 +234,7 @@ impl Nats {
             })
     }
 
+    /// Subscribes to `topic` (wildcards allowed).
     pub async fn subscribe(&self, topic: &Topic) -> Result<Subscription, NatsError> {
         let inner = self
             .nats

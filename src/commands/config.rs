@@ -4,6 +4,7 @@ use super::write_stdout;
 use crate::config::{Effective, Loaded};
 use std::fmt::Write;
 
+/// Prints every effective value and its source (`iot-agent config [--json]`).
 pub fn print(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
     write_stdout(&render(loaded, json)?)
 }

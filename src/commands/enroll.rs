@@ -6,6 +6,7 @@ use crate::identity::{enroll_once, IdentityService, Store, Stored};
 use crate::{control, snapd};
 use std::process::ExitCode;
 
+/// Enrolls once now (`iot-agent enroll`); the exit code tells the outcome.
 pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
     let store = Store::from_config(config);
     match store.load() {

@@ -21,11 +21,15 @@ use std::process::ExitCode;
 
 /// Where the data of `export send` comes from.
 pub enum Data<'a> {
+    /// The command-line argument itself.
     Arg(&'a str),
+    /// The contents of a file.
     File(&'a Path),
+    /// Everything read from standard input.
     Stdin,
 }
 
+/// Spools one message on `stream` (`iot-agent export send`); it is forwarded by the running agent.
 pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCode> {
     for seg in stream.split('.') {
         topics::segment(seg).map_err(|e| anyhow::anyhow!("bad stream name {stream:?}: {e}"))?;
@@ -85,6 +89,7 @@ pub fn send(config: &Config, stream: &str, data: Data) -> anyhow::Result<ExitCod
     }
 }
 
+/// Prints the spool's depth and the upstream's state (`iot-agent export status`).
 pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let spool = Spool::open_read_only(config.export.spool.path.path())?;
     let snap = spool.snapshot()?;

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::subsystems::provisioning::{self, fmt_s, store::Store};
 use serde_json::json;
 
+/// Prints the provisioned certificate's state (`iot-agent provisioning status`).
 pub fn status(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let c = &config.provisioning;
     let store = Store::new(c.dir.path());

@@ -68,8 +68,11 @@ pub fn run(a: &SignArgs) -> anyhow::Result<ExitCode> {
 
 /// Where the action comes from.
 pub enum Action<'a> {
+    /// The command-line argument itself.
     Arg(&'a str),
+    /// The contents of a file.
     File(&'a Path),
+    /// Everything read from standard input.
     Stdin,
 }
 

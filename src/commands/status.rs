@@ -6,6 +6,7 @@ use crate::control;
 use crate::identity::{Store, Stored};
 use serde_json::json;
 
+/// Prints the enrollment state and the credentials' summary (`iot-agent status`).
 pub fn run(config: &Config, as_json: bool) -> anyhow::Result<()> {
     let store = Store::from_config(config);
     let daemon = control::running_daemon(config.data_dir());

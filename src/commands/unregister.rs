@@ -12,6 +12,7 @@ use crate::identity::Store;
 use anyhow::Context;
 use std::process::{Command, ExitCode};
 
+/// Forgets the enrollment (`iot-agent unregister`): removes the credentials and the state.
 pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
     let store = Store::from_config(config);
     if crate::config::layers::in_snap() {

@@ -26,28 +26,41 @@ pub const SECRET_KEYS: &[&str] = &[
     "provisioning.otp",
 ];
 
+/// Why a configuration could not be loaded; each names the key and its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `--config` names a file that does not exist.
     #[error("configuration file {0} does not exist (given with --config)")]
     FileMissing(PathBuf),
+    /// A key's value does not parse as its type.
     #[error("invalid configuration value for key \"{key}\" = {value} (from {origin}): {message}")]
     Invalid {
+        /// The dotted key, e.g. `dms.ledger.max.age`.
         key: String,
+        /// The value as given.
         value: String,
+        /// Which layer gave it.
         origin: Source,
+        /// What is wrong with it.
         message: String,
     },
+    /// A key the agent does not know (refused by `config --strict`).
     #[error("unknown configuration key \"{key}\" (from {origin}); {hint}")]
     Unknown {
+        /// The dotted key as given.
         key: String,
+        /// Which layer gave it.
         origin: Source,
         /// The known keys of the same section, so a typo is easy to fix
         /// (inside a snap there is no `iot-agent config` at hand).
         hint: String,
     },
+    /// A layer could not be read at all (a file that is not TOML, say).
     #[error("cannot read the configuration{}: {message}", from.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
     Unreadable {
+        /// The layer, when it is known.
         from: Option<Source>,
+        /// What went wrong.
         message: String,
     },
 }
@@ -56,9 +69,13 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", content = "detail", rename_all = "kebab-case")]
 pub enum Source {
+    /// The agent's built-in default.
     Default,
+    /// The `--config` TOML file.
     File(PathBuf),
+    /// The snap's configuration (`snap set`).
     Snap,
+    /// An environment variable, by name.
     Env(String),
 }
 
@@ -75,6 +92,7 @@ impl fmt::Display for Source {
 
 /// A configuration with the layers it was built from.
 pub struct Loaded {
+    /// The configuration, every layer applied.
     pub config: Config,
     /// Keys that some source sets but the agent does not know, with their
     /// source. The daemon only warns about them (a key written for a newer
@@ -88,14 +106,18 @@ pub struct Loaded {
 /// One effective value and its source, as `iot-agent config` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Effective {
+    /// The dotted key.
     pub key: String,
+    /// The value in effect.
     pub value: serde_json::Value,
+    /// The layer it came from.
     pub source: Source,
 }
 
 /// What to layer. `file: None` means the default file, which may be absent.
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
+    /// The `--config` file.
     pub file: Option<PathBuf>,
 }
 

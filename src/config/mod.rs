@@ -64,20 +64,35 @@ section! {
     pub struct Config {
         /// Base URL of the IoT Identity service.
         pub url: ServiceUrl = ServiceUrl::new("http://localhost:8030"),
+        /// `identity.*`.
         pub identity: IdentityConfig,
+        /// `snapd.*`.
         pub snapd: SnapdConfig,
+        /// `nats.*`: the local NATS server and the mirror.
         pub nats: NatsConfig,
+        /// `log.*`.
         pub log: LogConfig,
+        /// `runtime.*`.
         pub runtime: RuntimeConfig,
+        /// `dirs.*`.
         pub dirs: Dirs,
+        /// `snaplogger.*`: the change history.
         pub snaplogger: SnapLogger,
+        /// `dms.*`: the DMS link.
         pub dms: DmsConfig,
+        /// `required.*`: the per-serial action tree.
         pub required: RequiredConfig,
+        /// `watchdog.*`: reboots for stuck changes.
         pub watchdog: Watchdog,
+        /// `export.*`: store-and-forward telemetry.
         pub export: ExportConfig,
+        /// `terminal.*`: the remote terminal.
         pub terminal: TerminalConfig,
+        /// `browser.*`: the remote browser.
         pub browser: BrowserConfig,
+        /// `tunnel.*`: the tunnel client.
         pub tunnel: TunnelConfig,
+        /// `provisioning.*`: certificates over EST.
         pub provisioning: ProvisioningConfig,
     }
 }
@@ -99,12 +114,15 @@ section! {
 }
 
 section! {
+    /// `identity.retry.*`.
     pub struct IdentityRetry {
+        /// Longest wait between enrollment attempts (back-off cap).
         pub max: Duration = Duration::from_secs(600),
     }
 }
 
 section! {
+    /// `snapd.*`: how snapd is reached.
     pub struct SnapdConfig {
         /// snapd's REST API socket.
         pub socket: ExpandPath = ExpandPath::new("/run/snapd.socket"),
@@ -114,9 +132,11 @@ section! {
 }
 
 section! {
+    /// `nats.*`: the device-local NATS server, the mirror's users and the bundled server.
     pub struct NatsConfig {
         /// Device-local NATS server(s), comma separated.
         pub url: NatsUrl = NatsUrl::new("nats://127.0.0.1:4222"),
+        /// The agent's own user (`snapd` by default).
         pub snapd: NatsCredentials,
         /// Refuse every mirrored snapd request but GET (`agent-read-only`).
         pub readonly: bool,
@@ -135,6 +155,7 @@ section! {
         pub bundled: bool = true,
         /// JetStream's store of the bundled server (MQTT sessions).
         pub store: ExpandPath = ExpandPath::new("$SNAP_COMMON/nats"),
+        /// `nats.mqtt.*`.
         pub mqtt: NatsMqtt,
         /// The user for every other local client (other snaps): any subject but
         /// the agent's trees. Its password is generated on first start.
@@ -148,6 +169,7 @@ section! {
             user: String::new(),
             password: String::new(),
         },
+        /// `nats.leaf.*`.
         pub leaf: NatsLeaf,
     }
 }
@@ -165,19 +187,25 @@ section! {
     pub struct NatsLeaf {
         /// `nats-leaf://host:7422` or `tls://host:7422`; empty: no leaf node.
         pub url: String,
+        /// The leaf node's user at the cluster.
         pub user: String,
+        /// The leaf node's password.
         pub password: String,
     }
 }
 
 section! {
+    /// A user name and password on the local NATS server.
     pub struct NatsCredentials {
+        /// The user name.
         pub user: String = "snapd".into(),
+        /// The password; empty: generated on first start (bundled server).
         pub password: String = WELL_KNOWN_NATS_PASSWORD.into(),
     }
 }
 
 section! {
+    /// `log.*`.
     pub struct LogConfig {
         /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
         pub level: LogLevel = LogLevel::new("info"),
@@ -207,7 +235,9 @@ section! {
     pub struct Dirs {
         // `$SNAP_DATA` is expanded from the snap's environment; outside a
         // snap there is no such variable and the system path is used.
+        /// Where state is kept (`$SNAP_DATA` in the snap).
         pub data: ExpandPath = in_snap_or("SNAP_DATA", "/var/lib/iot-agent"),
+        /// Where state shared across revisions is kept (`$SNAP_COMMON` in the snap).
         pub common: ExpandPath = in_snap_or("SNAP_COMMON", "/var/lib/iot-agent/common"),
     }
 }
@@ -224,12 +254,15 @@ fn in_snap_or(var: &str, outside: &str) -> ExpandPath {
 section! {
     /// Per-serial action topics (`devices/actions/{serial}/...`).
     pub struct RequiredConfig {
+        /// Serve the per-serial action tree.
         pub enabled: bool = true,
         /// Switch a required snap that is installed but tracks another channel.
         pub switch: bool = true,
+        /// `required.database.*`.
         pub database: Location,
         /// Attempts before a required-install is reported as failed.
         pub attempts: u32 = 10,
+        /// `required.retry.*`.
         pub retry: RetryCap,
     }
 }
@@ -237,6 +270,7 @@ section! {
 section! {
     /// `*.location` of a file.
     pub struct Location {
+        /// The SQLite file.
         pub location: ExpandPath = ExpandPath::new("$SNAP_DATA/required.db"),
     }
 }
@@ -244,6 +278,7 @@ section! {
 section! {
     /// `*.retry.max`: the longest wait between attempts.
     pub struct RetryCap {
+        /// Longest wait between retries (back-off cap).
         pub max: Duration = Duration::from_secs(600),
     }
 }
@@ -251,6 +286,7 @@ section! {
 section! {
     /// The DMS management channel (MQTT with the enrollment's credentials).
     pub struct DmsConfig {
+        /// Connect to the DMS once enrolled.
         pub enabled: bool = true,
         /// The CA certificate that signs the broker (a file path or the PEM
         /// text), trusted besides the enrollment's organization certificate.
@@ -265,15 +301,22 @@ section! {
         pub protocol: DmsProtocol = DmsProtocol::Dmscore,
         /// Send a `completion` report when a change started by an action is ready.
         pub completion: bool = true,
+        /// `dms.heartbeat.*`.
         pub heartbeat: Every,
+        /// `dms.metrics.*`.
         pub metrics: Every,
+        /// `dms.change.*`.
         pub change: DmsChange,
+        /// `dms.upload.*`.
         pub upload: DmsUpload,
         /// MQTT keep-alive with the DMS broker: a silent broker is noticed
         /// after about 1.5 times this.
         pub keepalive: Duration = Duration::from_secs(30),
+        /// `dms.actions.*`.
         pub actions: DmsActions,
+        /// `dms.ledger.*`.
         pub ledger: DmsLedger,
+        /// `dms.signing.*`.
         pub signing: DmsSigning,
     }
 }
@@ -311,7 +354,9 @@ section! {
 section! {
     /// `dms.ledger.*`: the durable record of DMS actions.
     pub struct DmsLedger {
+        /// The SQLite file.
         pub location: ExpandPath = ExpandPath::new("$SNAP_DATA/dms.db"),
+        /// `dms.ledger.max.*`.
         pub max: DmsLedgerMax,
     }
 }
@@ -319,7 +364,9 @@ section! {
 section! {
     /// `dms.ledger.max.*`: finished actions are pruned beyond either bound.
     pub struct DmsLedgerMax {
+        /// Answered actions older than this are pruned.
         pub age: Duration = Duration::from_secs(30 * 24 * 3600),
+        /// At most this many answered actions are kept.
         pub count: u64 = 10_000,
     }
 }
@@ -338,11 +385,13 @@ pub enum DmsProtocol {
 section! {
     /// `*.interval`.
     pub struct Every {
+        /// How often.
         pub interval: Duration = Duration::from_secs(60),
     }
 }
 
 section! {
+    /// `dms.change.*`.
     pub struct DmsChange {
         /// How long a change started by an action is followed for its report.
         pub timeout: Duration = Duration::from_secs(3600),
@@ -350,7 +399,9 @@ section! {
 }
 
 section! {
+    /// `dms.upload.*`: uploads of logs and snapshots that actions ask for.
     pub struct DmsUpload {
+        /// Bound on one upload.
         pub timeout: Duration = Duration::from_secs(300),
         /// Bytes; larger log or snapshot uploads are refused.
         pub limit: u64 = 512 * 1024 * 1024,
@@ -360,52 +411,71 @@ section! {
 section! {
     /// The change history (`snaplogger.*`, the reference agent's key names).
     pub struct SnapLogger {
+        /// `snaplogger.database.*`.
         pub database: SnapLoggerDatabase,
+        /// `snaplogger.maximum.*`.
         pub maximum: SnapLoggerMaximum,
+        /// `snaplogger.duration.*`.
         pub duration: SnapLoggerDuration,
+        /// `snaplogger.log.*`.
         pub log: SnapLoggerLog,
     }
 }
 
 section! {
+    /// `snaplogger.database.*`.
     pub struct SnapLoggerDatabase {
+        /// The SQLite file.
         pub location: ExpandPath = ExpandPath::new("$SNAP_DATA/changes.db"),
     }
 }
 
 section! {
+    /// `snaplogger.maximum.*`.
     pub struct SnapLoggerMaximum {
+        /// `snaplogger.maximum.changes.*`.
         pub changes: SnapLoggerKeep,
     }
 }
 
 section! {
+    /// `snaplogger.maximum.changes.*`.
     pub struct SnapLoggerKeep {
+        /// Most changes kept; older ones are pruned.
         pub keep: u32 = 1000,
     }
 }
 
 section! {
+    /// `snaplogger.duration.*`.
     pub struct SnapLoggerDuration {
+        /// `snaplogger.duration.between.*`.
         pub between: SnapLoggerBetween,
     }
 }
 
 section! {
+    /// `snaplogger.duration.between.*`.
     pub struct SnapLoggerBetween {
+        /// How often snapd's changes are read when nothing wakes the poller earlier.
         pub checks: Duration = Duration::from_secs(3600),
     }
 }
 
 section! {
+    /// `snaplogger.log.*`.
     pub struct SnapLoggerLog {
+        /// `snaplogger.log.changes.*`.
         pub changes: SnapLoggerStartup,
+        /// The level of change log lines.
         pub level: LogLevel = LogLevel::new("info"),
     }
 }
 
 section! {
+    /// `snaplogger.log.changes.*`.
     pub struct SnapLoggerStartup {
+        /// Log the changes already in the history at start.
         pub startup: bool = true,
     }
 }
@@ -413,6 +483,7 @@ section! {
 section! {
     /// The snap-change watchdog: reboots the device when a change is stuck.
     pub struct Watchdog {
+        /// Reboot for stuck changes.
         pub enabled: bool = true,
         /// A change not ready whose tasks made no progress for this long
         /// (measured from when the agent first saw it) is stuck.
@@ -420,9 +491,13 @@ section! {
         /// Change kinds that are never stuck (they legitimately retry forever).
         // `become-operational` retries the device registration for as
         // long as there is no serial (no network, a classic machine).
+        /// Change kinds never counted as stuck.
         pub ignore: StringList = StringList::new(&["become-operational"]),
+        /// `watchdog.reboot.*`.
         pub reboot: WatchdogReboot,
+        /// `watchdog.budget.*`.
         pub budget: WatchdogBudget,
+        /// `watchdog.boot.*`.
         pub boot: WatchdogBoot,
     }
 }
@@ -431,12 +506,15 @@ section! {
     /// At most `reboots` reboots per `window`, across agent restarts and
     /// change ids.
     pub struct WatchdogBudget {
+        /// Most watchdog reboots in a window: no reboot loop.
         pub reboots: u32 = 1,
+        /// The window of the budget.
         pub window: Duration = Duration::from_secs(24 * 3600),
     }
 }
 
 section! {
+    /// `watchdog.boot.*`.
     pub struct WatchdogBoot {
         /// No reboot this soon after the system booted.
         pub grace: Duration = Duration::from_secs(15 * 60),
@@ -444,6 +522,7 @@ section! {
 }
 
 section! {
+    /// `watchdog.reboot.*`.
     pub struct WatchdogReboot {
         /// A shell command that reboots; empty means through snapd.
         pub command: String,
@@ -460,17 +539,23 @@ section! {
         /// Intake subject prefix on the device-local NATS: applications publish
         /// on `{subject}.{stream}`.
         pub subject: String = "export".into(),
+        /// `export.spool.*`.
         pub spool: ExportSpool,
+        /// `export.upstream.*`.
         pub upstream: ExportUpstream,
+        /// `export.batch.*`.
         pub batch: ExportBatch,
+        /// `export.status.*`.
         pub status: ExportStatus,
     }
 }
 
 section! {
+    /// `export.spool.*`: the SQLite spool.
     pub struct ExportSpool {
         /// The SQLite spool (in `$SNAP_COMMON`: kept across snap revisions).
         pub path: ExpandPath = ExpandPath::new("$SNAP_COMMON/export.db"),
+        /// `export.spool.max.*`.
         pub max: ExportSpoolMax,
         /// What happens when a new message does not fit.
         pub full: FullPolicy = FullPolicy::DropOldest,
@@ -478,6 +563,7 @@ section! {
 }
 
 section! {
+    /// `export.spool.max.*`.
     pub struct ExportSpoolMax {
         /// Bound on spooled payload and stream-name bytes.
         pub bytes: u64 = 256 * 1024 * 1024,
@@ -497,6 +583,7 @@ pub enum FullPolicy {
 }
 
 impl FullPolicy {
+    /// The name as `snap set` takes it.
     pub fn as_str(self) -> &'static str {
         match self {
             FullPolicy::DropOldest => "drop-oldest",
@@ -506,6 +593,7 @@ impl FullPolicy {
 }
 
 section! {
+    /// `export.upstream.*`: where spooled messages go.
     pub struct ExportUpstream {
         /// `nats://`/`tls://` (JetStream) or `mqtt://`/`mqtts://` (QoS 1);
         /// empty: spool only.
@@ -514,12 +602,15 @@ section! {
         pub subject: String = "telemetry".into(),
         /// JetStream stream to create when missing (empty: it must exist).
         pub stream: String,
+        /// The upstream user.
         pub user: String,
+        /// The upstream password.
         pub password: String,
         /// Extra CA certificate (PEM) for `tls://` and `mqtts://`.
         pub ca: OptPath,
         /// MQTT client id.
         pub client: String = "iot-agent-export".into(),
+        /// `export.upstream.max.*`.
         pub max: ExportUpstreamMax,
     }
 }
@@ -538,6 +629,7 @@ section! {
 }
 
 section! {
+    /// `export.batch.*`.
     pub struct ExportBatch {
         /// Most messages committed in one spool transaction (group commit).
         pub intake: u32 = 1024,
@@ -547,6 +639,7 @@ section! {
 }
 
 section! {
+    /// `export.status.*`.
     pub struct ExportStatus {
         /// How often the status is published on the health subject.
         pub interval: Duration = Duration::from_secs(10),
@@ -566,11 +659,13 @@ section! {
         /// A session nobody sent anything to (input, resize, acknowledgement)
         /// for this long is closed and its processes killed.
         pub idle: Duration = Duration::from_secs(600),
+        /// `terminal.sessions.*`.
         pub sessions: TerminalSessions,
     }
 }
 
 section! {
+    /// `terminal.sessions.*`.
     pub struct TerminalSessions {
         /// Sessions open at once (both transports); one more is refused.
         pub max: u32 = 4,
@@ -586,6 +681,7 @@ section! {
         /// The origins that may be reached, `127.0.0.1:PORT` entries (comma
         /// separated); anything else is refused.
         pub allow: StringList,
+        /// `browser.max.*`.
         pub max: BrowserMax,
         /// Bound on one request to the origin (connect, send, whole answer).
         pub timeout: Duration = Duration::from_secs(30),
@@ -593,6 +689,7 @@ section! {
 }
 
 section! {
+    /// `browser.max.*`.
     pub struct BrowserMax {
         /// Bytes; a larger response (or request) body is refused.
         pub body: u64 = 16 * 1024 * 1024,

@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 pub struct Duration(pub std::time::Duration);
 
 impl Duration {
+    /// A duration of `s` seconds (for defaults).
     pub const fn from_secs(s: u64) -> Self {
         Duration(std::time::Duration::from_secs(s))
     }
+    /// The duration as std's type.
     pub fn get(self) -> std::time::Duration {
         self.0
     }
@@ -45,9 +47,11 @@ impl<'de> Deserialize<'de> for Duration {
 pub struct LogLevel(String);
 
 impl LogLevel {
+    /// A level or `tracing` filter directive, as given.
     pub fn new(s: &str) -> Self {
         LogLevel(s.to_string())
     }
+    /// The level as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -86,12 +90,15 @@ impl<'de> Deserialize<'de> for LogLevel {
 pub struct StringList(Vec<String>);
 
 impl StringList {
+    /// A list of the given items (for defaults).
     pub fn new(items: &[&str]) -> Self {
         StringList(items.iter().map(|s| s.to_string()).collect())
     }
+    /// The items, in the order given.
     pub fn items(&self) -> &[String] {
         &self.0
     }
+    /// Whether `item` is one of the items.
     pub fn contains(&self, item: &str) -> bool {
         self.0.iter().any(|s| s == item)
     }
@@ -155,6 +162,7 @@ impl SigningKeys {
     pub fn entries(&self) -> &[(String, ed25519_dalek::VerifyingKey)] {
         &self.0
     }
+    /// Whether no key is configured.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -193,9 +201,11 @@ impl<'de> Deserialize<'de> for SigningKeys {
 pub struct ServiceUrl(String);
 
 impl ServiceUrl {
+    /// The URL, without a trailing `/`.
     pub fn new(s: &str) -> Self {
         ServiceUrl(s.trim_end_matches('/').to_string())
     }
+    /// The URL as configured.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -232,9 +242,11 @@ impl<'de> Deserialize<'de> for ServiceUrl {
 pub struct NatsUrl(String);
 
 impl NatsUrl {
+    /// The URL list as given.
     pub fn new(s: &str) -> Self {
         NatsUrl(s.to_string())
     }
+    /// The URL list as configured.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -273,17 +285,28 @@ pub struct UpstreamUrl(String);
 /// The transport an [`UpstreamUrl`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamKind {
-    Nats { tls: bool },
-    Mqtt { tls: bool },
+    /// A NATS server (`nats://`, or `tls://` with TLS).
+    Nats {
+        /// Whether the URL asks for TLS.
+        tls: bool,
+    },
+    /// An MQTT broker (`mqtt://`, or `mqtts://` with TLS).
+    Mqtt {
+        /// Whether the URL asks for TLS.
+        tls: bool,
+    },
 }
 
 impl UpstreamUrl {
+    /// The URL, trimmed.
     pub fn new(s: &str) -> Self {
         UpstreamUrl(s.trim().to_string())
     }
+    /// The URL as configured.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// Whether an upstream is configured.
     pub fn is_set(&self) -> bool {
         !self.0.is_empty()
     }
@@ -400,6 +423,7 @@ impl<'de> Deserialize<'de> for ExpandPath {
 pub struct OptPath(Option<ExpandPath>);
 
 impl OptPath {
+    /// The path, with `$SNAP*` expanded, when set.
     pub fn path(&self) -> Option<&Path> {
         self.0.as_ref().map(ExpandPath::path)
     }
@@ -432,13 +456,17 @@ impl<'de> Deserialize<'de> for OptPath {
 /// certificates when the configuration is read; a file when it is used.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum PemSource {
+    /// Not set.
     #[default]
     None,
+    /// PEM text given in the value itself.
     Inline(String),
+    /// A file holding PEM text.
     File(ExpandPath),
 }
 
 impl PemSource {
+    /// Whether certificates are configured.
     pub fn is_set(&self) -> bool {
         !matches!(self, PemSource::None)
     }
@@ -477,13 +505,17 @@ impl<'de> Deserialize<'de> for PemSource {
 /// -fingerprint -sha256` prints them, are accepted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum TrustAnchor {
+    /// Not set: the system's roots.
     #[default]
     None,
+    /// Certificates to trust.
     Pem(PemSource),
+    /// The SHA-256 of the one certificate to accept.
     Pin([u8; 32]),
 }
 
 impl TrustAnchor {
+    /// Whether an anchor is configured.
     pub fn is_set(&self) -> bool {
         !matches!(self, TrustAnchor::None)
     }
@@ -543,12 +575,14 @@ pub struct Fraction {
 }
 
 impl Fraction {
+    /// A fraction from its text (for defaults; panics on a bad literal).
     pub fn new(raw: &str) -> Self {
         Fraction {
             raw: raw.to_string(),
             value: Self::parse(raw).expect("a valid default fraction"),
         }
     }
+    /// The fraction, in 0..=1.
     pub fn get(&self) -> f64 {
         self.value
     }

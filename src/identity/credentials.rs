@@ -12,10 +12,15 @@ use std::sync::Arc;
 pub struct Credentials {
     /// The enrollment id: MQTT client id and the `{deviceId}` of topics.
     pub device_id: String,
+    /// The organization's id in the identity service.
     pub org_id: String,
+    /// The organization's name.
     pub org_name: String,
+    /// The device as the identity service knows it (brand, model, serial).
     pub device: Device,
+    /// The DMS's MQTT broker host.
     pub mqtt_host: String,
+    /// The DMS's MQTT broker port.
     pub mqtt_port: u16,
     /// Client certificate chain (PEM).
     pub cert_pem: String,

@@ -102,11 +102,17 @@ fn timestamp(a: &snapd::Assertion) -> i64 {
 /// The enrollment subsystem.
 #[derive(Clone)]
 pub struct Enroller {
+    /// snapd, for the serial assertion and the device's identity.
     pub snapd: snapd::Client,
+    /// The identity service's client.
     pub service: IdentityService,
+    /// Where the credentials are kept.
     pub store: Store,
+    /// The service's URL as configured (recorded in `params`).
     pub identity_url: String,
+    /// Longest wait between attempts (`identity.retry.max`).
     pub retry_cap: Duration,
+    /// Publishes the credentials to the DMS link once they exist.
     pub credentials: watch::Sender<Option<Arc<Credentials>>>,
     /// Notified when the stored credentials changed under the agent
     /// (unregister, a one-shot `enroll`): reload them.

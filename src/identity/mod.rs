@@ -24,16 +24,23 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum EnrollState {
+    /// Enrolled and credentials stored.
     Enrolled {
+        /// The enrollment id the service gave.
         device_id: String,
     },
     /// snapd has no serial assertion: the device is not registered yet.
     NoSerial,
+    /// snapd did not answer.
     SnapdUnreachable {
+        /// What the snapd client said.
         detail: String,
     },
+    /// The identity service did not answer.
     ServiceUnreachable {
+        /// The service's URL.
         url: String,
+        /// What the HTTP client said.
         detail: String,
     },
     /// Known to the service, waiting for approval (status 1).
@@ -42,15 +49,19 @@ pub enum EnrollState {
     Disabled,
     /// The service refused the device (HTTP 400 / a non-empty `code`).
     Refused {
+        /// The service's error code.
         code: String,
+        /// The service's message.
         message: String,
     },
     /// The answer was not a usable enrollment.
     BadAnswer {
+        /// What was wrong with it.
         detail: String,
     },
     /// Enrolled, but the credentials could not be written.
     StoreFailed {
+        /// What the store said.
         detail: String,
     },
 }

@@ -7,24 +7,38 @@ use crate::config::Config;
 use crate::snapd::ASSERTION_CONTENT_TYPE;
 use futures::StreamExt;
 
+/// The enrollment endpoint, relative to `url`.
 pub const ENROLL_PATH: &str = "/v1/device/enroll";
 /// An enrollment answer is a few kilobytes; anything much larger is wrong.
 const MAX_ANSWER: usize = 1024 * 1024;
 
+/// The identity service's HTTP client (TLS verified, answers bounded).
 #[derive(Clone)]
 pub struct IdentityService {
     http: reqwest::Client,
     url: String,
 }
 
+/// Why the identity service's client cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// `identity.ca` cannot be read or holds no certificate.
     #[error("cannot read identity.ca {path}: {detail}")]
-    Ca { path: String, detail: String },
+    Ca {
+        /// The configured path.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// The HTTP client refused its configuration.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// A plain `http://` URL to a host that is not loopback, without `identity.insecure`.
     #[error("refusing the identity service at {url}: plain http:// to a host that is not loopback would carry the device's private key and trust root in clear; use https:// or set identity.insecure=true")]
-    Insecure { url: String },
+    Insecure {
+        /// The configured URL.
+        url: String,
+    },
 }
 
 /// Plain `http://` is allowed to loopback hosts only, unless opted in.
@@ -52,6 +66,7 @@ fn check_plain_http(url: &str, insecure: bool) -> Result<(), SetupError> {
 }
 
 impl IdentityService {
+    /// Builds the client from `url` and `identity.*`.
     pub fn new(config: &Config) -> Result<Self, SetupError> {
         check_plain_http(config.url.as_str(), config.identity.insecure)?;
         let mut builder = reqwest::Client::builder()
@@ -99,6 +114,7 @@ impl IdentityService {
         })
     }
 
+    /// The enrollment URL.
     pub fn endpoint(&self) -> &str {
         &self.url
     }

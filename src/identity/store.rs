@@ -13,11 +13,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The enrollment and its credentials (0600), in the data directory.
 pub const SECRET_FILE: &str = ".secret";
+/// Where the credentials came from (service URL and endpoint).
 pub const PARAMS_FILE: &str = "params";
+/// The device data the service sent, as is.
 pub const DEVICE_DATA_FILE: &str = "device-data.bin";
+/// The daemon's latest enrollment state, for `iot-agent status`.
 pub const STATE_FILE: &str = "enrollment-state.json";
 
+/// The credential store: files in the snap's data and common directories, written atomically at 0600.
 #[derive(Debug, Clone)]
 pub struct Store {
     data_dir: PathBuf,
@@ -26,9 +31,13 @@ pub struct Store {
 
 /// What the store holds.
 pub enum Stored {
+    /// Nothing stored: not enrolled.
     Missing,
+    /// A complete, parseable enrollment.
     Valid {
+        /// What the DMS link needs.
         credentials: Arc<Credentials>,
+        /// The enrollment as the service sent it.
         enrollment: Box<Enrollment>,
     },
     /// Present but unusable (half-written, edited, truncated): re-enroll.
@@ -38,20 +47,26 @@ pub enum Stored {
 /// `params`: where the credentials came from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Params {
+    /// The identity service's URL.
     pub url: String,
+    /// The enrollment endpoint's path.
     pub path: String,
 }
 
 /// The daemon's latest enrollment state, for `iot-agent status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StateRecord {
+    /// The state.
     #[serde(flatten)]
     pub state: EnrollState,
+    /// A line for the operator.
     pub message: String,
+    /// When the state was entered (RFC 3339).
     pub since: String,
 }
 
 impl Store {
+    /// A store in these directories.
     pub fn new(data_dir: &Path, common_dir: &Path) -> Self {
         Store {
             data_dir: data_dir.to_path_buf(),
@@ -59,19 +74,24 @@ impl Store {
         }
     }
 
+    /// The store in the configured `dirs.data` and `dirs.common`.
     pub fn from_config(c: &crate::config::Config) -> Self {
         Self::new(c.data_dir(), c.common_dir())
     }
 
+    /// `.secret`'s path.
     pub fn secret_path(&self) -> PathBuf {
         self.data_dir.join(SECRET_FILE)
     }
+    /// `params`'s path.
     pub fn params_path(&self) -> PathBuf {
         self.data_dir.join(PARAMS_FILE)
     }
+    /// `device-data.bin`'s path.
     pub fn device_data_path(&self) -> PathBuf {
         self.common_dir.join(DEVICE_DATA_FILE)
     }
+    /// `enrollment-state.json`'s path.
     pub fn state_path(&self) -> PathBuf {
         self.data_dir.join(STATE_FILE)
     }
@@ -151,11 +171,13 @@ impl Store {
         remove_if_exists(&self.params_path())
     }
 
+    /// The stored `params`, if readable.
     pub fn params(&self) -> Option<Params> {
         let bytes = std::fs::read(self.params_path()).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Records the daemon's state (atomically).
     pub fn write_state(&self, state: &EnrollState) -> io::Result<()> {
         let rec = StateRecord {
             state: state.clone(),
@@ -169,6 +191,7 @@ impl Store {
         )
     }
 
+    /// The recorded state, if any.
     pub fn read_state(&self) -> Option<StateRecord> {
         let bytes = std::fs::read(self.state_path()).ok()?;
         serde_json::from_slice(&bytes).ok()

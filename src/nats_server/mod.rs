@@ -17,14 +17,20 @@ use crate::config::{Config, Loaded, Source};
 use crate::fsutil;
 use std::path::{Path, PathBuf};
 
+/// Why the bundled server's configuration cannot be written.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsServerError {
+    /// The keys do not make a valid configuration.
     #[error("cannot generate the NATS server configuration: {0}")]
     Config(String),
+    /// A file could not be read or written.
     #[error("{what} {path}: {err}")]
     Io {
+        /// What the file is for.
         what: &'static str,
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         err: std::io::Error,
     },
 }
@@ -37,16 +43,24 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> NatsSer
 /// Where the bundled server's files are.
 #[derive(Debug, Clone)]
 pub struct Files {
+    /// The server's directory (`$SNAP_DATA/nats`).
     pub dir: PathBuf,
+    /// The generated `nats-server.conf`.
     pub conf: PathBuf,
+    /// The server's pid file (for a reload).
     pub pid: PathBuf,
+    /// The agent's own generated password (0600).
     pub agent_password: PathBuf,
+    /// Where other snaps find the device user's credentials.
     pub device_dir: PathBuf,
+    /// The device user's name, for other snaps.
     pub device_user: PathBuf,
+    /// The device user's password, for other snaps.
     pub device_password: PathBuf,
 }
 
 impl Files {
+    /// The files for this configuration.
     pub fn of(config: &Config) -> Files {
         let dir = config.data_dir().join("nats");
         let device_dir = dir.join("device");
@@ -97,6 +111,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The word the log and `nats-config` print.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Disabled => "disabled",

@@ -14,7 +14,9 @@ pub const RELOADABLE_MARKER: &str = "# ---- reloadable on SIGHUP: users and leaf
 
 /// The passwords the configuration carries (generated or configured).
 pub struct Passwords<'a> {
+    /// The agent's own user.
     pub agent: &'a str,
+    /// The `device` user of other snaps.
     pub device: &'a str,
 }
 

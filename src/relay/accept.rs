@@ -17,6 +17,7 @@ pub const DEVICE_ID_MAX: usize = 128;
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PendingEntry {
+    /// The device that was refused.
     pub device_id: String,
     /// The address it dialed from (`ip:port`).
     pub address: String,

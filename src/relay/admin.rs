@@ -28,12 +28,16 @@ pub const FILTER_MAX: usize = 10_000;
 /// clients see it is alive.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
+/// The body of every admin answer.
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// What the admin endpoints work on.
 pub struct Admin {
+    /// The connected agents and the accept filter.
     pub agents: Arc<Agents>,
+    /// The mappings.
     pub pipes: Arc<Pipes>,
+    /// The relay-dials connections.
     pub dialer: Arc<Dialer>,
     /// The shared registry, with `nats.url` set.
     pub cluster: Option<Arc<super::cluster::Cluster>>,
@@ -75,7 +79,11 @@ pub async fn handle(
             let device = percent_encoding::percent_decode_str(&p["/api/v2/agents/".len()..])
                 .decode_utf8_lossy()
                 .into_owned();
-            match admin.dialer.remove(&device) {
+            let (d, id) = (admin.dialer.clone(), device.clone());
+            match super::store::blocking(move || d.remove(&id))
+                .await
+                .and_then(|r| r)
+            {
                 Ok(true) => answer(StatusCode::OK, json!({"status": "ok", "deviceId": device})),
                 Ok(false) => error(
                     StatusCode::NOT_FOUND,
@@ -134,7 +142,11 @@ async fn put_filter(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     if let Some(e) = f.device_ids.iter().find_map(|d| check_device_id(d).err()) {
         return error(StatusCode::BAD_REQUEST, e);
     }
-    match admin.agents.registry.set_filter(f.clone()) {
+    let (agents, next) = (admin.agents.clone(), f.clone());
+    match super::store::blocking(move || agents.registry.set_filter(next))
+        .await
+        .and_then(|r| r)
+    {
         Ok(()) => {
             tracing::info!(
                 allow_all = f.allow_all,
@@ -195,7 +207,11 @@ async fn add_agent(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     if let Err(e) = check_address(&r.address) {
         return error(StatusCode::BAD_REQUEST, e);
     }
-    match admin.dialer.add(r.clone()) {
+    let (d, next) = (admin.dialer.clone(), r.clone());
+    match super::store::blocking(move || d.add(next))
+        .await
+        .and_then(|r| r)
+    {
         Ok(()) => {
             tracing::info!(device = %r.device_id, address = %r.address, tls = r.tls, "agent registered (relay dials)");
             answer(

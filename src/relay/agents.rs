@@ -12,7 +12,7 @@ use crate::subsystems::tunnel::protocol::{Control, ControlStream, VERSION};
 use crate::supervisor::Shutdown;
 use anyhow::{anyhow, bail, Context};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -26,6 +26,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connected agent, as pipes use it.
 #[derive(Clone)]
 pub struct Link {
+    /// Opens a stream to the device.
     pub opener: Opener,
     /// Cancelled when this connection ends: its visitors are reset.
     pub ended: CancellationToken,
@@ -47,7 +48,9 @@ pub struct Agents {
 
 /// How a connection came about, for the checks and the records.
 pub struct Conn {
+    /// Who dialed whom.
     pub mode: Mode,
+    /// The other end's address.
     pub peer: std::net::SocketAddr,
     /// TLS (the device certificate names the device), or plain TCP (only
     /// for a relay-dials registration that says so).
@@ -64,6 +67,7 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Agents {
+    /// No agent connected yet.
     pub fn new(registry: Arc<Registry>, board: Arc<Board>) -> Agents {
         Agents {
             links: Mutex::default(),
@@ -83,6 +87,7 @@ impl Agents {
             .cloned()
     }
 
+    /// Whether `device` is connected now.
     pub fn is_connected(&self, device: &str) -> bool {
         self.get(device).is_some()
     }
@@ -165,22 +170,20 @@ pub async fn session(
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     tcp.set_nodelay(true)?;
-    let (io, cn): (Box<dyn Io>, Option<String>) = match &conn.tls {
+    let (io, cn, expires): (Box<dyn Io>, Option<String>, Option<i64>) = match &conn.tls {
         Some(acceptor) => {
             let tls = timeout(HELLO_TIMEOUT, acceptor.accept(tcp))
                 .await
                 .map_err(|_| anyhow!("no TLS handshake within {HELLO_TIMEOUT:?}"))?
                 .context("TLS")?;
-            let cn = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let cn = leaf
                 .and_then(crate::tls::common_name)
                 .ok_or_else(|| anyhow!("the device certificate has no subject CN"))?;
-            (Box::new(tls), Some(cn))
+            let expires = leaf.and_then(crate::tls::not_after);
+            (Box::new(tls), Some(cn), expires)
         }
-        None => (Box::new(tcp), None),
+        None => (Box::new(tcp), None, None),
     };
     let info = ConnInfo {
         mode: conn.mode,
@@ -276,6 +279,25 @@ pub async fn session(
     agents.board.connected(&cn, session, &info, counters);
     tracing::info!(device = %cn, mode = ?conn.mode, tls = info.tls, "agent connected");
 
+    // The handshake checked the certificate's dates once; a connection must
+    // not outlive them. It is ended when the certificate expires, and the
+    // agent dials again with the one it renewed meanwhile (provisioning
+    // renews well before the end), which the handshake checks afresh.
+    let expired = Arc::new(AtomicBool::new(false));
+    if let Some(at) = expires {
+        let (stop, flag) = (ended.clone(), expired.clone());
+        let left = Duration::from_secs((at - crate::clock::now_s()).max(0) as u64);
+        shutdown.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {
+                    flag.store(true, Ordering::SeqCst);
+                    stop.cancel();
+                }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
     // Agents open no streams but the control stream: others are reset.
     let stop = ended.clone();
     shutdown.spawn(async move {
@@ -299,6 +321,7 @@ pub async fn session(
     // heartbeat loop see it closed, whichever it noticed first.
     let reason = match outcome {
         _ if shutdown.is_cancelled() => "the relay is stopping".to_string(),
+        _ if expired.load(Ordering::SeqCst) => "the device certificate expired".to_string(),
         _ if conn.parent.as_ref().is_some_and(|p| p.is_cancelled()) => {
             "the registration was removed".to_string()
         }

@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+/// The JetStream key-value bucket: which relay holds which agent.
 pub const AGENTS_BUCKET: &str = "iot-relay-agents";
+/// The JetStream key-value bucket: the mappings (without passcodes).
 pub const MAPPINGS_BUCKET: &str = "iot-relay-mappings";
 /// Bound on a request forwarded to another relay.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +54,7 @@ struct Live {
 
 /// This relay's part in the shared registry.
 pub struct Cluster {
+    /// The relay that holds the agent.
     pub id: String,
     live: OnceLock<Live>,
     /// Every key of both buckets, as last seen by the watchers.
@@ -147,7 +150,7 @@ impl Cluster {
                         .ok()
                         .and_then(|v| serde_json::from_value::<Spec>(v["mapping"].clone()).ok())
                     {
-                        Some(spec) => super::mapping_api::add_local(&pipes, spec),
+                        Some(spec) => super::mapping_api::add_local(&pipes, spec).await,
                         None => (StatusCode::BAD_REQUEST, json!({"status": "error", "message": "bad forwarded mapping"})),
                     };
                     self.reply(&msg, answer).await;
@@ -158,7 +161,7 @@ impl Cluster {
                         .ok()
                         .and_then(|v| v["mappingid"].as_str().map(String::from))
                         .unwrap_or_default();
-                    let answer = super::mapping_api::remove_local(&pipes, &id);
+                    let answer = super::mapping_api::remove_local(&pipes, &id).await;
                     self.reply(&msg, answer).await;
                     self.sync_mappings(&pipes).await;
                 }

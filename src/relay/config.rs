@@ -10,6 +10,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Environment variables that set the relay's keys start with this.
 pub const ENV_PREFIX: &str = "IOT_RELAY_";
 const DEFAULTS_NAME: &str = "built-in default";
 /// Keys never printed or logged.
@@ -18,24 +19,37 @@ pub const SECRET_KEYS: &[&str] = &["api.token", "nats.password"];
 section! {
     /// Every setting of the relay.
     pub struct RelayConfig {
+        /// `agents.*`: the port agents dial.
         pub agents: AgentsConfig,
+        /// `api.*`: the admin and mapping API.
         pub api: ApiConfig,
+        /// `pipes.*`: the ports pipes get.
         pub pipes: PipesConfig,
         /// ioFog's `dev`: the mapping API over plain HTTP instead of HTTPS.
         pub dev: bool,
-        /// The mappings (pipes, ports, passcodes), kept across restarts so
-        /// agents and visitors find their pipes on the same ports (0600).
+        /// The relay's database (SQLite, 0600): the mappings (pipes, ports,
+        /// passcodes), the accept filter, the agents the relay dials and
+        /// the OTP hashes, kept across restarts so agents and visitors find
+        /// their pipes on the same ports.
+        pub db: ExpandPath = ExpandPath::new("$SNAP_DATA/relay.db"),
+        /// Only an import source: the mappings file of earlier relays,
+        /// imported into `db` once and renamed to `<file>.imported`.
         pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/mappings.json"),
-        /// The accept filter and the agents the relay dials, kept across
-        /// restarts (0600).
+        /// Only an import source: the accept filter and relay-dials file of
+        /// earlier relays, imported into `db` once.
         pub registry: ExpandPath = ExpandPath::new("$SNAP_DATA/registry.json"),
         /// This relay's name among relays sharing a registry (`nats.url`):
         /// letters, digits, `-`, `_`; empty: the host name's first label.
         pub id: String,
+        /// `nats.*`: status events and the shared registry.
         pub nats: RelayNats,
+        /// `log.*`.
         pub log: RelayLog,
+        /// `ca.*`: the relay's device CA.
         pub ca: CaConfig,
+        /// `est.*`: certificate enrollment.
         pub est: EstConfig,
+        /// `otp.*`: one-time passwords for first enrollment.
         pub otp: OtpConfig,
     }
 }
@@ -45,7 +59,9 @@ section! {
     /// the agents' port trusts it. Created on first start when both files
     /// are missing (the key 0600).
     pub struct CaConfig {
+        /// The CA certificate (created on first start).
         pub cert: ExpandPath = ExpandPath::new("$SNAP_DATA/ca/ca.pem"),
+        /// The CA key (0600, created on first start).
         pub key: ExpandPath = ExpandPath::new("$SNAP_DATA/ca/ca.key"),
     }
 }
@@ -56,9 +72,11 @@ section! {
     pub struct EstConfig {
         /// Off: no EST port (device certificates come from elsewhere).
         pub enabled: bool = true,
+        /// Address of the EST port.
         pub listen: String = "0.0.0.0:7002".into(),
         /// Its HTTPS certificate and key; empty: `agents.cert`/`agents.key`.
         pub cert: OptPath,
+        /// Its HTTPS key.
         pub key: OptPath,
         /// How long an issued device certificate is valid.
         pub lifetime: Duration = Duration::from_secs(30 * 24 * 3600),
@@ -80,7 +98,8 @@ section! {
         pub expiry: Duration = Duration::from_secs(24 * 3600),
         /// The longest `expiry` a request may ask for.
         pub max: Duration = Duration::from_secs(30 * 24 * 3600),
-        /// The OTP store (only hashes; 0600).
+        /// Only an import source: the OTP file of earlier relays (only
+        /// hashes), imported into `db` once; OTPs are kept in `db`.
         pub state: ExpandPath = ExpandPath::new("$SNAP_DATA/otps.json"),
     }
 }
@@ -88,9 +107,11 @@ section! {
 section! {
     /// The agents' port: TLS, each agent presents its device certificate.
     pub struct AgentsConfig {
+        /// Address of the agents' port.
         pub listen: String = "0.0.0.0:7000".into(),
         /// The relay's certificate chain and key (PEM files).
         pub cert: OptPath,
+        /// The relay's key.
         pub key: OptPath,
         /// Another CA that signs device certificates (a file path or the
         /// PEM text), trusted besides the relay's own (`ca.cert`); an agent
@@ -106,9 +127,11 @@ section! {
 section! {
     /// The mapping API (ioFog's `/api/v2/mapping/*`).
     pub struct ApiConfig {
+        /// Address of the admin API.
         pub listen: String = "127.0.0.1:7001".into(),
         /// Its HTTPS certificate and key; empty: `agents.cert`/`agents.key`.
         pub cert: OptPath,
+        /// Its HTTPS key.
         pub key: OptPath,
         /// The bearer token every request must carry (required).
         pub token: String,
@@ -122,6 +145,7 @@ section! {
         pub bind: String = "0.0.0.0".into(),
         /// Ranges (`30000-39999`) and single ports.
         pub ports: StringList = StringList::new(&["30000-39999"]),
+        /// Ports never given out.
         pub exclude: StringList = StringList::new(&[]),
     }
 }
@@ -132,7 +156,9 @@ section! {
         /// A NATS server (`nats://host:port`); empty: no NATS. Each status
         /// event is published on `relay.status.{deviceId}`.
         pub url: String,
+        /// The NATS user.
         pub user: String,
+        /// The NATS password.
         pub password: String,
         /// How often a relay re-writes the agents it holds in the shared
         /// registry; an entry not re-written for 3 times this is taken as
@@ -142,13 +168,16 @@ section! {
 }
 
 section! {
+    /// `log.*`.
     pub struct RelayLog {
+        /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
         pub level: LogLevel = LogLevel::new("info"),
     }
 }
 
 /// The configuration and where each value came from.
 pub struct LoadedRelay {
+    /// The configuration, every layer applied.
     pub config: RelayConfig,
     figment: Figment,
 }

@@ -34,6 +34,7 @@ pub struct Dialer {
 }
 
 impl Dialer {
+    /// The dialer of the registered agents; nothing is dialed until started.
     pub fn new(
         agents: Arc<Agents>,
         config: AgentsConfig,

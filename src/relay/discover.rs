@@ -15,11 +15,15 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "camelCase")]
 pub struct Found {
+    /// The device's id (TXT `device`).
     pub device_id: String,
+    /// `host:port` to dial.
     pub address: String,
     /// Its `tunnel.listen` port; 0: it dials its relay.
     pub port: u16,
+    /// Whether the agent speaks TLS (TXT `tls`).
     pub tls: bool,
+    /// The agent's connection mode (TXT `mode`).
     pub mode: String,
 }
 

@@ -21,7 +21,9 @@ use tokio::net::TcpListener;
 
 /// What the EST handlers share.
 pub struct Est {
+    /// The CA that signs.
     pub ca: Arc<Ca>,
+    /// The OTPs that authorize a first enrollment.
     pub otps: Arc<Otps>,
     /// Lifetime of issued certificates (`est.lifetime`).
     pub lifetime: Duration,
@@ -34,6 +36,7 @@ pub struct Est {
 }
 
 impl Est {
+    /// The EST service with its CA, OTPs and settings.
     pub fn new(
         ca: Arc<Ca>,
         otps: Arc<Otps>,
@@ -311,7 +314,11 @@ async fn enroll(est: &Est, req: Request<Incoming>, session: &Session) -> Answer 
         }
         deferred.remove(&device);
     }
-    match est.otps.consume(&device, &otp) {
+    let (otps, d) = (est.otps.clone(), device.clone());
+    let consumed = super::store::blocking(move || otps.consume(&d, &otp))
+        .await
+        .unwrap_or_else(|e| Err(Err(e)));
+    match consumed {
         Ok(()) => sign(est, &csr, &device, "simpleenroll"),
         Err(Ok(r)) => refused(&device, r),
         Err(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, e),

@@ -171,7 +171,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     }
                 }
             }
-            let (code, body) = add_local(&api.pipes, spec);
+            let (code, body) = add_local(&api.pipes, spec).await;
             if let Some(cluster) = &api.admin.cluster {
                 cluster.mappings_changed();
             }
@@ -196,7 +196,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     return answer(code, body);
                 }
             }
-            let (code, body) = remove_local(&api.pipes, id);
+            let (code, body) = remove_local(&api.pipes, id).await;
             if let Some(cluster) = &api.admin.cluster {
                 cluster.mappings_changed();
             }
@@ -213,7 +213,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 }
             };
             let o = &api.otp;
-            let (status, v) = super::otp::issue_request(&o.otps, &body, o.expiry, o.max);
+            let (status, v) = super::otp::issue_request(&o.otps, &body, o.expiry, o.max).await;
             answer(status, v)
         }
         (
@@ -224,12 +224,17 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Adds a mapping on this relay: the answer's status and body.
-pub(super) fn add_local(pipes: &Pipes, spec: Spec) -> (StatusCode, serde_json::Value) {
+/// Adds a mapping on this relay (its row committed off the async
+/// threads): the answer's status and body.
+pub(super) async fn add_local(pipes: &Arc<Pipes>, spec: Spec) -> (StatusCode, serde_json::Value) {
     let failed = |code: StatusCode, e: AddError| {
         (code, json!({"status": "error", "message": e.to_string()}))
     };
-    match pipes.add(spec) {
+    let p = pipes.clone();
+    let added = super::store::blocking(move || p.add(spec))
+        .await
+        .unwrap_or_else(|e| Err(AddError::Internal(e)));
+    match added {
         Ok(m) => (
             StatusCode::OK,
             json!({
@@ -244,9 +249,14 @@ pub(super) fn add_local(pipes: &Pipes, spec: Spec) -> (StatusCode, serde_json::V
     }
 }
 
-/// Removes a mapping of this relay: the answer's status and body.
-pub(super) fn remove_local(pipes: &Pipes, id: &str) -> (StatusCode, serde_json::Value) {
-    match pipes.remove(id) {
+/// Removes a mapping of this relay (its row deleted off the async
+/// threads): the answer's status and body.
+pub(super) async fn remove_local(pipes: &Arc<Pipes>, id: &str) -> (StatusCode, serde_json::Value) {
+    let (p, i) = (pipes.clone(), id.to_string());
+    match super::store::blocking(move || p.remove(&i))
+        .await
+        .and_then(|r| r)
+    {
         Ok(true) => (
             StatusCode::OK,
             json!({"status": "ok", "id": id, "timestamp": crate::clock::now_ms()}),

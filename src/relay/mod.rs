@@ -21,6 +21,7 @@ pub mod private;
 pub mod registry;
 pub mod status;
 pub mod status_nats;
+pub mod store;
 
 use crate::supervisor::Shutdown;
 use anyhow::{anyhow, bail, Context};
@@ -48,7 +49,17 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
         .source(&config.agents.ca, "agents.ca")?
         .pem(&ca.cert_pem, "ca.cert")?;
     let agents_tls = crate::tls::server_config(&cert_pem, &key_pem, Some(roots))?;
-    let otps = Arc::new(otp::Otps::open(config.otp.state.path().to_path_buf())?);
+    // Before any port opens: a database that cannot be opened (or an
+    // earlier relay's file that cannot be imported) stops the start.
+    let store = Arc::new(store::Store::open(
+        config.db.path(),
+        &store::Legacy {
+            state: Some(config.state.path().to_path_buf()),
+            registry: Some(config.registry.path().to_path_buf()),
+            otp: Some(config.otp.state.path().to_path_buf()),
+        },
+    )?);
+    let otps = Arc::new(otp::Otps::open(store.clone())?);
     let api_tls = if config.dev {
         None
     } else {
@@ -115,9 +126,7 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     };
     crate::bus::topics::segment(&relay_id)
         .map_err(|e| anyhow!("id (the relay's name among relays): {e}"))?;
-    let registry = Arc::new(registry::Registry::load(
-        config.registry.path().to_path_buf(),
-    )?);
+    let registry = Arc::new(registry::Registry::load(store.clone())?);
     let board = Arc::new(status::Board::default());
     if !config.nats.url.is_empty() {
         status_nats::start(&config.nats, &board, &shutdown);
@@ -126,7 +135,7 @@ pub async fn run(config: RelayConfig, shutdown: Shutdown) -> anyhow::Result<()> 
     let pipes = Arc::new(pipes::Pipes::new(
         pool,
         config.pipes.bind.clone(),
-        config.state.path().to_path_buf(),
+        store,
         agents_addr.port(),
         agents.clone(),
         shutdown.clone(),

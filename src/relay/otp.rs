@@ -1,43 +1,49 @@
 //! One-time passwords for first enrollment: issued by the admin API
 //! (`POST /api/v2/otp`), checked by EST `simpleenroll` (HTTP Basic, user =
-//! device id). Only a SHA-256 of each OTP is kept (the file `otp.state`,
-//! 0600, written atomically), compared in constant time; an OTP is good
+//! device id). Only a SHA-256 of each OTP is kept (in the relay's
+//! database, [`super::store`]), compared in constant time; an OTP is good
 //! for one enrollment of one device until it expires. Used OTPs are kept
 //! until they expire so a replay is refused as "already used", not as
 //! "unknown", and across relay restarts.
 
-use crate::fsutil::{write_atomic, SECRET_MODE};
+use super::store::{not_saved, Store};
+use crate::db::DbError;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 /// Why an OTP was refused (the EST answer's message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// No such OTP was issued.
     #[error("no such one-time password for this device (issue one: POST /api/v2/otp)")]
     Unknown,
+    /// Already used once.
     #[error("this one-time password was already used (issue a new one: POST /api/v2/otp)")]
     Used,
+    /// Past its expiry.
     #[error("this one-time password has expired (issue a new one: POST /api/v2/otp)")]
     Expired,
 }
 
+/// One OTP as kept (a row of `otps`; also the JSON of the `otp.state`
+/// file earlier relays wrote, which [`super::store`] imports).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    device: String,
+pub(super) struct Entry {
+    pub(super) device: String,
     /// SHA-256 of the OTP, hex.
-    sha256: String,
+    pub(super) sha256: String,
     /// Unix ms.
-    expires: i64,
+    pub(super) expires: i64,
     /// Unix ms of the enrollment that used it.
-    used: Option<i64>,
+    pub(super) used: Option<i64>,
 }
 
-/// The store.
+/// The OTPs: the database's rows and their copy in memory (every check
+/// compares against all of them).
 pub struct Otps {
-    path: PathBuf,
+    store: Arc<Store>,
     entries: Mutex<Vec<Entry>>,
 }
 
@@ -47,34 +53,19 @@ fn digest(otp: &str) -> String {
 }
 
 impl Otps {
-    /// Opens the store at `path` (missing: empty).
-    pub fn open(path: PathBuf) -> anyhow::Result<Otps> {
-        let entries = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!(
-                    "otp.state {} is not an OTP store: {e}; remove it to start empty \
-                     (every OTP not yet used must then be issued again)",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => anyhow::bail!("otp.state {}: {e}", path.display()),
-        };
+    /// Reads the OTPs from the database.
+    pub fn open(store: Arc<Store>) -> Result<Otps, DbError> {
+        let entries = store.otps()?;
         Ok(Otps {
-            path,
+            store,
             entries: Mutex::new(entries),
         })
-    }
-
-    fn save(&self, entries: &[Entry]) -> Result<(), String> {
-        let bytes = serde_json::to_vec_pretty(entries).map_err(|e| e.to_string())?;
-        write_atomic(&self.path, &bytes, SECRET_MODE)
-            .map_err(|e| format!("cannot write otp.state {}: {e}", self.path.display()))
     }
 
     /// Issues a fresh OTP for `device`, valid for `ttl`; an earlier unused
     /// OTP of the same device stops being valid (the newest one counts).
     /// Returns the OTP (shown once, never stored) and its expiry (unix ms).
+    /// Blocks on SQLite.
     pub fn issue(&self, device: &str, ttl: Duration) -> Result<(String, i64), String> {
         let mut raw = [0u8; 18];
         rand::Rng::fill(&mut rand::rng(), &mut raw[..]);
@@ -83,19 +74,16 @@ impl Otps {
         let now = crate::clock::now_ms();
         let expires = now.saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64);
         let mut entries = self.entries.lock().expect("otp lock");
-        let mut next: Vec<Entry> = entries
-            .iter()
-            .filter(|e| e.expires > now && !(e.device == device && e.used.is_none()))
-            .cloned()
-            .collect();
-        next.push(Entry {
+        let entry = Entry {
             device: device.to_string(),
             sha256: digest(&otp),
             expires,
             used: None,
-        });
-        self.save(&next)?;
-        *entries = next;
+        };
+        self.store.issue_otp(&entry, now).map_err(not_saved)?;
+        // What the transaction did, in memory.
+        entries.retain(|e| e.expires > now && !(e.device == device && e.used.is_none()));
+        entries.push(entry);
         Ok((otp, expires))
     }
 
@@ -133,33 +121,37 @@ impl Otps {
     /// Uses `otp` for `device`: accepted once, recorded as used on disk
     /// before the caller signs anything. `Err(Ok(refusal))`: refused;
     /// `Err(Err(message))`: the store cannot be written (nothing used).
+    /// Blocks on SQLite.
     pub fn consume(&self, device: &str, otp: &str) -> Result<(), Result<Refusal, String>> {
         let mut entries = self.entries.lock().expect("otp lock");
         let now = crate::clock::now_ms();
         let i = Self::find(&entries, device, otp).ok_or(Ok(Refusal::Unknown))?;
         Self::judge(&entries[i], now).map_err(Ok)?;
-        let mut next = entries.clone();
-        next[i].used = Some(now);
-        self.save(&next).map_err(Err)?;
-        *entries = next;
+        self.store
+            .use_otp(device, &entries[i].sha256, now)
+            .map_err(|e| Err(not_saved(e)))?;
+        entries[i].used = Some(now);
         Ok(())
     }
 }
 
 /// What the admin API needs to issue OTPs.
 pub struct OtpApi {
+    /// The OTP store.
     pub otps: std::sync::Arc<Otps>,
     /// `otp.expiry` and `otp.max`.
     pub expiry: Duration,
+    /// The longest expiry a request may ask for (`otp.max`).
     pub max: Duration,
 }
 
 /// The admin API's `POST /api/v2/otp`: a JSON body (or form fields)
 /// `{"device": "...", "expiry": "1h"}` or the form `device=...&expiry=1h`;
 /// `expiry` is optional (`otp.expiry`)
-/// and at most `max`. Answers `(status, JSON)`.
-pub fn issue_request(
-    otps: &Otps,
+/// and at most `max`. Answers `(status, JSON)`; the OTP is committed (off
+/// the async threads) before it is answered.
+pub async fn issue_request(
+    otps: &Arc<Otps>,
     body: &[u8],
     default_ttl: Duration,
     max: Duration,
@@ -224,7 +216,12 @@ pub fn issue_request(
             }
         },
     };
-    match otps.issue(&device, ttl) {
+    let o = otps.clone();
+    let d = device.clone();
+    let issued = super::store::blocking(move || o.issue(&d, ttl))
+        .await
+        .and_then(|r| r);
+    match issued {
         Ok((otp, expires)) => (
             StatusCode::OK,
             json!({
@@ -244,30 +241,38 @@ pub fn issue_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::store::Legacy;
+
+    fn store(path: &std::path::Path) -> Arc<Store> {
+        Arc::new(Store::open(path, &Legacy::default()).unwrap())
+    }
 
     #[test]
     fn an_otp_is_good_once_for_its_device_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("otps.json");
-        let otps = Otps::open(path.clone()).unwrap();
+        let path = dir.path().join("relay.db");
+        let otps = Otps::open(store(&path)).unwrap();
         let (otp, _) = otps.issue("d1", Duration::from_secs(60)).unwrap();
-        assert!(!std::fs::read_to_string(&path).unwrap().contains(&otp));
         assert_eq!(otps.check("d2", &otp), Err(Refusal::Unknown));
         assert_eq!(otps.check("d1", "nope"), Err(Refusal::Unknown));
         assert_eq!(otps.check("d1", &otp), Ok(()));
         assert_eq!(otps.consume("d1", &otp), Ok(()));
         assert_eq!(otps.consume("d1", &otp), Err(Ok(Refusal::Used)));
-        let again = Otps::open(path.clone()).unwrap();
+        drop(otps);
+        let again = Otps::open(store(&path)).unwrap();
         assert_eq!(again.check("d1", &otp), Err(Refusal::Used));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        // Only the hash is kept.
+        let db = std::fs::read(&path).unwrap();
+        let wal = std::fs::read(dir.path().join("relay.db-wal")).unwrap_or_default();
+        for bytes in [db, wal] {
+            assert!(!bytes.windows(otp.len()).any(|w| w == otp.as_bytes()));
+        }
     }
 
     #[test]
     fn a_newer_otp_replaces_an_unused_one_and_expired_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let otps = Otps::open(dir.path().join("o.json")).unwrap();
+        let otps = Otps::open(store(&dir.path().join("relay.db"))).unwrap();
         let (first, _) = otps.issue("d1", Duration::from_secs(60)).unwrap();
         let (second, _) = otps.issue("d1", Duration::from_secs(60)).unwrap();
         assert_eq!(otps.check("d1", &first), Err(Refusal::Unknown));

@@ -1,17 +1,18 @@
 //! Pipes: relay ports open to visitors. A **public** pipe carries each
 //! visitor as a new stream to a device's local target; a **private** pipe
 //! ([`super::private`]) joins connections on its two ports. Mappings are
-//! kept in the state file, so after a restart every pipe is back on its
-//! ports (the lease), whether or not its agent is connected yet.
+//! kept in the relay's database ([`super::store`]), so after a restart
+//! every pipe is back on its ports (the lease), whether or not its agent
+//! is connected yet.
 
 use super::agents::Agents;
+use super::store::{not_saved, Store};
 use crate::subsystems::tunnel::mux;
 use crate::subsystems::tunnel::protocol::{self, Open};
 use crate::supervisor::Shutdown;
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,25 +27,32 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Spec {
+    /// Visitors on one relay port reach `target` on `device`.
     Public {
+        /// Most visitors at once.
         #[serde(default = "default_max")]
         maxconnections: u32,
         /// Milliseconds; the relay enforces its own `agents.threshold` on
         /// the agent's connection, this is kept and listed.
         #[serde(default = "default_threshold")]
         heartbeatabsencethreshold: u64,
+        /// The device to reach.
         device: String,
+        /// `host:port` as seen from the device.
         target: String,
     },
     /// Two ports joined through the relay, each side with its passcode.
     Private {
+        /// Most connections on port 1 at once.
         #[serde(default = "one")]
         maxconnectionsport1: u32,
+        /// Most connections on port 2 at once.
         #[serde(default = "one")]
         maxconnectionsport2: u32,
         /// Milliseconds a waiting side may leave a `BEAT` unanswered.
         #[serde(default = "default_threshold")]
         heartbeatabsencethresholdport1: u64,
+        /// Milliseconds port 2's waiting side may leave a `BEAT` unanswered.
         #[serde(default = "default_threshold")]
         heartbeatabsencethresholdport2: u64,
     },
@@ -60,27 +68,40 @@ fn default_threshold() -> u64 {
     200_000
 }
 
-/// One mapping as kept and answered.
+/// One mapping as kept and answered (also the JSON of the `state` file
+/// earlier relays wrote, which [`super::store`] imports).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mapping {
+    /// The mapping's id (answered at creation, used to delete it).
     pub id: String,
+    /// What was asked for.
     pub spec: Spec,
+    /// A private pipe's first port; for a public one, the agents' port (as
+    /// ioFog answers it).
     pub port1: u16,
+    /// A private pipe's second port; for a public one, the port visitors use.
     pub port2: u16,
+    /// Port 1's passcode (private pipes).
     pub passcode1: String,
+    /// Port 2's passcode (private pipes).
     pub passcode2: String,
+    /// When it was added, ms since the epoch.
     pub timestamp: i64,
 }
 
 /// Why a mapping was not added (each an HTTP status of ioFog's API).
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
+    /// The request is not a valid mapping (400).
     #[error("{0}")]
     Bad(String),
+    /// `pipes.ports` has no free port (503).
     #[error("no free port in pipes.ports")]
     NoPort,
+    /// The same public mapping exists (409).
     #[error("a public mapping for this device and target exists: {0}")]
     Duplicate(String),
+    /// The relay could not keep it (500).
     #[error("{0}")]
     Internal(String),
 }
@@ -99,7 +120,7 @@ pub struct Pipes {
     running: Mutex<BTreeMap<String, Running>>,
     pool: Vec<u16>,
     bind: String,
-    state: PathBuf,
+    store: Arc<Store>,
     /// The agents' port, answered as `port1` of a public pipe: the device
     /// side reaches the relay there, with its certificate for a passcode.
     agents_port: u16,
@@ -108,10 +129,11 @@ pub struct Pipes {
 }
 
 impl Pipes {
+    /// The mappings of ports in `pool`, kept in `state`.
     pub fn new(
         pool: Vec<u16>,
         bind: String,
-        state: PathBuf,
+        store: Arc<Store>,
         agents_port: u16,
         agents: Arc<Agents>,
         shutdown: Shutdown,
@@ -120,24 +142,18 @@ impl Pipes {
             running: Mutex::new(BTreeMap::new()),
             pool,
             bind,
-            state,
+            store,
             agents_port,
             agents,
             shutdown,
         }
     }
 
-    /// Re-opens the mappings of the state file on their ports. A port that
+    /// Re-opens the database's mappings on their ports. A port that
     /// cannot be bound any more is logged and its mapping kept (listed, and
     /// retried at the next start).
-    pub fn restore(&self) -> anyhow::Result<()> {
-        let text = match std::fs::read_to_string(&self.state) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => anyhow::bail!("cannot read {}: {e}", self.state.display()),
-        };
-        let mappings: Vec<Mapping> = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a mapping list: {e}", self.state.display()))?;
+    pub fn restore(&self) -> Result<(), crate::db::DbError> {
+        let mappings = self.store.mappings()?;
         let mut running = self.running.lock().expect("pipes lock");
         for m in mappings {
             let ports = match m.spec {
@@ -161,6 +177,8 @@ impl Pipes {
         Ok(())
     }
 
+    /// Adds a pipe: its row is committed before its ports serve (a failed
+    /// write closes them again and changes nothing). Blocks on SQLite.
     pub fn add(&self, spec: Spec) -> Result<Mapping, AddError> {
         let ports_needed = match &spec {
             Spec::Public {
@@ -240,24 +258,30 @@ impl Pipes {
             passcode2,
             timestamp: crate::clock::now_ms(),
         };
+        self.store
+            .insert_mapping(&mapping)
+            .map_err(|e| AddError::Internal(not_saved(e)))?;
         let r = self.start(
             mapping.clone(),
             listeners.drain(..).map(|(_, l)| l).collect(),
         );
         running.insert(mapping.id.clone(), r);
-        self.save(&running).map_err(AddError::Internal)?;
         tracing::info!(id = %mapping.id, port1, port2, "pipe added");
         Ok(mapping)
     }
 
-    /// Removes a mapping: its port closes and its visitors are reset.
+    /// Removes a mapping, committed first: its port closes and its
+    /// visitors are reset (a failed write leaves it serving). Blocks on
+    /// SQLite.
     pub fn remove(&self, id: &str) -> Result<bool, String> {
         let mut running = self.running.lock().expect("pipes lock");
-        let Some(r) = running.remove(id) else {
+        if !running.contains_key(id) {
             return Ok(false);
-        };
-        r.stop.cancel();
-        self.save(&running)?;
+        }
+        self.store.delete_mapping(id).map_err(not_saved)?;
+        if let Some(r) = running.remove(id) {
+            r.stop.cancel();
+        }
         tracing::info!(id = %id, "pipe removed");
         Ok(true)
     }
@@ -295,13 +319,6 @@ impl Pipes {
         let l = std::net::TcpListener::bind((self.bind.as_str(), port))?;
         l.set_nonblocking(true)?;
         TcpListener::from_std(l)
-    }
-
-    fn save(&self, running: &BTreeMap<String, Running>) -> Result<(), String> {
-        let list: Vec<&Mapping> = running.values().map(|r| &r.mapping).collect();
-        let json = serde_json::to_vec_pretty(&list).map_err(|e| e.to_string())?;
-        crate::fsutil::write_atomic(&self.state, &json, crate::fsutil::SECRET_MODE)
-            .map_err(|e| format!("cannot write {}: {e}", self.state.display()))
     }
 
     /// Starts serving a mapping on its listeners (none: it is only kept).

@@ -28,13 +28,17 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Said to a side whose passcode is right.
 pub const AUTHORIZED: &[u8] = b"AUTHORIZED";
+/// The heartbeat a waiting side must answer.
 pub const BEAT: &[u8] = b"BEAT";
+/// Said to both sides once they are joined.
 pub const PAIRED: &[u8] = b"PAIRED";
 
 /// A joined partner: its connection and the slot it holds on its side.
 type Partner = (TcpStream, Slot);
 
+/// One private pipe: two ports, each with its passcode, joined in pairs.
 pub struct Private {
     id: String,
     passcodes: [String; 2],
@@ -47,6 +51,7 @@ pub struct Private {
 }
 
 impl Private {
+    /// The pipe of mapping `m`, counting its active sides.
     pub fn new(m: &Mapping, active: [Arc<AtomicU32>; 2], stop: CancellationToken) -> Arc<Private> {
         let Spec::Private {
             maxconnectionsport1,

@@ -1,23 +1,27 @@
 //! What the operator set through the admin API and the relay must not
-//! forget on a restart: the accept filter and the agents it dials. One
-//! JSON file (`registry`, 0600, written atomically), read at start.
+//! forget on a restart: the accept filter and the agents it dials, kept
+//! in the relay's database ([`super::store`]), read at start.
 
+use super::store::{not_saved, Store};
+use crate::db::DbError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Which devices that dial in the relay takes. Nothing by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
+    /// Accept every device whose certificate the agents' port trusts.
     #[serde(default)]
     pub allow_all: bool,
+    /// The devices accepted.
     #[serde(default)]
     pub device_ids: BTreeSet<String>,
 }
 
 impl Filter {
+    /// Whether `device` may connect.
     pub fn allows(&self, device: &str) -> bool {
         self.allow_all || self.device_ids.contains(device)
     }
@@ -27,6 +31,7 @@ impl Filter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Registration {
+    /// The device that listens.
     pub device_id: String,
     /// `host:port` of the agent's `tunnel.listen`.
     pub address: String,
@@ -39,36 +44,38 @@ fn yes() -> bool {
     true
 }
 
+/// Both halves, in memory; also the JSON file (`registry`) earlier relays
+/// kept them in, which [`super::store`] imports.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Saved {
+pub(super) struct Saved {
     #[serde(default)]
-    accept_filter: Filter,
+    pub(super) accept_filter: Filter,
     #[serde(default)]
-    agents: Vec<Registration>,
+    pub(super) agents: Vec<Registration>,
 }
 
-/// The registry file and its contents in memory.
+/// The registry: the database's rows and, for the agents' port that asks
+/// on every connection, their copy in memory.
 pub struct Registry {
-    path: PathBuf,
+    store: Arc<Store>,
     saved: Mutex<Saved>,
 }
 
 impl Registry {
-    /// Reads the file; a missing file is an empty registry.
-    pub fn load(path: PathBuf) -> anyhow::Result<Registry> {
-        let saved = match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| anyhow::anyhow!("{} is not a relay registry: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    /// Reads the registry from the database.
+    pub fn load(store: Arc<Store>) -> Result<Registry, DbError> {
+        let saved = Saved {
+            accept_filter: store.filter()?,
+            agents: store.registrations()?,
         };
         Ok(Registry {
-            path,
+            store,
             saved: Mutex::new(saved),
         })
     }
 
+    /// The accept filter now.
     pub fn filter(&self) -> Filter {
         self.saved
             .lock()
@@ -77,6 +84,7 @@ impl Registry {
             .clone()
     }
 
+    /// Whether `device` may connect.
     pub fn allows(&self, device: &str) -> bool {
         self.saved
             .lock()
@@ -85,43 +93,38 @@ impl Registry {
             .allows(device)
     }
 
-    /// Replaces the filter and writes the file (the old filter stays on a
-    /// write error).
+    /// Replaces the filter, committed first (the old filter stays on a
+    /// write error). Blocks on SQLite.
     pub fn set_filter(&self, filter: Filter) -> Result<(), String> {
-        self.update(|s| s.accept_filter = filter)
+        let mut saved = self.saved.lock().expect("registry lock");
+        self.store.set_filter(&filter).map_err(not_saved)?;
+        saved.accept_filter = filter;
+        Ok(())
     }
 
+    /// The relay-dials registrations.
     pub fn agents(&self) -> Vec<Registration> {
         self.saved.lock().expect("registry lock").agents.clone()
     }
 
-    /// Adds or replaces the registration of its device.
+    /// Adds or replaces the registration of its device. Blocks on SQLite.
     pub fn put_agent(&self, r: Registration) -> Result<(), String> {
-        self.update(|s| {
-            s.agents.retain(|a| a.device_id != r.device_id);
-            s.agents.push(r);
-        })
-    }
-
-    /// Removes a device's registration; `false` if there was none.
-    pub fn remove_agent(&self, device: &str) -> Result<bool, String> {
-        let mut found = false;
-        self.update(|s| {
-            let before = s.agents.len();
-            s.agents.retain(|a| a.device_id != device);
-            found = s.agents.len() != before;
-        })?;
-        Ok(found)
-    }
-
-    fn update(&self, change: impl FnOnce(&mut Saved)) -> Result<(), String> {
         let mut saved = self.saved.lock().expect("registry lock");
-        let mut next = saved.clone();
-        change(&mut next);
-        let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
-        crate::fsutil::write_atomic(&self.path, &json, crate::fsutil::SECRET_MODE)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
-        *saved = next;
+        self.store.put_registration(&r).map_err(not_saved)?;
+        saved.agents.retain(|a| a.device_id != r.device_id);
+        saved.agents.push(r);
         Ok(())
+    }
+
+    /// Removes a device's registration; `false` if there was none. Blocks
+    /// on SQLite.
+    pub fn remove_agent(&self, device: &str) -> Result<bool, String> {
+        let mut saved = self.saved.lock().expect("registry lock");
+        if !saved.agents.iter().any(|a| a.device_id == device) {
+            return Ok(false);
+        }
+        self.store.delete_registration(device).map_err(not_saved)?;
+        saved.agents.retain(|a| a.device_id != device);
+        Ok(true)
     }
 }

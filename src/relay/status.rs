@@ -35,13 +35,18 @@ pub enum Mode {
 pub struct Event {
     /// Increases by one per event of this relay process.
     pub seq: u64,
+    /// The device.
     pub device_id: String,
     /// `connected` (plain TCP), `tls-connected`, `disconnected`, `refused`.
     pub event: &'static str,
+    /// Why, for `disconnected` and `refused`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Who dialed whom.
     pub mode: Mode,
+    /// The other end's address.
     pub address: String,
+    /// Whether the connection is TLS.
     pub tls: bool,
     /// Milliseconds since the epoch.
     pub timestamp: i64,
@@ -50,7 +55,9 @@ pub struct Event {
 /// Bytes of one connection, as its yamux frames (after TLS).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Bytes received from the agent.
     pub bytes_in: AtomicU64,
+    /// Bytes sent to the agent.
     pub bytes_out: AtomicU64,
 }
 
@@ -95,8 +102,11 @@ impl Default for Board {
 /// What a connection is, for its record and events.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
+    /// Who dialed whom.
     pub mode: Mode,
+    /// The other end's address.
     pub address: String,
+    /// Whether the connection is TLS.
     pub tls: bool,
 }
 
@@ -295,6 +305,7 @@ pub struct Counted<T> {
 }
 
 impl<T> Counted<T> {
+    /// Counts the bytes through `inner` into `counters`.
     pub fn new(inner: T, counters: Arc<Counters>) -> Self {
         Counted { inner, counters }
     }

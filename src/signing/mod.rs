@@ -66,6 +66,7 @@ pub enum Check {
 }
 
 impl Check {
+    /// The check's name in refusals (`signature`, `replay`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Check::Unsigned => "unsigned",
@@ -86,9 +87,13 @@ impl Check {
 /// the answer; read from the payload even when it could not be trusted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// Which check failed.
     pub check: Check,
+    /// What the check found.
     pub detail: String,
+    /// The action id the payload claims.
     pub id: String,
+    /// The action name the payload claims.
     pub action: String,
 }
 
@@ -112,10 +117,15 @@ impl Refusal {
 /// The verified header claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The key id.
     pub kid: String,
+    /// The devices (or fleets) it is meant for.
     pub aud: Vec<String>,
+    /// Issued at, unix seconds.
     pub iat: i64,
+    /// Expires at, unix seconds.
     pub exp: i64,
+    /// The action id, which makes a replay recognisable.
     pub nonce: String,
 }
 
@@ -125,6 +135,7 @@ pub struct Envelope {
     /// `BASE64URL(protected) || '.' || BASE64URL(payload)` as received: what
     /// the signature covers (RFC 7515 §5.2).
     signing_input: Vec<u8>,
+    /// The protected header's claims.
     pub header: Header,
     /// The action bytes.
     pub payload: Vec<u8>,
@@ -278,6 +289,7 @@ pub enum Admit<'a> {
 pub struct Verified {
     /// The action, exactly as signed.
     pub payload: Vec<u8>,
+    /// The key that signed it.
     pub kid: String,
     /// The action id.
     pub nonce: String,
@@ -297,6 +309,7 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A policy with these keys and bounds.
     pub fn new(
         keys: impl IntoIterator<Item = (String, VerifyingKey)>,
         required: bool,
@@ -311,6 +324,7 @@ impl Policy {
         }
     }
 
+    /// The policy of `dms.signing.*`.
     pub fn from_config(c: &crate::config::DmsSigning) -> Policy {
         Policy::new(
             c.keys.entries().iter().cloned(),

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+/// One assertion in snapd's text format: headers, body, signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assertion {
     headers: BTreeMap<String, String>,
@@ -16,6 +17,7 @@ pub struct Assertion {
     signature: String,
 }
 
+/// Why an assertion's text could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed assertion text: {0}")]
 pub struct AssertionError(String);
@@ -29,15 +31,19 @@ impl Assertion {
     pub fn kind(&self) -> &str {
         self.header("type").unwrap_or("")
     }
+    /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
+    /// Every header.
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.headers
     }
+    /// The body (empty for most assertions).
     pub fn body(&self) -> &str {
         &self.body
     }
+    /// The signature, as text.
     pub fn signature(&self) -> &str {
         &self.signature
     }

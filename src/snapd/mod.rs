@@ -1,6 +1,6 @@
 //! The snapd REST client. Nothing else in the agent speaks HTTP to snapd.
 //!
-//! Layers, bottom up: [`transport`] moves bytes over the unix socket within a
+//! Layers, bottom up: `transport` moves bytes over the unix socket within a
 //! time and size bound; [`Client::send`] adds the retry policy (GETs on
 //! transport failures, any method on `snap-change-conflict`); the typed
 //! calls in `api/` (one file per area of the REST API) check the envelope
@@ -62,6 +62,7 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of the socket at `socket`, each request bounded by `timeout`.
     pub fn new(socket: impl AsRef<Path>, timeout: Duration) -> Self {
         Client {
             transport: Transport::new(socket.as_ref(), timeout, DEFAULT_MAX_BODY),
@@ -69,15 +70,18 @@ impl Client {
         }
     }
 
+    /// The client of `snapd.socket` with `snapd.timeout`.
     pub fn from_config(config: &crate::config::Config) -> Self {
         Self::new(config.snapd.socket.path(), config.snapd.timeout.get())
     }
 
+    /// Retries requests that snapd refuses as busy by `retry`.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
+    /// Bounds every answer's body to `max_body` bytes.
     pub fn with_max_body(mut self, max_body: usize) -> Self {
         let t = &self.transport;
         self.transport = Transport::new(t.socket(), t.timeout(), max_body);
@@ -89,6 +93,7 @@ impl Client {
         self.transport.timeout()
     }
 
+    /// snapd's socket.
     pub fn socket(&self) -> &Path {
         self.transport.socket()
     }

@@ -10,25 +10,33 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResponseType {
+    /// The answer is complete.
     Sync,
+    /// A change was started: follow `change`.
     Async,
+    /// An error envelope (`result` is an [`super::ApiError`]).
     Error,
 }
 
 /// The envelope around every JSON answer of snapd.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
+    /// `sync`, `async` or `error`.
     #[serde(rename = "type")]
     pub kind: ResponseType,
+    /// The HTTP status, repeated.
     #[serde(rename = "status-code")]
     pub status_code: u16,
+    /// The HTTP status text.
     #[serde(default)]
     pub status: String,
+    /// The answer.
     #[serde(default)]
     pub result: Value,
     /// The change id of an async answer (top level, not inside `result`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<String>,
+    /// Anything else snapd sends, kept for the mirror.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -48,17 +56,29 @@ impl Envelope {
 /// A change's or task's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Status {
+    /// Not known yet.
     Default,
+    /// To be done.
     Do,
+    /// Being done.
     Doing,
+    /// Done.
     Done,
+    /// To be aborted.
     Abort,
+    /// To be undone.
     Undo,
+    /// Being undone.
     Undoing,
+    /// Undone.
     Undone,
+    /// Held (not to be run now).
     Hold,
+    /// Failed.
     Error,
+    /// Waiting (e.g. for a reboot).
     Wait,
+    /// A status this agent does not know.
     #[serde(other)]
     Unknown,
 }
@@ -76,25 +96,36 @@ impl Status {
 /// A task's progress.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
+    /// What is being done.
     #[serde(default)]
     pub label: String,
+    /// Units done.
     #[serde(default)]
     pub done: u64,
+    /// Units in all.
     #[serde(default)]
     pub total: u64,
 }
 
+/// One task of a change.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Task {
+    /// The task's id.
     pub id: String,
+    /// The task's kind (`download-snap`, ...).
     pub kind: String,
+    /// What it does.
     #[serde(default)]
     pub summary: String,
+    /// Where it stands.
     pub status: Status,
+    /// Its log lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log: Vec<String>,
+    /// Its progress.
     #[serde(default)]
     pub progress: Progress,
+    /// When it was spawned (RFC 3339).
     #[serde(rename = "spawn-time", default)]
     pub spawn_time: String,
     #[serde(
@@ -102,20 +133,29 @@ pub struct Task {
         default,
         skip_serializing_if = "Option::is_none"
     )]
+    /// When it became ready.
     pub ready_time: Option<String>,
+    /// Anything else snapd sends.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
+/// A change: what one request to snapd set off.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Change {
+    /// The change's id.
     pub id: String,
+    /// The change's kind (`install-snap`, ...).
     pub kind: String,
+    /// What it does.
     #[serde(default)]
     pub summary: String,
+    /// Where it stands.
     pub status: Status,
+    /// Whether it is over (done, undone or failed).
     #[serde(default)]
     pub ready: bool,
+    /// When it was spawned (RFC 3339).
     #[serde(rename = "spawn-time", default)]
     pub spawn_time: String,
     #[serde(
@@ -123,13 +163,18 @@ pub struct Change {
         default,
         skip_serializing_if = "Option::is_none"
     )]
+    /// When it became ready.
     pub ready_time: Option<String>,
+    /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub err: Option<String>,
+    /// Data some changes carry (e.g. `snap-names`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
+    /// Its tasks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<Task>,
+    /// Anything else snapd sends.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -137,37 +182,52 @@ pub struct Change {
 /// An installed (or store) snap.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Snap {
+    /// The store's snap id.
     #[serde(default)]
     pub id: String,
+    /// The snap's name.
     pub name: String,
+    /// The store title.
     #[serde(default)]
     pub title: String,
+    /// A one-line summary.
     #[serde(default)]
     pub summary: String,
+    /// The snap's version.
     #[serde(default)]
     pub version: String,
     /// A string in snapd's answers (`"x1"` for local installs); numbers are
     /// accepted too.
     #[serde(default, deserialize_with = "string_or_number")]
     pub revision: String,
+    /// The channel installed from.
     #[serde(default)]
     pub channel: String,
+    /// The channel followed on refresh.
     #[serde(rename = "tracking-channel", default)]
     pub tracking_channel: String,
+    /// `strict`, `classic` or `devmode`.
     #[serde(default)]
     pub confinement: String,
+    /// Installed in devmode.
     #[serde(default)]
     pub devmode: bool,
+    /// Bytes on disk.
     #[serde(rename = "installed-size", default)]
     pub installed_size: u64,
+    /// When it was installed (RFC 3339).
     #[serde(rename = "install-date", default)]
     pub install_date: String,
+    /// `active`, `installed`, ...
     #[serde(default)]
     pub status: String,
+    /// `app`, `gadget`, `kernel`, `base`, `os`, `snapd`.
     #[serde(rename = "type", default)]
     pub snap_type: String,
+    /// Its apps.
     #[serde(default)]
     pub apps: Vec<App>,
+    /// Anything else snapd sends.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -175,45 +235,64 @@ pub struct Snap {
 /// An app of a snap; services have `daemon` set.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct App {
+    /// The snap it belongs to.
     #[serde(default)]
     pub snap: String,
+    /// The app's name.
     pub name: String,
+    /// The daemon type (`simple`, `forking`, ...), for services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<String>,
+    /// Whether the service is enabled.
     #[serde(default)]
     pub enabled: bool,
+    /// Whether the service runs.
     #[serde(default)]
     pub active: bool,
+    /// Anything else snapd sends.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
+/// The host's `os-release`, as snapd reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct OsRelease {
+    /// `ubuntu-core`, `ubuntu`, ...
     #[serde(default)]
     pub id: String,
+    /// The release's version.
     #[serde(rename = "version-id", default)]
     pub version_id: String,
 }
 
+/// `GET /v2/system-info`'s answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct SystemInfo {
+    /// The series (`16`).
     #[serde(default)]
     pub series: String,
+    /// snapd's version.
     #[serde(default)]
     pub version: String,
+    /// The host's release.
     #[serde(rename = "os-release", default)]
     pub os_release: OsRelease,
+    /// Ubuntu classic (`false` on Ubuntu Core).
     #[serde(rename = "on-classic", default)]
     pub on_classic: bool,
+    /// Whether the device has a managed user.
     #[serde(default)]
     pub managed: bool,
+    /// The running kernel's version.
     #[serde(rename = "kernel-version", default)]
     pub kernel_version: String,
+    /// The architecture (`amd64`, `arm64`, ...).
     #[serde(default)]
     pub architecture: String,
+    /// The confinement the system supports.
     #[serde(default)]
     pub confinement: String,
+    /// Anything else snapd sends.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -221,12 +300,16 @@ pub struct SystemInfo {
 /// One record of `GET /v2/logs` (json-seq).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LogEntry {
+    /// When (RFC 3339).
     #[serde(default)]
     pub timestamp: String,
+    /// The log line.
     #[serde(default)]
     pub message: String,
+    /// The syslog identifier.
     #[serde(default)]
     pub sid: String,
+    /// The process id.
     #[serde(default)]
     pub pid: String,
 }
@@ -234,11 +317,15 @@ pub struct LogEntry {
 /// A user created through `POST /v2/users`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
+    /// The user's uid.
     #[serde(default)]
     pub id: i64,
+    /// The user name.
     pub username: String,
+    /// The store account's e-mail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// The SSH keys imported for it.
     #[serde(rename = "ssh-keys", default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_keys: Vec<String>,
 }
@@ -246,9 +333,12 @@ pub struct User {
 /// The body of `POST /v2/snaps/{name}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct SnapAction {
+    /// `install`, `refresh`, `remove`, `revert`, `enable`, `disable`, `switch`, `hold`, `unhold`.
     pub action: String,
+    /// The channel, for install, refresh and switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// The revision, for install, refresh and revert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// `hold`: until when (RFC 3339, or `forever`).
@@ -261,19 +351,23 @@ pub struct SnapAction {
         skip_serializing_if = "Option::is_none"
     )]
     pub hold_level: Option<String>,
+    /// Install with classic confinement.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub classic: bool,
+    /// Install in devmode.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub devmode: bool,
 }
 
 impl SnapAction {
+    /// An action with no options.
     pub fn new(action: &str) -> Self {
         SnapAction {
             action: action.into(),
             ..Default::default()
         }
     }
+    /// Sets the channel.
     pub fn channel(mut self, channel: Option<String>) -> Self {
         self.channel = channel;
         self

@@ -59,6 +59,7 @@ impl SnapName {
         Ok(SnapName(s.to_string()))
     }
 
+    /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -15,15 +15,20 @@ use std::time::Duration;
 /// (built with [`super::names`]).
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// The HTTP method.
     pub method: Method,
+    /// Path and query, escaped.
     pub path: String,
+    /// The body, if any.
     pub body: Option<Bytes>,
+    /// The body's content type.
     pub content_type: Option<&'static str>,
     /// Overrides the client's timeout (long polls).
     pub timeout: Option<Duration>,
 }
 
 impl Request {
+    /// A `GET` of `path`.
     pub fn get(path: impl Into<String>) -> Self {
         Request {
             method: Method::GET,
@@ -34,6 +39,7 @@ impl Request {
         }
     }
 
+    /// A request with a JSON body.
     pub fn with_json(
         method: Method,
         path: impl Into<String>,
@@ -58,12 +64,16 @@ impl Request {
 /// A complete answer of snapd.
 #[derive(Debug, Clone)]
 pub struct RawResponse {
+    /// The HTTP status.
     pub status: u16,
+    /// The headers.
     pub headers: HeaderMap,
+    /// The body, whole.
     pub body: Bytes,
 }
 
 impl RawResponse {
+    /// The answer's content type (empty when absent).
     pub fn content_type(&self) -> &str {
         self.headers
             .get(http::header::CONTENT_TYPE)

@@ -84,7 +84,7 @@ impl Relay {
 
     /// Starts a relay with the PKI's server certificate, trusting its CA
     /// for device certificates, the API in plain HTTP (`dev=true`), and
-    /// `pipes` free pipe ports; state in `dir`; the accept filter as the
+    /// `pipes` free pipe ports; its database in `dir`; the accept filter as the
     /// relay has it (none: it takes no agent). `extra` adds settings.
     pub fn start_closed(
         pki: &TestPki,
@@ -122,6 +122,9 @@ impl Relay {
             ("IOT_RELAY_DEV", "true".into()),
             ("IOT_RELAY_PIPES__BIND", "127.0.0.1".into()),
             ("IOT_RELAY_PIPES__PORTS", list),
+            // The relay's database, and the JSON files of earlier relays it
+            // would import (in the test's dir: never the host's).
+            ("IOT_RELAY_DB", dir.join("relay.db").display().to_string()),
             (
                 "IOT_RELAY_STATE",
                 dir.join("mappings.json").display().to_string(),

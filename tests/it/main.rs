@@ -25,6 +25,7 @@ mod per_serial;
 mod provisioning;
 mod readme;
 mod relay_connections;
+mod relay_store;
 mod remote_mqtt;
 mod run_script;
 mod signing;

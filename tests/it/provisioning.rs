@@ -215,6 +215,45 @@ fn the_certificate_is_renewed_over_mutual_tls_before_it_expires() {
     assert_eq!(relay.proc.count("EST enrollment refused"), 0);
 }
 
+/// A connection does not outlive the certificate it was made with: the
+/// relay ends it when that certificate expires, and the agent dials again
+/// with the one it renewed meanwhile.
+#[test]
+fn the_relay_ends_a_connection_at_its_certificate_expiry_and_the_renewed_one_takes_over() {
+    let pki = TestPki::new("unused-client");
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(
+        &pki,
+        dir.path(),
+        1,
+        &[("IOT_RELAY_EST__LIFETIME", "12s".into())],
+    );
+    let otp = issue_otp(&relay, DEVICE, None);
+    let echo = echo_service();
+    let env = provisioned_env(
+        &pki,
+        dir.path(),
+        &relay,
+        DEVICE,
+        &otp,
+        &[&echo],
+        &[("IOT_AGENT_PROVISIONING__RENEW", "25%".into())],
+    );
+    let mut agent = start(&env);
+    agent.wait_for("provisioning: enrolled");
+    agent.wait_for("tunnel connected");
+    relay.proc.wait_for("agent connected");
+    agent.wait_for("provisioning: re-enrolled");
+
+    let line = relay.proc.wait_for("agent disconnected");
+    assert!(line.contains("the device certificate expired"), "{line}");
+    let line = relay.proc.wait_for("agent connected");
+    assert!(line.contains(DEVICE), "{line}");
+    // The new connection carries visitors.
+    let port = relay.add_public(&echo, 5);
+    assert_eq!(round_trip(port, b"renewed").unwrap(), b"renewed");
+}
+
 #[test]
 fn an_expired_certificate_waits_for_a_new_otp() {
     let pki = TestPki::new("unused-client");

@@ -114,11 +114,13 @@ fn a_relay_takes_no_agent_until_the_filter_allows_it_and_lists_it_pending_meanwh
     assert!(a["connectedSince"].as_i64().unwrap() > 0, "{a}");
     assert!(a["bytesIn"].as_u64().unwrap() > 0, "{a}");
 
-    // The filter is kept: a relay killed and restarted takes it back.
+    // The filter is kept (in the relay's database): a relay killed and
+    // restarted takes it back.
     relay.kill();
     agent.wait_for("tunnel lost");
     relay.restart();
     agent.wait_for("tunnel connected");
+    assert!(!relay.dir.join("registry.json").exists());
 
     // A filter without it: dropped at its next connection, pending again.
     relay.accept(&json!({ "deviceIds": ["device-2"] }));

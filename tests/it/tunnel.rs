@@ -312,6 +312,9 @@ fn a_killed_and_restarted_relay_gets_its_agent_back_on_the_same_ports() {
         round_trip(port, b"after the restart").unwrap(),
         b"after the restart"
     );
+    // It came back from the relay's database, not a JSON file.
+    assert!(relay.dir.join("relay.db").exists());
+    assert!(!relay.dir.join("mappings.json").exists());
 }
 
 #[test]

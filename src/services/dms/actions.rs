@@ -14,6 +14,7 @@ use std::time::Duration;
 /// What to do after the response is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
+    /// Nothing more.
     Nothing,
     /// Report the change's final status in a second message.
     FollowChange(String),
@@ -24,10 +25,13 @@ pub enum Next {
 /// What the actions need.
 #[derive(Clone)]
 pub struct Ctx {
+    /// snapd, which carries out every action.
     pub snapd: snapd::Client,
     /// The shared change poller: how actions follow the changes they start.
     pub changes: Arc<crate::subsystems::changes::Poller>,
+    /// The device's credentials (the device id in replies).
     pub creds: Arc<Credentials>,
+    /// Uploads snapshots and logs where an action says.
     pub uploader: Uploader,
     /// Longest wait for a change (snapshots, completion reports).
     pub change_timeout: Duration,

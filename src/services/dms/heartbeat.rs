@@ -65,6 +65,7 @@ impl HashCache {
         self.lock().wanted += 1;
     }
 
+    /// The hashes last built, if any yet.
     pub fn get(&self) -> Option<Hashes> {
         self.lock().hashes.clone()
     }
@@ -75,6 +76,7 @@ impl HashCache {
     }
 }
 
+/// The heartbeat's body: the device's state as the DMS decodes it.
 pub async fn heartbeat(ctx: &Ctx) -> Value {
     let mut doc = json!({
         "orgId": ctx.creds.org_id,
@@ -119,6 +121,7 @@ async fn current_hashes(ctx: &Ctx) -> Option<Hashes> {
     cache.get()
 }
 
+/// Lower-case hex SHA-256 of `data`, as the DMS compares it.
 pub fn sha256_hex(data: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, data);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()

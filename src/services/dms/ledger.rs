@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// The ledger's schema, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -39,8 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
 /// How an action stands in the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Recorded in the same transaction as its acknowledgement.
     Received,
+    /// Handed to snapd: a restart never runs it again.
     Started,
+    /// Answered; its replies are kept for redelivery.
     Done,
 }
 
@@ -68,20 +72,30 @@ pub enum Admission {
     New,
     /// Seen before: never run again. The stored replies, if any yet.
     Again {
+        /// How far it got.
         state: State,
+        /// The reply, once stored.
         response: Option<Bytes>,
+        /// The completion report, once stored.
         completion: Option<Bytes>,
     },
     /// The id was used before for a different request.
-    Conflict { action: String },
+    Conflict {
+        /// The action first recorded under this id.
+        action: String,
+    },
     /// A signed action whose id (nonce) was accepted before, and whose row
     /// has since been pruned: never run.
-    Replayed { received_ms: i64 },
+    Replayed {
+        /// When it was first accepted.
+        received_ms: i64,
+    },
 }
 
 /// One action to accept.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
+    /// The request as parsed.
     pub request: &'a Request,
     /// SHA-256 of the payload as it came (envelope included).
     pub digest: &'a str,
@@ -92,6 +106,7 @@ pub struct Entry<'a> {
 /// What the ledger keeps of a signed action's nonce.
 #[derive(Debug, Clone, Copy)]
 pub struct Nonce<'a> {
+    /// The key that signed it.
     pub kid: &'a str,
     /// Unix seconds after which the signature is refused as expired anyway
     /// (its `exp` plus the skew allowance).
@@ -101,7 +116,9 @@ pub struct Nonce<'a> {
 /// A row that a restart must finish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unfinished {
+    /// The request as parsed.
     pub request: Request,
+    /// How far it got.
     pub state: State,
     /// The stored reply when it was not acknowledged by the broker.
     pub unacked_response: Option<Bytes>,
@@ -109,6 +126,7 @@ pub struct Unfinished {
     pub change_to_follow: Option<String>,
     /// The stored completion report when it was not acknowledged.
     pub unacked_completion: Option<Bytes>,
+    /// When it was received, ms since the epoch.
     pub received_ms: i64,
     /// The last change of state (for a `started` row: when it was marked
     /// started, just before snapd was asked).
@@ -118,12 +136,17 @@ pub struct Unfinished {
 /// The link state as the daemon last wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkRow {
+    /// Whether the broker connection was up.
     pub connected: bool,
+    /// Why not, when it was down.
     pub detail: Option<String>,
+    /// Since when, ms since the epoch.
     pub since_ms: i64,
+    /// Sessions started since the daemon started.
     pub restarts: i64,
 }
 
+/// The durable action ledger (SQLite): what was acknowledged, started and answered.
 pub struct Ledger {
     path: PathBuf,
     conn: Mutex<Connection>,

@@ -16,6 +16,7 @@ pub struct CpuSample {
     total: u64,
 }
 
+/// One reading of `/proc/stat`'s CPU times, or `None` where it cannot be read.
 pub fn cpu_sample() -> Option<CpuSample> {
     let stat = procfs::KernelStats::current().ok()?;
     let t = stat.total;

@@ -68,6 +68,7 @@ const READ_ONLY: [&str; 5] = ["conf", "device", "info", "list", "server"];
 /// Where the ledger lives.
 #[derive(Debug, Clone)]
 pub enum LedgerAt {
+    /// A SQLite file.
     File(PathBuf),
     /// No persistence: the benchmark's baseline.
     Memory,
@@ -76,22 +77,35 @@ pub enum LedgerAt {
 /// Settings of the channel (`dms.*`).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `dms.heartbeat.interval`.
     pub heartbeat: Duration,
+    /// `dms.metrics.interval`.
     pub metrics: Duration,
+    /// `dms.change.timeout`: longest wait for a change an action started.
     pub change_timeout: Duration,
+    /// `dms.upload.timeout`.
     pub upload_timeout: Duration,
+    /// `dms.upload.limit`, in bytes.
     pub upload_limit: u64,
+    /// Where snapshots are staged before an upload.
     pub scratch_dir: std::path::PathBuf,
     /// `dms.ca` and `dms.verify`: how the broker is trusted.
     pub ca: crate::config::PemSource,
+    /// How the broker's certificate is verified.
     pub verify: crate::tls::Verify,
+    /// `dms.protocol`: the MQTT version.
     pub protocol: crate::config::DmsProtocol,
     /// `dms.completion`: report the end of changes that actions started.
     pub completion: bool,
+    /// `dms.keepalive`.
     pub keepalive: Duration,
+    /// `dms.actions.concurrency`: actions admitted at once (backpressure beyond).
     pub concurrency: usize,
+    /// Where the ledger lives.
     pub ledger: LedgerAt,
+    /// `dms.ledger.max.age`: answered rows older than this are pruned.
     pub ledger_max_age: Duration,
+    /// `dms.ledger.max.count`: at most this many answered rows are kept.
     pub ledger_max_count: u64,
     /// `dms.signing.*`: which actions are trusted (the per-serial tree has
     /// its own copy).
@@ -125,6 +139,7 @@ impl Settings {
 /// The DMS subsystem: what a session needs, kept across sessions.
 #[derive(Clone)]
 pub struct Dms {
+    /// snapd, for the actions.
     pub snapd: snapd::Client,
     /// The shared change poller: completion reports follow changes there,
     /// and a change that became ready means the snaps may have changed, so
@@ -132,10 +147,15 @@ pub struct Dms {
     pub changes: Arc<Poller>,
     /// The per-serial action tree, served on this connection too.
     pub required: Option<Arc<PerSerial>>,
+    /// The credentials, as enrollment publishes them.
     pub credentials: CredentialsRx,
+    /// The link's state, for the mirror's status endpoint and the CLI.
     pub status: watch::Sender<ConnectionStatus>,
+    /// The credential store (unregister removes from it).
     pub store: Store,
+    /// Notified to reconnect with new credentials.
     pub reload: Arc<Notify>,
+    /// `dms.*`.
     pub settings: Settings,
     /// The remote terminal and browser on the device's own topics.
     pub remote: crate::services::outlet::Remote,

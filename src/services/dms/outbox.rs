@@ -17,14 +17,18 @@ use tokio::sync::watch;
 pub enum Kind {
     /// Not in the ledger (a request that could not be read).
     Unrecorded,
+    /// A reply to an action.
     Response,
+    /// A completion report of an action's change.
     Completion,
 }
 
+/// Sends replies from the ledger: what the broker did not take is sent again on the next session.
 #[derive(Clone)]
 pub struct Outbox {
     /// The current session's connection (None between sessions).
     pub session: watch::Receiver<Option<(MqttHandle, Topic)>>,
+    /// Where replies are stored and marked acknowledged.
     pub ledger: Arc<Ledger>,
 }
 

@@ -38,19 +38,28 @@ pub const ACTIONS: [&str; 21] = [
 /// `{"id","action","snap","data"}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
+    /// The action's id, unique per action (the ledger's key).
     pub id: String,
+    /// The action's name (`install`, `list`, ...).
     pub action: String,
+    /// The snap it acts on, if any.
     pub snap: String,
+    /// The action's argument, a string as the DMS sends it.
     pub data: String,
 }
 
 /// `{"id","action","success","message","result"}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Response {
+    /// The action's id.
     pub id: String,
+    /// The action's name.
     pub action: String,
+    /// Whether it was carried out.
     pub success: bool,
+    /// Why it failed; on success empty or a note.
     pub message: String,
+    /// The action's result.
     pub result: Value,
     /// `"2"` on dmscore's versioned `list` reply; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,6 +67,7 @@ pub struct Response {
 }
 
 impl Response {
+    /// A successful reply to `req`.
     pub fn ok(req: &Request, result: Value) -> Self {
         Response {
             id: req.id.clone(),
@@ -69,6 +79,7 @@ impl Response {
         }
     }
 
+    /// A failed reply, with the reason.
     pub fn fail(id: &str, action: &str, message: impl Into<String>) -> Self {
         Response {
             id: id.to_string(),
@@ -80,6 +91,7 @@ impl Response {
         }
     }
 
+    /// The JSON the DMS decodes.
     pub fn to_bytes(&self) -> bytes::Bytes {
         bytes::Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }

@@ -60,11 +60,14 @@ pub fn device_snap(device_id: &str, s: &snapd::Snap, config: &Map<String, Value>
 /// the list's JSON, `installedSnapsHash` over the array of names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hashes {
+    /// `snapListHash`.
     pub snap_list: String,
+    /// `installedSnapsHash`.
     pub installed_snaps: String,
 }
 
 impl Hashes {
+    /// The hashes of snapd's list (sorted by name here).
     pub fn of(list: &[Value]) -> Hashes {
         let names: Vec<&str> = list.iter().filter_map(|s| s["name"].as_str()).collect();
         Hashes {

@@ -7,13 +7,16 @@ use bytes::Bytes;
 use std::path::Path;
 use std::time::Duration;
 
+/// Uploads files to the URL an action names, bounded in time and size.
 #[derive(Clone)]
 pub struct Uploader {
     http: reqwest::Client,
+    /// Largest upload, in bytes.
     pub limit: u64,
 }
 
 impl Uploader {
+    /// An uploader with these bounds.
     pub fn new(timeout: Duration, limit: u64) -> Result<Self, String> {
         let http = reqwest::Client::builder()
             .use_rustls_tls()

@@ -31,10 +31,13 @@ const SNAP_ACTIONS: &[&str] = &[
     "switch", "refresh", "install", "remove", "revert", "enable", "disable", "hold", "unhold",
 ];
 
+/// The reference's `SnapsResponse`.
 #[derive(Debug, Serialize, Default)]
 pub struct SnapsResponse {
+    /// The installed snaps.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snaps: Vec<RefSnap>,
+    /// Empty on success.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
@@ -43,40 +46,56 @@ pub struct SnapsResponse {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RefSnap {
+    /// The snap's apps.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub apps: Vec<RefApp>,
+    /// The channel installed from.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub channel: String,
+    /// The store's snap id.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub id: String,
     /// Go's `time.Time` is never omitted: its zero value when unknown.
     pub install_date: String,
+    /// Bytes on disk.
     #[serde(skip_serializing_if = "is_zero")]
     pub installed_size: u64,
+    /// The snap's name.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// The installed revision.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub revision: String,
+    /// snapd's status (`active`, ...).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub status: String,
+    /// The store title.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub title: String,
+    /// The channel followed on refresh.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tracking_channel: String,
+    /// `app`, `gadget`, `kernel`, ... (`type` on the wire).
     #[serde(rename = "type", skip_serializing_if = "String::is_empty")]
     pub snap_type: String,
+    /// The snap's version.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub version: String,
 }
 
+/// The reference's `messages.App`.
 #[derive(Debug, Serialize)]
 pub struct RefApp {
+    /// Whether the app's service runs.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub active: bool,
+    /// The daemon type, empty for a command.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub daemon: String,
+    /// Whether the service is enabled.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub enabled: bool,
+    /// The app's name.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub name: String,
 }
@@ -84,8 +103,10 @@ pub struct RefApp {
 /// The reference's `AsyncResponse` / `AppsResponse`.
 #[derive(Debug, Serialize, Default, PartialEq)]
 pub struct AsyncResponse {
+    /// snapd's change id.
     #[serde(rename = "changeId", skip_serializing_if = "String::is_empty")]
     pub change_id: String,
+    /// Empty on success.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
@@ -99,23 +120,31 @@ impl AsyncResponse {
     }
 }
 
+/// The reference's `AssertionsResponse`.
 #[derive(Debug, Serialize, Default)]
 pub struct AssertionsResponse {
+    /// The assertions, as snapd's stream.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub stream: String,
+    /// Empty on success.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
 
+/// The DMS link's state, as the reference answers it.
 #[derive(Debug, Serialize)]
 pub struct MqttConnectionStatus {
+    /// Whether the broker connection is up.
     pub connected: bool,
+    /// Why not.
     #[serde(rename = "errorInfo", skip_serializing_if = "Option::is_none")]
     pub error_info: Option<ErrorInfo>,
 }
 
+/// The reference's error detail.
 #[derive(Debug, Serialize)]
 pub struct ErrorInfo {
+    /// What went wrong.
     pub message: String,
 }
 

@@ -16,23 +16,34 @@ pub enum Role {
 /// What a served subject does (dispatch key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// snapd's REST API, one subject per method and path.
     Mirror,
+    /// The reference's `snaps` list.
     CompatSnapsGet,
+    /// The reference's snap actions.
     CompatSnapPost,
+    /// The reference's app actions.
     CompatAppsPost,
+    /// The reference's assertions.
     CompatAssertionsGet,
+    /// The DMS link's state.
     MqttStatus,
     /// Answered inside async-nats's service API.
     Discovery,
+    /// Published: changes as they progress.
     ChangeEvents,
+    /// Published: answers to requests that had no reply subject.
     Replies,
 }
 
+/// One subject the agent serves or publishes, with who may use it.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// The micro-service endpoint name (`$SRV.INFO` lists it).
     pub name: &'static str,
+    /// What it does.
     pub kind: Kind,
+    /// Who may use it.
     pub role: Role,
     /// The NATS subject pattern (wildcards) the agent subscribes to or
     /// publishes under.

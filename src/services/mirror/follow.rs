@@ -40,6 +40,7 @@ impl Default for FollowPolicy {
     }
 }
 
+/// Follows the changes that mirrored requests start and publishes their progress.
 #[derive(Clone)]
 pub struct Follower {
     bus: Nats,
@@ -50,6 +51,7 @@ pub struct Follower {
 }
 
 impl Follower {
+    /// A follower publishing on `bus`, bounded by `policy`.
     pub fn new(
         bus: Nats,
         changes: Arc<Poller>,

@@ -75,16 +75,21 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// How the mirror behaves (from `nats.*`).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `nats.readonly`: refuse every write.
     pub read_only: bool,
     /// The agent's own snap, whose root-relevant keys the mirror never sets
     /// ([`own_conf`]).
     pub own_snap: String,
+    /// `nats.timeout`: bound on one request.
     pub timeout: Duration,
+    /// Requests served at once.
     pub max_in_flight: usize,
+    /// How changes are followed.
     pub follow: FollowPolicy,
 }
 
 impl Settings {
+    /// The settings of `nats.*`.
     pub fn from_config(config: &Config) -> Self {
         Settings {
             read_only: config.nats.readonly,
@@ -121,6 +126,7 @@ pub fn snapd_client(config: &Config) -> snapd::Client {
 }
 
 impl Mirror {
+    /// The mirror of snapd on `bus`.
     pub fn new(
         bus: Nats,
         snapd: snapd::Client,

@@ -39,6 +39,7 @@ const MAX_SEGMENT_LEN: usize = 128;
 /// A parsed mirror request.
 #[derive(Debug, Clone)]
 pub struct MirrorRequest {
+    /// The snapd request to make.
     pub request: Request,
     /// Where to publish the answer when the message has no reply subject.
     pub reply_to: Option<Topic>,

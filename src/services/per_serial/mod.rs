@@ -81,6 +81,7 @@ pub fn serial_audiences(serial: &str) -> Vec<String> {
     out
 }
 
+/// The per-serial action tree: requests queued durably, installed in order, results published.
 pub struct PerSerial {
     snapd: snapd::Client,
     /// The shared change poller: installs are followed there.
@@ -111,6 +112,7 @@ fn failure(id: &str, message: &str) -> Bytes {
 }
 
 impl PerSerial {
+    /// The tree, its queue opened by the worker.
     pub fn new(
         snapd: snapd::Client,
         changes: Arc<Poller>,

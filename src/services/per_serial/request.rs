@@ -6,14 +6,19 @@
 use crate::snapd::SnapName;
 use serde_json::Value;
 
+/// An install request of the per-serial tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequiredInstall {
+    /// The request's id (its results carry it).
     pub id: String,
+    /// The snaps to install, in order.
     pub snaps: Vec<RequiredSnap>,
 }
 
+/// One snap to install.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequiredSnap {
+    /// The snap (a valid snap name).
     pub name: SnapName,
     /// `track/risk` (`latest/stable` when neither is given).
     pub channel: String,
@@ -22,13 +27,16 @@ pub struct RequiredSnap {
 /// A refusal: the id when it could be read, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// The id, or empty.
     pub id: String,
+    /// Why it was refused.
     pub message: String,
 }
 
 const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_SNAPS: usize = 256;
 
+/// Reads an install request, bounded in size and count.
 pub fn parse(payload: &[u8]) -> Result<RequiredInstall, Refusal> {
     let refuse = |id: &str, m: String| Refusal {
         id: id.to_string(),

@@ -8,12 +8,14 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// The queue's schema, in order.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "required/0001_required.sql",
     sql: include_str!("../../../migrations/required/0001_required.sql"),
 }];
 
+/// The durable queue of per-serial requests (SQLite).
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
@@ -22,6 +24,7 @@ pub struct Store {
 /// What storing a request found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Added {
+    /// Queued now.
     New,
     /// Already queued and not done: nothing to do.
     Pending,
@@ -32,22 +35,33 @@ pub enum Added {
 /// A queued request with its snaps.
 #[derive(Debug, Clone)]
 pub struct Pending {
+    /// The request's id.
     pub id: String,
+    /// The topic to answer on.
     pub topic: String,
+    /// Tries so far.
     pub attempts: u32,
+    /// Its snaps.
     pub snaps: Vec<SnapRow>,
 }
 
+/// One snap of a queued request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapRow {
+    /// The snap.
     pub name: String,
+    /// The channel.
     pub channel: String,
+    /// Where its install stands (`pending` when queued).
     pub status: String,
+    /// snapd's change, once started.
     pub change: Option<String>,
+    /// Why it failed.
     pub error: Option<String>,
 }
 
 impl Store {
+    /// Opens (or creates) the queue and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, DbError> {
         let conn = db::open(path, MIGRATIONS)?;
         // A stored request is acknowledged to the DMS: it must survive a
@@ -72,6 +86,7 @@ impl Store {
         f(&mut conn).map_err(|e| self.err(e))
     }
 
+    /// Queues a request, or says it is already known.
     pub fn add(&self, req: &RequiredInstall, topic: &str, now: &str) -> Result<Added, DbError> {
         self.with(|c| {
             // IMMEDIATE: the write lock at BEGIN, under the busy timeout. A
@@ -153,6 +168,7 @@ impl Store {
         })
     }
 
+    /// Records a snap's progress.
     pub fn set_snap(&self, req: &str, s: &SnapRow) -> Result<(), DbError> {
         self.with(|c| {
             c.execute(
@@ -163,6 +179,7 @@ impl Store {
         })
     }
 
+    /// Puts a request back to try again at `at` (unix seconds).
     pub fn retry_later(&self, req: &str, attempts: u32, at: i64) -> Result<(), DbError> {
         self.with(|c| {
             c.execute(
@@ -173,6 +190,7 @@ impl Store {
         })
     }
 
+    /// Records a request's final result.
     pub fn finish(&self, req: &str, result: &str) -> Result<(), DbError> {
         self.with(|c| {
             c.execute(

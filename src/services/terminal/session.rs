@@ -58,16 +58,23 @@ const UNHEARD_GRACE: Duration = Duration::from_secs(10);
 pub struct Spec {
     /// See [`super::Settings::state_dir`].
     pub state_dir: Option<std::path::PathBuf>,
+    /// The session id.
     pub id: String,
+    /// The shell to run.
     pub shell: String,
+    /// What the opener asked for (size, env).
     pub open: protocol::Open,
+    /// Idle time after which it is closed.
     pub idle: Duration,
+    /// Where output goes.
     pub route: Route,
+    /// Who opened it (for the log).
     pub who: String,
 }
 
 /// A started session: its command channel.
 pub struct Started {
+    /// Input, resize and close.
     pub commands: mpsc::Sender<Command>,
     /// The shell's pid (also its process group and session id).
     pub pid: u32,

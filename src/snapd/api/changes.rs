@@ -9,8 +9,11 @@ use std::time::Duration;
 /// Which changes `GET /v2/changes` lists (snapd's default is in-progress).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeSelect {
+    /// Every change snapd remembers.
     All,
+    /// Changes not ready yet.
     InProgress,
+    /// Changes that are ready.
     Ready,
 }
 
@@ -29,10 +32,12 @@ impl ChangeSelect {
 pub enum Notices {
     /// This snapd has no `/v2/notices` (older than 2.60): poll changes.
     Unsupported,
+    /// The notices that arrived.
     Some(Vec<Value>),
 }
 
 impl Client {
+    /// `GET /v2/changes`, optionally for one snap.
     pub async fn changes(
         &self,
         select: ChangeSelect,
@@ -46,6 +51,7 @@ impl Client {
             .await
     }
 
+    /// `GET /v2/changes/{id}`.
     pub async fn change(&self, id: &str) -> Result<Change, Error> {
         let id = change_id(id)?;
         self.get_result(&Request::get(format!("/v2/changes/{}", escape_segment(id))))

@@ -12,11 +12,13 @@ use serde_json::{json, Value};
 pub type Endpoint<'a> = (&'a str, &'a str);
 
 impl Client {
+    /// `GET /v2/interfaces`.
     pub async fn interfaces(&self) -> Result<Value, Error> {
         self.get_result(&Request::get("/v2/interfaces?select=all"))
             .await
     }
 
+    /// `GET /v2/connections`.
     pub async fn connections(&self) -> Result<Value, Error> {
         self.get_result(&Request::get("/v2/connections")).await
     }
@@ -37,6 +39,7 @@ impl Client {
             .await
     }
 
+    /// `GET /v2/aliases`.
     pub async fn aliases(&self) -> Result<Value, Error> {
         self.get_result(&Request::get("/v2/aliases")).await
     }

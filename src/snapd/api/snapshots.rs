@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 /// A snapshot being taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotStarted {
+    /// snapd's change id.
     pub change: String,
+    /// The snapshot set's id, when snapd answered it.
     pub set_id: Option<u64>,
 }
 

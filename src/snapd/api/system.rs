@@ -6,6 +6,7 @@ use http::Method;
 use serde_json::{json, Value};
 
 impl Client {
+    /// `GET /v2/system-info`.
     pub async fn system_info(&self) -> Result<SystemInfo, Error> {
         self.get_result(&Request::get("/v2/system-info")).await
     }
@@ -38,6 +39,7 @@ impl Client {
         })
     }
 
+    /// `GET /v2/warnings`.
     pub async fn warnings(&self) -> Result<Value, Error> {
         self.get_result(&Request::get("/v2/warnings")).await
     }

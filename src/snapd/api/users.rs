@@ -8,17 +8,22 @@ use serde_json::json;
 /// The body of a user creation.
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct CreateUser {
+    /// The store account's e-mail (for a store user).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub email: String,
+    /// The local user name.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
+    /// Give the user sudo.
     #[serde(default)]
     pub sudoer: bool,
+    /// Create it even where the device is not managed yet.
     #[serde(rename = "force-managed", default)]
     pub force_managed: bool,
 }
 
 impl Client {
+    /// `POST /v2/users` with `action: create`.
     pub async fn create_user(&self, user: &CreateUser) -> Result<Vec<User>, Error> {
         let mut body = serde_json::to_value(user).unwrap_or_default();
         body["action"] = json!("create");
@@ -26,6 +31,7 @@ impl Client {
             .await
     }
 
+    /// `POST /v2/users` with `action: remove`.
     pub async fn remove_user(&self, username: &str) -> Result<Vec<User>, Error> {
         let body = json!({"action": "remove", "username": username});
         let env = self

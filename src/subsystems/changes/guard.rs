@@ -79,7 +79,9 @@ pub fn system_uptime() -> Duration {
 /// `watchdog.budget.*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
+    /// `watchdog.budget.reboots`: most reboots in a window.
     pub reboots: u32,
+    /// `watchdog.budget.window`.
     pub window: Duration,
 }
 
@@ -87,10 +89,18 @@ pub struct Budget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hold {
     /// Within `watchdog.boot.grace` of boot; `left` until it ends.
-    Grace { left: Duration },
+    Grace {
+        /// Time left in the grace period.
+        left: Duration,
+    },
     /// `used` reboots already in the window; the oldest leaves it at
     /// `frees_at_ns` (Unix ns).
-    Budget { used: usize, frees_at_ns: i64 },
+    Budget {
+        /// Reboots in the window.
+        used: usize,
+        /// When the oldest leaves the window (Unix ns).
+        frees_at_ns: i64,
+    },
 }
 
 impl Hold {

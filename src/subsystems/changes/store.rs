@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[Migration] = &[
 /// Rows in the order "newest first": by spawn time, then by id as a number.
 const NEWEST_FIRST: &str = "spawn_ns DESC, CAST(id AS INTEGER) DESC, id DESC";
 
+/// The change history (SQLite): what snapd did, kept after snapd forgets it.
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -48,18 +49,28 @@ pub struct Applied {
 /// One stored change, as the CLI shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stored {
+    /// snapd's change id.
     pub id: String,
+    /// The change's kind.
     pub kind: String,
+    /// What it did.
     pub summary: String,
+    /// Its status when last seen.
     pub status: String,
+    /// Whether it was over.
     pub ready: bool,
+    /// When it was spawned (RFC 3339).
     #[serde(rename = "spawn-time")]
     pub spawn_time: String,
+    /// The same, Unix ns (for ordering).
     #[serde(skip)]
     pub spawn_ns: i64,
+    /// When it became ready.
     #[serde(rename = "ready-time")]
     pub ready_time: Option<String>,
+    /// Why it failed.
     pub err: Option<String>,
+    /// When the agent first saw it (RFC 3339).
     #[serde(rename = "first-seen")]
     pub first_seen: String,
     /// The change as snapd rendered it, tasks included.
@@ -88,10 +99,15 @@ pub struct Filter {
 /// A reboot the watchdog caused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RebootRecord {
+    /// The stuck change.
     pub change_id: String,
+    /// Its kind.
     pub kind: String,
+    /// What it did.
     pub summary: String,
+    /// When it was spawned.
     pub spawn_time: String,
+    /// What the watchdog logged about it.
     pub report: String,
     /// When the reboot was decided (Unix ns, the watchdog's clock).
     pub at_ns: i64,
@@ -133,6 +149,7 @@ impl Store {
         })
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -143,14 +143,17 @@ impl Capacity {
 pub struct SharedCapacity(Arc<RwLock<Capacity>>);
 
 impl SharedCapacity {
+    /// A shared cap, starting at `c`.
     pub fn new(c: Capacity) -> SharedCapacity {
         SharedCapacity(Arc::new(RwLock::new(c)))
     }
 
+    /// The cap now.
     pub fn get(&self) -> Capacity {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Replaces the cap.
     pub fn set(&self, c: Capacity) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = c;
     }

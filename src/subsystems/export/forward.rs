@@ -73,7 +73,9 @@ struct Strikes {
 /// The forwarder's state, as the status reports it.
 #[derive(Debug, Default)]
 pub struct Shared {
+    /// Whether the upstream is connected.
     pub connected: AtomicBool,
+    /// The last upstream error, for the status.
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -88,10 +90,12 @@ impl Shared {
 pub struct Db(Arc<Mutex<Spool>>);
 
 impl Db {
+    /// Wraps the forwarder's spool connection.
     pub fn new(spool: Spool) -> Db {
         Db(Arc::new(Mutex::new(spool)))
     }
 
+    /// Runs `f` on the spool off the async runtime.
     pub async fn call<T, F>(&self, f: F) -> Result<T, SpoolError>
     where
         T: Send + 'static,

@@ -34,7 +34,9 @@ pub type Reply = Result<i64, String>;
 
 /// One message for the writer, with the producer waiting on `done`.
 pub struct Job {
+    /// The message.
     pub msg: NewMessage,
+    /// Told the message's sequence once it is committed, or why not.
     pub done: Option<oneshot::Sender<Reply>>,
 }
 

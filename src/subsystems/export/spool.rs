@@ -29,6 +29,7 @@ pub mod counter {
     pub const FORWARDED: &str = "forwarded";
     /// Oldest messages deleted to make room (policy drop-oldest).
     pub const DROPPED_OLDEST: &str = "dropped-oldest";
+    /// Their bytes.
     pub const DROPPED_OLDEST_BYTES: &str = "dropped-oldest-bytes";
     /// New messages refused because the spool was full (policy refuse-new)
     /// or the message alone exceeds the bound.
@@ -42,6 +43,7 @@ pub mod counter {
     pub const DUPLICATES: &str = "duplicates-suppressed";
     /// Messages the upstream refused for good, moved to the dead letters.
     pub const DEAD_LETTERED: &str = "dead-lettered";
+    /// Every counter, in the order the status prints them.
     pub const ALL: &[&str] = &[
         RECEIVED,
         FORWARDED,
@@ -76,21 +78,35 @@ pub const MIGRATIONS: &[Migration] = &[
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DeadLetter {
+    /// The message's sequence number.
     pub seq: i64,
+    /// Its stream.
     pub stream: String,
+    /// When it was spooled, ms since the epoch.
     pub received_ms: i64,
+    /// Its payload's size.
     pub size: u64,
+    /// When it was refused, ms since the epoch.
     pub failed_ms: i64,
+    /// The upstream's refusal.
     pub error: String,
 }
 
+/// What can go wrong with the spool.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// The file cannot be opened.
     #[error("cannot open the export spool {path}: {detail}")]
-    Open { path: PathBuf, detail: String },
+    Open {
+        /// The spool file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
     /// Schema trouble (migration, a newer agent's file), with advice.
     #[error("export spool: {0}")]
     Schema(#[from] DbError),
+    /// Any other SQLite error.
     #[error("export spool: {0}")]
     Sqlite(#[from] rusqlite::Error),
 }
@@ -107,12 +123,16 @@ pub enum Durability {
 /// A message on its way in.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
+    /// The stream (a subject or topic suffix).
     pub stream: String,
+    /// The payload, as given.
     pub payload: bytes::Bytes,
+    /// When it arrived, ms since the epoch.
     pub received_ms: i64,
 }
 
 impl NewMessage {
+    /// A message arriving now.
     pub fn new(stream: impl Into<String>, payload: impl Into<bytes::Bytes>) -> NewMessage {
         NewMessage {
             stream: stream.into(),
@@ -129,38 +149,50 @@ impl NewMessage {
 /// What became of one message of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Spooled under this sequence number.
     Spooled(i64),
+    /// Refused, with why.
     Refused(String),
 }
 
 /// The byte bound and what to do when it is reached.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// `export.spool.max.bytes`.
     pub max_bytes: u64,
+    /// `export.spool.full`.
     pub policy: FullPolicy,
 }
 
 /// A spooled message, as the forwarder reads it.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// The sequence number.
     pub seq: i64,
+    /// The stream.
     pub stream: String,
+    /// When it was spooled, ms since the epoch.
     pub received_ms: i64,
+    /// The payload.
     pub payload: bytes::Bytes,
 }
 
 /// The spool's state at one moment.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Snapshot {
+    /// Messages spooled.
     pub messages: u64,
+    /// Their bytes.
     pub bytes: u64,
     /// `received_ms` of the oldest spooled message.
     pub oldest_ms: Option<i64>,
     /// Backlog per stream.
     pub streams: BTreeMap<String, u64>,
+    /// The counters ([`counter::ALL`]), by name.
     pub counters: BTreeMap<String, u64>,
 }
 
+/// The store-and-forward spool (SQLite): what producers were told is kept, until the upstream acknowledged it.
 pub struct Spool {
     conn: Connection,
     id: String,
@@ -250,6 +282,7 @@ impl Spool {
         &self.id
     }
 
+    /// The spool file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -383,6 +416,7 @@ impl Spool {
         Ok(())
     }
 
+    /// The highest sequence the upstream acknowledged.
     pub fn sent_through(&self) -> Result<i64, SpoolError> {
         let v: String = self.conn.query_row(
             "SELECT value FROM meta WHERE key = 'sent-through'",
@@ -443,6 +477,7 @@ impl Spool {
             .and_then(|v| serde_json::from_str(&v).ok()))
     }
 
+    /// Records the capacity learned from the upstream's refusals.
     pub fn put_learned_capacity(
         &mut self,
         learned: &super::capacity::Learned,
@@ -601,6 +636,7 @@ impl Spool {
         self.set_meta("status", doc)
     }
 
+    /// The forwarder's last status document, for `export status`.
     pub fn status(&self) -> Result<Option<String>, SpoolError> {
         self.meta("status")
     }

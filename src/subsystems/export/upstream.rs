@@ -25,16 +25,37 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stands for "never": the delay before a dead NATS connection would retry.
 const NEVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// Why the upstream cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    /// No upstream configured.
     #[error("export.upstream.url is not set")]
     NoUrl,
+    /// The upstream did not take the connection.
     #[error("cannot connect to the upstream {url}: {detail}")]
-    Connect { url: String, detail: String },
+    Connect {
+        /// The upstream.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The JetStream stream cannot be created or read.
     #[error("cannot set up JetStream stream {stream}: {detail}")]
-    Stream { stream: String, detail: String },
+    Stream {
+        /// The stream.
+        stream: String,
+        /// Why.
+        detail: String,
+    },
+    /// `export.upstream.ca` cannot be read.
     #[error("cannot read export.upstream.ca {path}: {detail}")]
-    Ca { path: String, detail: String },
+    Ca {
+        /// The configured path.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// A publish failed.
     #[error("upstream publish failed: {0}")]
     Publish(String),
 }
@@ -58,10 +79,12 @@ pub type AckFuture = BoxFuture<'static, Result<Ack, String>>;
 /// missing, storage full) is transient and the message is retried.
 #[derive(Debug, Clone)]
 pub struct Refusal {
+    /// Sending it again can never succeed.
     pub permanent: bool,
     /// The connection was lost before the answer came (what a broker that
     /// cannot say "too large" does: mosquitto's `max_packet_size`).
     pub link_lost: bool,
+    /// What the upstream said.
     pub detail: String,
 }
 
@@ -97,13 +120,16 @@ fn nats_permanent(e: &async_nats::jetstream::context::PublishError) -> bool {
         .is_some_and(|j| j.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
+/// A connection to the upstream, NATS JetStream or MQTT.
 pub enum Session {
     /// Boxed: the JetStream context is several times the MQTT handle.
     Nats(Box<NatsSession>),
+    /// An MQTT broker.
     Mqtt(MqttSession),
 }
 
 impl Session {
+    /// Connects to `export.upstream.url`, with at most `window` messages in flight.
     pub async fn connect(cfg: &ExportUpstream, window: usize) -> Result<Session, UpstreamError> {
         match cfg.url.kind() {
             None => Err(UpstreamError::NoUrl),
@@ -197,6 +223,7 @@ pub fn header_bytes(stream: &str) -> usize {
         + "\r\n".len()
 }
 
+/// A JetStream connection.
 pub struct NatsSession {
     js: async_nats::jetstream::Context,
     lost: CancellationToken,

@@ -39,6 +39,7 @@ pub struct Provisioning {
 }
 
 impl Provisioning {
+    /// The subsystem of `provisioning.*`.
     pub fn from_config(config: &Config) -> Provisioning {
         Provisioning {
             config: Arc::new(config.provisioning.clone()),

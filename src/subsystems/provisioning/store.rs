@@ -14,12 +14,17 @@ use std::path::{Path, PathBuf};
 /// The provisioned identity, as read back.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// The certificate chain (PEM).
     pub cert_pem: String,
+    /// The private key (PEM).
     pub key_pem: String,
+    /// The certificate's subject.
     pub subject: String,
+    /// Its issuer.
     pub issuer: String,
     /// Unix seconds.
     pub not_before: i64,
+    /// Unix seconds.
     pub not_after: i64,
 }
 
@@ -51,6 +56,7 @@ pub fn otp_digest(otp: &str) -> String {
 }
 
 impl Store {
+    /// The store in `dir`.
     pub fn new(dir: &Path) -> Store {
         Store {
             dir: dir.to_path_buf(),
@@ -62,6 +68,7 @@ impl Store {
         self.dir.join("device.pem")
     }
 
+    /// `ca.pem`: the relay CA the EST server answered.
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
@@ -101,6 +108,7 @@ impl Store {
         Ok(id)
     }
 
+    /// Writes the CA certificates (atomically).
     pub fn save_ca(&self, certs: &[Vec<u8>]) -> Result<(), String> {
         let text: String = certs.iter().map(|d| pem("CERTIFICATE", d)).collect();
         self.prepare().map_err(|e| e.to_string())?;
@@ -108,6 +116,7 @@ impl Store {
             .map_err(|e| format!("cannot write {}: {e}", self.ca_path().display()))
     }
 
+    /// The provisioning state, as recorded.
     pub fn state(&self) -> State {
         std::fs::read(self.state_path())
             .ok()
@@ -134,6 +143,7 @@ impl Store {
         self.write_state(&s)
     }
 
+    /// Whether `otp` was used before (only its hash is kept).
     pub fn is_spent(&self, otp: &str) -> bool {
         self.state().spent_otps.contains(&otp_digest(otp))
     }

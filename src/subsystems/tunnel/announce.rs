@@ -14,7 +14,9 @@ pub const SERVICE_TYPE: &str = "_iot-agent._tcp.local.";
 
 /// The TXT keys.
 pub const TXT_DEVICE: &str = "device";
+/// TXT key: whether the agent speaks TLS.
 pub const TXT_TLS: &str = "tls";
+/// TXT key: the connection mode.
 pub const TXT_MODE: &str = "mode";
 
 /// A running announcement; dropping it withdraws it (a goodbye packet).
@@ -24,6 +26,7 @@ pub struct Announcer {
 }
 
 impl Announcer {
+    /// Announces the agent's `tunnel.listen` as `device`.
     pub fn start(c: &TunnelConfig, device: &str) -> anyhow::Result<Announcer> {
         let (ip, port) = match c.listen.rsplit_once(':') {
             Some((host, port)) => {

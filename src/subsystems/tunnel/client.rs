@@ -25,6 +25,7 @@ const RETRY_CAP: Duration = Duration::from_secs(30);
 /// What the client needs, read once from `tunnel.*`.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `tunnel.*`.
     pub config: TunnelConfig,
     /// The provisioned `device.pem` (certificate and key) used when
     /// `tunnel.cert` is not set, if provisioning is on.

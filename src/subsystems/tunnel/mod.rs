@@ -22,6 +22,7 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    /// The subsystem of `tunnel.*`.
     pub fn from_config(config: &Config) -> Tunnel {
         Tunnel {
             settings: Arc::new(client::Settings {

@@ -163,6 +163,7 @@ pub async fn splice<S: Yamux>(
 /// A yamux stream, as [`splice`] needs it: bytes, and whether it is closed
 /// both ways (how a reset reads).
 pub trait Yamux: AsyncRead + AsyncWrite + Unpin {
+    /// Whether the stream is closed both ways.
     fn is_closed(&self) -> bool;
 }
 
@@ -187,6 +188,7 @@ pub struct Answered {
 }
 
 impl Answered {
+    /// Wraps `inner`, failing the read if no answer comes `within`.
     pub fn new(inner: Stream, within: std::time::Duration) -> Answered {
         Answered {
             inner,

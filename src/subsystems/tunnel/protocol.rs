@@ -33,14 +33,24 @@ pub const MAX_FRAME: usize = 16 * 1024;
 pub enum Control {
     /// The agent's first message: who it is. The relay checks `device`
     /// against the CN of the certificate the agent presented.
-    Hello { version: u32, device: String },
+    Hello {
+        /// The protocol version.
+        version: u32,
+        /// The device id.
+        device: String,
+    },
     /// The relay's answer when it takes the agent.
-    Welcome { version: u32 },
+    Welcome {
+        /// The protocol version.
+        version: u32,
+    },
     /// The relay's answer when it does not; the connection is closed.
     /// `code` says which refusal it is, for the agent to act on (see
     /// [`refusal`]); absent from relays that predate it.
     Refused {
+        /// Why, for the log.
         reason: String,
+        /// Which refusal ([`refusal`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
     },
@@ -65,7 +75,9 @@ pub mod refusal {
 /// visitor came through and which local target to connect it to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Open {
+    /// The pipe's id.
     pub pipe: String,
+    /// `host:port` on the device.
     pub target: String,
 }
 
@@ -73,17 +85,25 @@ pub struct Open {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Opened {
+    /// Connected: bytes follow.
     Ok,
-    Refused { reason: String },
+    /// Not connected.
+    Refused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What is wrong with a frame the other side sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
+    /// A frame longer than the limit.
     #[error("frame of {0} bytes is longer than {MAX_FRAME}")]
     TooLong(usize),
+    /// A frame that is not a message.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The connection failed.
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -149,6 +169,7 @@ pub struct ControlStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite> ControlStream<S> {
+    /// Frames on `stream`.
     pub fn new(stream: S) -> Self {
         let (rd, wr) = tokio::io::split(stream);
         let codec = LengthDelimitedCodec::builder()
@@ -173,6 +194,7 @@ impl<S: AsyncRead + AsyncWrite> ControlStream<S> {
         }
     }
 
+    /// Sends one message.
     pub async fn send(&mut self, msg: &Control) -> std::io::Result<()> {
         write_frame(&mut self.wr, msg).await
     }
@@ -224,8 +246,10 @@ impl<S: AsyncRead + AsyncWrite> ControlStream<S> {
 /// Why [`ControlStream::keep_alive`] ended.
 #[derive(Debug, thiserror::Error)]
 pub enum Silence {
+    /// Nothing heard for this long.
     #[error("no heartbeat for {}", humantime::format_duration(*.0))]
     Silent(Duration),
+    /// The connection failed.
     #[error("{0}")]
     Broken(String),
 }
