@@ -140,6 +140,13 @@ fn channel(track: Option<String>, channel: Option<String>) -> Result<String, Str
             ))
         }
         (None, Some(one)) | (Some(one), None) if is_risk(&one) => format!("latest/{one}"),
+        // `4.0/candidate` as a track would become `4.0/candidate/stable`:
+        // a branch nobody asked for (found by fuzzing).
+        (Some(t), None) if t.contains('/') => {
+            return Err(format!(
+                "track {t:?} is not a track name: give a complete channel in \"channel\" alone"
+            ))
+        }
         (Some(track), None) => format!("{track}/stable"),
         (None, Some(c)) => return Err(unknown(&c)),
         (Some(a), Some(b)) => match (is_risk(&a), is_risk(&b)) {
@@ -220,6 +227,16 @@ mod tests {
             (
                 r#"{"id":"a","snaps":[{"name":"x","channel":"latest/hardened"}]}"#,
                 "names no risk",
+            ),
+            // A channel in `track` alone: not `4.0/candidate/stable`
+            // (fuzz/corpus/per_serial_request/regress-track-with-a-slash).
+            (
+                r#"{"id":"a","snaps":[{"name":"x","track":"4.0/candidate"}]}"#,
+                "not a track name",
+            ),
+            (
+                r#"{"id":"a","snaps":[{"name":"x","track":"ltebe/tast"}]}"#,
+                "not a track name",
             ),
         ] {
             let e = ch(p).unwrap_err();
