@@ -55,6 +55,8 @@ pub enum NatsError {
 /// First and longest delay between reconnection attempts.
 const RECONNECT_BASE: Duration = Duration::from_millis(250);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
+/// Bound on [`Nats::sync`]'s round trip to the server.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A cloneable handle on the device-local NATS connection.
 #[derive(Clone, Debug)]
@@ -272,6 +274,37 @@ impl Nats {
                 topic: to.topic.to_string(),
                 detail: e.to_string(),
             })
+    }
+
+    /// Waits until the server has processed everything this client sent
+    /// before, subscriptions included. [`Nats::flush`] is not enough for
+    /// that: async-nats's flush only writes the buffer to the socket, so
+    /// another client's publish right after it can still miss a new
+    /// subscription (core NATS keeps nothing for latecomers). A message to
+    /// a fresh inbox comes back only after the server handled what came
+    /// before it on this connection, which a server does in order.
+    pub async fn sync(&self) -> Result<(), NatsError> {
+        let inbox = self.nats.new_inbox();
+        let failed = |detail: String| NatsError::Request {
+            topic: inbox.clone(),
+            detail,
+        };
+        let mut echo = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        self.nats
+            .publish(inbox.clone(), Bytes::new())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(SYNC_TIMEOUT, echo.next()).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(failed("the connection closed".into())),
+            Err(_) => Err(failed(format!(
+                "the server did not answer within {SYNC_TIMEOUT:?} (is `_INBOX.>` allowed to this user?)"
+            ))),
+        }
     }
 
     /// Waits until everything published so far reached the server.

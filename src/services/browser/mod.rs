@@ -384,9 +384,9 @@ impl Subsystem for NatsBrowser {
             root,
             transport: "nats",
         };
-        // In force once the server answered the flush: only then "served"
+        // In force once the server processed it: only then "served"
         // (core NATS keeps nothing for a request that came before).
-        self.bus.flush().await?;
+        self.bus.sync().await?;
         tracing::info!(subject = %topic.nats(), origins = ?self.browser.settings.allow, "remote browser served on NATS");
         loop {
             let msg = tokio::select! {

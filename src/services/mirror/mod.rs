@@ -174,8 +174,9 @@ impl Subsystem for Mirror {
             streams.push(ep.map(move |r| (kind, r)).boxed());
         }
         let mut incoming = futures::stream::select_all(streams);
-        // The server's INFO is known once the subscriptions are in place.
-        let _ = self.bus.flush().await;
+        // The subscriptions are in force (and the server's INFO is known)
+        // once the server processed them: only then "serving".
+        let _ = self.bus.sync().await;
         if let (false, Some(why)) = (self.settings.read_only, self.bus.unprotected()) {
             tracing::error!(
                 "snapd mirror READ-ONLY: {why}; only GET is served and the per-serial tree is not"

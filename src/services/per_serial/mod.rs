@@ -442,8 +442,8 @@ pub async fn serve_nats(
     let base = topics::serial_actions(&serial)?;
     // Core NATS never redelivers: every repeat of a signed id is a replay.
     let audiences = Arc::new(serial_audiences(&serial));
-    // Connected (the server's INFO is known) once a flush is answered.
-    bus.flush().await?;
+    // Connected (the server's INFO is known) once the server answered.
+    bus.sync().await?;
     // Held back while the server protects nothing; looked at again now and
     // then (a reconnection may reach a configured server).
     let mut told = false;
@@ -467,9 +467,9 @@ pub async fn serve_nats(
     let mut sub = bus
         .subscribe(&Topic::fixed(&format!("{}/#", base.mqtt())))
         .await?;
-    // The subscription is in force once the server answered the flush:
-    // only then is "serving" true (core NATS keeps nothing for latecomers).
-    bus.flush().await?;
+    // The subscription is in force once the server processed it: only
+    // then is "serving" true (core NATS keeps nothing for latecomers).
+    bus.sync().await?;
     tracing::info!(subject = %base.nats(), "serving per-serial actions on NATS");
     let mut results = required.results();
     loop {

@@ -417,9 +417,9 @@ impl Subsystem for NatsTerminal {
             root: root.clone(),
             transport: "nats",
         };
-        // In force once the server answered the flush: only then "served"
+        // In force once the server processed it: only then "served"
         // (core NATS keeps nothing for a request that came before).
-        self.bus.flush().await?;
+        self.bus.sync().await?;
         tracing::info!(subject = %root.nats(), "terminal served on NATS");
         loop {
             let msg = tokio::select! {
